@@ -1,0 +1,40 @@
+"""Fixtures for the storage suites: ``store_url`` / ``store`` are parametrized over every
+backend (local, memory, GCS emulator), so each contract test is written once and runs on all;
+``shared_store_url`` covers only backends that other processes can reach (local, GCS)."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from colabjob.storage import Store, open_store
+from colabjob.storage.retry import RetryPolicy
+
+
+def _url(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if kind == "local":
+        return str(tmp_path / "store")
+    if kind == "memory":
+        return f"memory://{uuid.uuid4().hex}"
+    assert kind == "gcs"
+    return str(request.getfixturevalue("gcs_bucket"))
+
+
+@pytest.fixture(params=["local", "memory", "gcs"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh root URL on each backend."""
+    return _url(request.param, request, tmp_path)
+
+
+@pytest.fixture
+def store(store_url: str, fast_retry: RetryPolicy) -> Store:
+    """A fresh, empty Store on each backend (retries never wait)."""
+    return open_store(store_url, retry=fast_retry)
+
+
+@pytest.fixture(params=["local", "gcs"])
+def shared_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh root URL on the backends that separate processes share."""
+    return _url(request.param, request, tmp_path)
