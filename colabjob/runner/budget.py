@@ -1,0 +1,316 @@
+"""Predictive stopping: stop *before* the next step would leave no time for the final save.
+
+The rule (tenacity's ``stop_before_delay`` applied to a training session): stop when
+
+    now + next step (p95 of recent step times) + checkpoint write + upload/flush + margin
+        >= deadline
+
+Step times are measured (after a warm-up; before that a conservative default is used);
+the save estimate scales the slowest recent checkpoint's write and upload times to the
+expected checkpoint size (before the first save: a guess from the expected size, or a flat
+default). Policies are small objects combined with ``|``; each satisfies
+``colabjob.jobs.policy.StopPolicy``. Deadlines are converted to the monotonic clock once,
+so a wall-clock jump mid-session cannot move them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from colabjob.errors import ConfigError
+from colabjob.runner.clock import SYSTEM_CLOCK, Clock
+from colabjob.runner.platforms import PlatformInfo, parse_duration
+from colabjob.runner.states import StopReason
+
+DEFAULT_MARGIN = 180.0  # seconds kept free after the final commit for estimation error
+
+
+class Policy:
+    """A stop/checkpoint policy that does nothing; subclasses override what they decide."""
+
+    @property
+    def emergency(self) -> bool:
+        """True after a preemption notice: save the smallest exact checkpoint, now."""
+        return False
+
+    def observe_step(self, seconds: float) -> None:
+        """One training step (boundary to boundary) took ``seconds``."""
+
+    def observe_checkpoint(
+        self, *, write_seconds: float, upload_seconds: float, nbytes: int
+    ) -> None:
+        """A committed checkpoint of ``nbytes`` took this long to write and to upload."""
+
+    def should_stop(self) -> str | None:
+        """None to keep going, else a ``StopReason`` value."""
+        return None
+
+    def checkpoint_due(self) -> bool:
+        """True when an interval checkpoint should be written at this step boundary."""
+        return False
+
+    def status(self) -> dict[str, Any]:
+        """Figures for status lines and the heartbeat (JSON-serialisable)."""
+        return {}
+
+    def __or__(self, other: Policy) -> AnyOf:
+        return AnyOf(self, other)
+
+
+class AnyOf(Policy):
+    """Stops when any member stops (first reason wins); a checkpoint is due when any says so."""
+
+    def __init__(self, *policies: Policy) -> None:
+        flat: list[Policy] = []
+        for p in policies:
+            flat.extend(p.policies if isinstance(p, AnyOf) else [p])
+        self.policies: tuple[Policy, ...] = tuple(flat)
+
+    @property
+    def emergency(self) -> bool:
+        return any(p.emergency for p in self.policies)
+
+    def observe_step(self, seconds: float) -> None:
+        for p in self.policies:
+            p.observe_step(seconds)
+
+    def observe_checkpoint(
+        self, *, write_seconds: float, upload_seconds: float, nbytes: int
+    ) -> None:
+        for p in self.policies:
+            p.observe_checkpoint(
+                write_seconds=write_seconds, upload_seconds=upload_seconds, nbytes=nbytes
+            )
+
+    def should_stop(self) -> str | None:
+        for p in self.policies:
+            reason = p.should_stop()
+            if reason is not None:
+                return reason
+        return None
+
+    def checkpoint_due(self) -> bool:
+        # every member is asked (no short-circuit) so none misses a boundary
+        return any([p.checkpoint_due() for p in self.policies])
+
+    def status(self) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for p in self.policies:
+            merged.update(p.status())
+        return merged
+
+
+class StepTimes:
+    """Recent step durations after a warm-up, with a cheap running quantile."""
+
+    def __init__(self, *, warmup: int = 1, window: int = 256) -> None:
+        if warmup < 0 or window < 1:
+            raise ConfigError(f"need warmup >= 0 and window >= 1, got {warmup} and {window}")
+        self.warmup, self.seen = warmup, 0
+        self._recent: deque[float] = deque(maxlen=window)
+        self._sorted: list[float] = []
+        self.warmup_max = 0.0
+
+    def add(self, seconds: float) -> None:
+        seconds = max(0.0, float(seconds))
+        self.seen += 1
+        if self.seen <= self.warmup:
+            self.warmup_max = max(self.warmup_max, seconds)
+            return
+        if len(self._recent) == self._recent.maxlen:
+            old = self._recent.popleft()
+            del self._sorted[bisect.bisect_left(self._sorted, old)]
+        self._recent.append(seconds)
+        bisect.insort(self._sorted, seconds)
+
+    @property
+    def measured(self) -> int:
+        return len(self._recent)
+
+    def quantile(self, q: float) -> float | None:
+        """Nearest-rank quantile of the measured steps; None before any."""
+        if not self._sorted:
+            return None
+        rank = min(len(self._sorted), max(1, math.ceil(q * len(self._sorted))))
+        return self._sorted[rank - 1]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Prediction:
+    """One evaluation of the stop rule; all figures in seconds."""
+
+    left: float  # until the deadline
+    step: float
+    write: float
+    upload: float
+    margin: float
+
+    @property
+    def need(self) -> float:
+        return self.step + self.write + self.upload + self.margin
+
+    @property
+    def slack(self) -> float:
+        """Seconds of training left before the rule fires (<= 0: stop now)."""
+        return self.left - self.need
+
+    @property
+    def stop(self) -> bool:
+        return self.slack <= 0
+
+
+class StopBeforeDeadline(Policy):
+    """Stop (reason ``budget``) once the next step plus a final save would cross the deadline."""
+
+    def __init__(
+        self,
+        deadline: float | None,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        margin: float = DEFAULT_MARGIN,
+        default_step_seconds: float = 60.0,
+        warmup_steps: int = 1,
+        window: int = 256,
+        quantile: float = 0.95,
+        checkpoint_nbytes: int | None = None,
+        default_save_seconds: float = 300.0,
+        guess_write_bytes_per_second: float = 100e6,
+        guess_upload_bytes_per_second: float = 20e6,
+        remember_checkpoints: int = 5,
+    ) -> None:
+        if margin < 0 or default_step_seconds < 0 or default_save_seconds < 0:
+            raise ConfigError("margin and default times must not be negative")
+        if not 0 < quantile <= 1:
+            raise ConfigError(f"quantile must be in (0, 1], got {quantile}")
+        self.clock, self.margin, self.quantile = clock, float(margin), quantile
+        self.deadline = deadline
+        self._deadline_mono = (
+            None if deadline is None else clock.monotonic() + (deadline - clock.time())
+        )
+        self.steps = StepTimes(warmup=warmup_steps, window=window)
+        self.default_step_seconds = default_step_seconds
+        self.default_save_seconds = default_save_seconds
+        self.guess_write_bps = guess_write_bytes_per_second
+        self.guess_upload_bps = guess_upload_bytes_per_second
+        self.expected_nbytes = checkpoint_nbytes
+        self._saves: deque[tuple[float, float, int]] = deque(maxlen=max(1, remember_checkpoints))
+        self._stopped = False
+
+    def expect_checkpoint(self, nbytes: int) -> None:
+        """Tell the size of the coming checkpoint before the first one is measured."""
+        self.expected_nbytes = int(nbytes)
+
+    def observe_step(self, seconds: float) -> None:
+        self.steps.add(seconds)
+
+    def observe_checkpoint(
+        self, *, write_seconds: float, upload_seconds: float, nbytes: int
+    ) -> None:
+        self._saves.append((max(0.0, write_seconds), max(0.0, upload_seconds), int(nbytes)))
+        self.expected_nbytes = int(nbytes)
+
+    @property
+    def checkpoints_measured(self) -> int:
+        """How many recent checkpoints the save estimate is based on (0: still a guess)."""
+        return len(self._saves)
+
+    def step_estimate(self) -> float:
+        q = self.steps.quantile(self.quantile)
+        if q is None:  # still warming up: the default, or worse if a step was already slower
+            return max(self.default_step_seconds, self.steps.warmup_max)
+        return q
+
+    def save_estimate(self) -> tuple[float, float]:
+        """``(write, upload)`` seconds expected for the final checkpoint."""
+        size = self.expected_nbytes
+        if self._saves:
+            write = upload = 0.0
+            for w, u, n in self._saves:
+                scale = (size / n) if size and n else 1.0
+                write, upload = max(write, w * scale), max(upload, u * scale)
+            return write, upload
+        if size:
+            return size / self.guess_write_bps, size / self.guess_upload_bps
+        return self.default_save_seconds, 0.0
+
+    def predict(self) -> Prediction | None:
+        """The stop rule's inputs now; None when there is no deadline."""
+        if self._deadline_mono is None:
+            return None
+        write, upload = self.save_estimate()
+        return Prediction(
+            left=self._deadline_mono - self.clock.monotonic(),
+            step=self.step_estimate(),
+            write=write,
+            upload=upload,
+            margin=self.margin,
+        )
+
+    def should_stop(self) -> str | None:
+        if not self._stopped:
+            p = self.predict()
+            self._stopped = p is not None and p.stop
+        return StopReason.BUDGET.value if self._stopped else None
+
+    def status(self) -> dict[str, Any]:
+        p = self.predict()
+        if p is None:
+            return {"deadline": None}
+        now = self.clock.time()
+        return {
+            "deadline": now + p.left,
+            "stop_at": now + p.slack,
+            "step_seconds": p.step,
+            "save_seconds": p.write + p.upload,
+            "margin": p.margin,
+        }
+
+
+class CheckpointEvery(Policy):
+    """A checkpoint is due every ``seconds`` (from the start or the last checkpoint)."""
+
+    def __init__(self, seconds: float, *, clock: Clock = SYSTEM_CLOCK) -> None:
+        if seconds <= 0:
+            raise ConfigError(f"checkpoint interval must be positive, got {seconds}")
+        self.every, self.clock = float(seconds), clock
+        self._last = clock.monotonic()
+
+    def observe_checkpoint(
+        self, *, write_seconds: float, upload_seconds: float, nbytes: int
+    ) -> None:
+        self._last = self.clock.monotonic()
+
+    def next_in(self) -> float:
+        return self._last + self.every - self.clock.monotonic()
+
+    def checkpoint_due(self) -> bool:
+        return self.next_in() <= 0
+
+    def status(self) -> dict[str, Any]:
+        return {"next_checkpoint_at": self.clock.time() + self.next_in()}
+
+
+def budget_for(
+    platform: PlatformInfo,
+    *,
+    clock: Clock = SYSTEM_CLOCK,
+    margin: float | str = DEFAULT_MARGIN,
+    checkpoint_every: float | str | None = None,
+    checkpoint_nbytes: int | None = None,
+) -> Policy:
+    """The usual policy for a session: stop before ``platform.deadline``, checkpoint every M."""
+    policy: Policy = StopBeforeDeadline(
+        platform.deadline,
+        clock=clock,
+        margin=parse_duration(margin, what="margin"),
+        checkpoint_nbytes=checkpoint_nbytes,
+    )
+    if checkpoint_every is not None:
+        policy = policy | CheckpointEvery(
+            parse_duration(checkpoint_every, what="checkpoint interval"), clock=clock
+        )
+    return policy

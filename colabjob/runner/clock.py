@@ -1,0 +1,50 @@
+"""The one source of time for the runner layer.
+
+Every decision about time (deadlines, heartbeats, lease expiry, checkpoint intervals) goes
+through a ``Clock``: wall time for what is written down and compared across machines,
+monotonic time for every duration measured on this machine, and ``sleep`` for waiting.
+Production code uses ``SYSTEM_CLOCK``; tests pass a fake one that advances instantly, so no
+test ever sleeps to reach a deadline.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol, runtime_checkable
+
+
+@runtime_checkable
+class Clock(Protocol):
+    """Wall time, monotonic time and sleep, injected everywhere time matters."""
+
+    def time(self) -> float:
+        """Seconds since the epoch (wall clock; may jump)."""
+        ...
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never goes back (only meaningful on this machine)."""
+        ...
+
+    def sleep(self, seconds: float) -> None:
+        """Wait ``seconds`` (a fake clock advances instead)."""
+        ...
+
+
+class SystemClock:
+    """The real clock: ``time.time``, ``time.monotonic`` and ``time.sleep``."""
+
+    def time(self) -> float:
+        return time.time()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        if seconds > 0:
+            time.sleep(seconds)
+
+    def __repr__(self) -> str:
+        return "SystemClock()"
+
+
+SYSTEM_CLOCK: Clock = SystemClock()

@@ -1,0 +1,420 @@
+"""One live runner per job: the lease at ``control/lease.json`` and its fencing epoch.
+
+A runner acquires the lease with a create-only write (or a compare-and-swap over a released
+or expired one), renews it by compare-and-swap from a heartbeat thread, and releases it on a
+clean stop. Expiry is judged on the *reader's* monotonic clock: a lease is expired only when
+the reader has watched its version stay unchanged for longer than its TTL; the holder's
+wall-clock heartbeat is a hint (STALE), never proof. Every takeover bumps the fencing epoch
+(also stored in ``job.json``); a checkpoint commit calls ``current_epoch()`` and rejects a
+manifest carrying an older epoch, so a runner that was paused and lost its lease cannot
+commit over the new one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as _dt
+import json
+import os
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from colabjob.errors import (
+    AlreadyExistsError,
+    LeaseHeldError,
+    LeaseLostError,
+    ObjectNotFoundError,
+    PreconditionFailedError,
+    StorageError,
+)
+from colabjob.runner.clock import SYSTEM_CLOCK, Clock
+from colabjob.runner.platforms import format_duration
+from colabjob.runner.record import read_record, update_record
+from colabjob.runner.states import LeaseStatus
+
+if TYPE_CHECKING:
+    from colabjob.storage.store import Store, Version
+
+LEASE_KEY = "control/lease.json"
+DEFAULT_TTL = 120.0
+
+
+def format_time(t: float) -> str:
+    """``2025-01-31 09:30:00Z``: how lease and record times are shown to people."""
+    return _dt.datetime.fromtimestamp(t, tz=_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Holder:
+    """Who runs the job: enough to find and recognise the process."""
+
+    host: str
+    platform: str
+    pid: int
+    session_id: str
+
+    @classmethod
+    def here(cls, *, platform: str = "local", session_id: str | None = None) -> Holder:
+        return cls(
+            host=socket.gethostname(),
+            platform=platform,
+            pid=os.getpid(),
+            session_id=session_id or uuid.uuid4().hex[:12],
+        )
+
+    def describe(self) -> str:
+        return f"{self.host} ({self.platform}, pid {self.pid}, session {self.session_id})"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LeaseInfo:
+    """The content of ``control/lease.json``. Times are the holder's wall clock."""
+
+    holder: Holder
+    epoch: int
+    ttl: float
+    acquired_at: float
+    heartbeat_at: float
+    beats: int = 0
+    released: bool = False
+    status: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def expires_at(self) -> float:
+        """When the lease lapses unless renewed (by the holder's clock; a hint)."""
+        return self.heartbeat_at + self.ttl
+
+    def to_json(self) -> bytes:
+        d = dataclasses.asdict(self)
+        d["status"] = dict(self.status)
+        return (json.dumps(d, sort_keys=True, default=str) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> LeaseInfo:
+        d = json.loads(data)
+        return cls(
+            holder=Holder(**d["holder"]),
+            epoch=int(d["epoch"]),
+            ttl=float(d["ttl"]),
+            acquired_at=float(d["acquired_at"]),
+            heartbeat_at=float(d["heartbeat_at"]),
+            beats=int(d.get("beats", 0)),
+            released=bool(d.get("released", False)),
+            status=d.get("status") or {},
+        )
+
+
+def read_lease(store: Store, key: str = LEASE_KEY) -> tuple[LeaseInfo, Version] | None:
+    """The lease and its version, or None if there is none."""
+    got = store.read_versioned(key)
+    if got is None:
+        return None
+    try:
+        return LeaseInfo.from_json(got[0]), got[1]
+    except (ValueError, KeyError, TypeError) as e:
+        raise StorageError(
+            f"{store.url}/{key} is not a valid lease: {e}",
+            hint="if no runner is alive, delete it (`colabjob stop --force`) and resume",
+        ) from e
+
+
+def held_error(store: Store, info: LeaseInfo, now: float, *, why: str = "") -> LeaseHeldError:
+    """The error a second runner sees: who holds the job, since when, until when."""
+    beat_age = format_duration(max(0.0, now - info.heartbeat_at))
+    msg = (
+        f"job {store.url} is already running on {info.holder.describe()} "
+        f"since {format_time(info.acquired_at)} (epoch {info.epoch}); last heartbeat {beat_age} "
+        f"ago; the lease expires at {format_time(info.expires_at)} unless renewed"
+    )
+    return LeaseHeldError(
+        f"{msg}{'; ' + why if why else ''}",
+        hint=(
+            "wait for it, stop it with `colabjob stop JOB`, or pass --force to take over once "
+            f"the lease is confirmed expired (waits up to {format_duration(info.ttl)})"
+        ),
+    )
+
+
+class LeaseObserver:
+    """Judges a lease from outside, on this reader's own monotonic clock."""
+
+    def __init__(self, store: Store, *, clock: Clock = SYSTEM_CLOCK, key: str = LEASE_KEY) -> None:
+        self.store, self.clock, self.key = store, clock, key
+        self._token: str | None = None
+        self._since = clock.monotonic()
+
+    @property
+    def unchanged_for(self) -> float:
+        """Seconds (our monotonic clock) since we last saw the lease change."""
+        return self.clock.monotonic() - self._since
+
+    def poll(self) -> tuple[LeaseInfo | None, LeaseStatus]:
+        got = read_lease(self.store, self.key)
+        token = None if got is None else got[1].token
+        if token != self._token:
+            self._token, self._since = token, self.clock.monotonic()
+        if got is None:
+            return None, LeaseStatus.ABSENT
+        info = got[0]
+        if info.released:
+            return info, LeaseStatus.RELEASED
+        if self.unchanged_for >= info.ttl:
+            return info, LeaseStatus.EXPIRED
+        if self.clock.time() - info.heartbeat_at > info.ttl:
+            return info, LeaseStatus.STALE
+        return info, LeaseStatus.LIVE
+
+
+class Lease:
+    """This runner's claim on a job. Thread-safe; use as a context manager or acquire/release."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        holder: Holder | None = None,
+        ttl: float = DEFAULT_TTL,
+        clock: Clock = SYSTEM_CLOCK,
+        poll_seconds: float | None = None,
+        sync_record: bool = True,
+        key: str = LEASE_KEY,
+    ) -> None:
+        if ttl <= 0:
+            raise ValueError(f"lease ttl must be positive, got {ttl}")
+        self.store, self.clock, self.key = store, clock, key
+        self.holder = holder or Holder.here()
+        self.ttl = float(ttl)
+        self.poll_seconds = poll_seconds if poll_seconds is not None else min(10.0, ttl / 4)
+        self.sync_record = sync_record
+        self._lock = threading.RLock()
+        self._info: LeaseInfo | None = None
+        self._version: Version | None = None
+        self._epoch = 0
+
+    # -- state -----------------------------------------------------------------------------
+    @property
+    def held(self) -> bool:
+        return self._info is not None
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of our latest acquire (kept after a loss: it is what our commits carry)."""
+        return self._epoch
+
+    @property
+    def info(self) -> LeaseInfo | None:
+        return self._info
+
+    def current_epoch(self) -> int:
+        """The epoch in storage now: the fence a checkpoint commit compares its epoch with."""
+        got = read_lease(self.store, self.key)
+        return got[0].epoch if got else self._floor_epoch()
+
+    # -- acquire / renew / release -----------------------------------------------------------
+    def acquire(self, *, force: bool = False) -> LeaseInfo:
+        """Take the lease; ``LeaseHeldError`` if a live runner holds it.
+
+        A released lease, or one held by our own session, is taken at once. One whose
+        heartbeat looks stale by the holder's clock (or any, with ``force``) is watched for its
+        TTL on our monotonic clock; if it does not change, we take it over and bump the epoch.
+        """
+        with self._lock:
+            for _ in range(5):
+                got = read_lease(self.store, self.key)
+                if got is None:
+                    try:
+                        return self._sync_record(self._write(None, None))
+                    except AlreadyExistsError:
+                        continue
+                info, version = got
+                mine = info.holder.session_id == self.holder.session_id
+                if not (info.released or mine):
+                    stale = self.clock.time() - info.heartbeat_at > info.ttl
+                    if not (force or stale):
+                        raise held_error(self.store, info, self.clock.time())
+                    version = self._confirm_expired(info, version)
+                try:
+                    won = self._write(info, version)
+                except PreconditionFailedError:
+                    continue
+                return self._sync_record(won)
+            got = read_lease(self.store, self.key)
+            if got is not None:
+                raise held_error(self.store, got[0], self.clock.time(), why="lost a race for it")
+            raise LeaseHeldError(
+                f"could not acquire the lease of {self.store.url}: it kept changing"
+            )
+
+    def _confirm_expired(self, info: LeaseInfo, version: Version) -> Version:
+        """Watch the lease for ``info.ttl`` of our own monotonic time; it must not change."""
+        start = self.clock.monotonic()
+        while (waited := self.clock.monotonic() - start) < info.ttl:
+            self.clock.sleep(min(self.poll_seconds, info.ttl - waited))
+            got = read_lease(self.store, self.key)
+            if got is None or got[1] != version:
+                if got is not None and got[0].released:
+                    return got[1]
+                now_info = got[0] if got else info
+                raise held_error(
+                    self.store,
+                    now_info,
+                    self.clock.time(),
+                    why="its heartbeat advanced while we watched",
+                )
+        return version
+
+    def _write(self, prev: LeaseInfo | None, version: Version | None) -> LeaseInfo:
+        now = self.clock.time()
+        epoch = max(prev.epoch if prev else 0, self._floor_epoch()) + 1
+        info = LeaseInfo(
+            holder=self.holder, epoch=epoch, ttl=self.ttl, acquired_at=now, heartbeat_at=now
+        )
+        if version is None:
+            new_version = self.store.create(self.key, info.to_json())
+        else:
+            new_version = self.store.replace(self.key, info.to_json(), version)
+        self._info, self._version, self._epoch = info, new_version, epoch
+        return info
+
+    def _sync_record(self, info: LeaseInfo) -> LeaseInfo:
+        if self.sync_record:
+            # no job.json yet: whoever creates it writes the epoch
+            with contextlib.suppress(ObjectNotFoundError):
+                update_record(self.store, lambda r: r.with_epoch(info.epoch), clock=self.clock)
+        return info
+
+    def _floor_epoch(self) -> int:
+        if not self.sync_record:
+            return 0
+        got = read_record(self.store)
+        return got[0].epoch if got else 0
+
+    def renew(self, status: Mapping[str, Any] | None = None) -> LeaseInfo:
+        """Heartbeat by compare-and-swap; ``LeaseLostError`` if another runner took over."""
+        with self._lock:
+            if self._info is None or self._version is None:
+                raise LeaseLostError(f"this runner does not hold the lease of {self.store.url}")
+            info = dataclasses.replace(
+                self._info,
+                heartbeat_at=self.clock.time(),
+                beats=self._info.beats + 1,
+                status=dict(status) if status is not None else self._info.status,
+            )
+            try:
+                self._version = self.store.replace(self.key, info.to_json(), self._version)
+            except PreconditionFailedError as e:
+                lost, self._info, self._version = self._info, None, None
+                raise self._lost_error(lost) from e
+            self._info = info
+            return info
+
+    def _lost_error(self, mine: LeaseInfo) -> LeaseLostError:
+        got = read_lease(self.store, self.key)
+        who = f"{got[0].holder.describe()} (epoch {got[0].epoch})" if got else "nobody (deleted)"
+        return LeaseLostError(
+            f"lost the lease of {self.store.url} (our epoch {mine.epoch}); it is now held by {who}",
+            hint="this runner must stop; its commits will be rejected by the epoch fence",
+        )
+
+    def release(self) -> None:
+        """Give the lease up after a clean stop (no-op if not held or already lost)."""
+        with self._lock:
+            if self._info is None or self._version is None:
+                return
+            info = dataclasses.replace(self._info, released=True, heartbeat_at=self.clock.time())
+            try:
+                self.store.replace(self.key, info.to_json(), self._version)
+            except PreconditionFailedError:
+                pass  # somebody took over already; nothing of ours to release
+            finally:
+                self._info, self._version = None, None
+
+    def start_heartbeat(
+        self,
+        *,
+        interval: float | None = None,
+        status: Callable[[], Mapping[str, Any]] | None = None,
+        on_lost: Callable[[str], None] | None = None,
+    ) -> Heartbeat:
+        """Start a daemon thread renewing every ``interval`` (default TTL/4)."""
+        return Heartbeat(
+            self, interval=interval or self.ttl / 4, status=status, on_lost=on_lost
+        ).start()
+
+    def __enter__(self) -> Lease:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class Heartbeat:
+    """Renews a lease periodically; reports loss once through ``on_lost(message)``."""
+
+    def __init__(
+        self,
+        lease: Lease,
+        *,
+        interval: float,
+        status: Callable[[], Mapping[str, Any]] | None = None,
+        on_lost: Callable[[str], None] | None = None,
+    ) -> None:
+        self.lease, self.interval = lease, float(interval)
+        self.status, self.on_lost = status, on_lost
+        self.lost: str | None = None
+        self.last_error: BaseException | None = None
+        self.beats = 0
+        self._last_ok = lease.clock.monotonic()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def beat(self) -> bool:
+        """Renew once. False once the lease is lost (taken over, or unrenewable for a TTL)."""
+        if self.lost is not None:
+            return False
+        clock = self.lease.clock
+        try:
+            self.lease.renew(self.status() if self.status else None)
+        except LeaseLostError as e:
+            self._report(str(e))
+            return False
+        except (StorageError, OSError) as e:  # transient: keep trying until the TTL runs out
+            self.last_error = e
+            if clock.monotonic() - self._last_ok >= self.lease.ttl:
+                self._report(
+                    f"could not renew the lease for {format_duration(self.lease.ttl)}: {e}"
+                )
+                return False
+            return True
+        self._last_ok = clock.monotonic()
+        self.beats += 1
+        return True
+
+    def _report(self, message: str) -> None:
+        self.lost = message
+        if self.on_lost is not None:
+            self.on_lost(message)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            if not self.beat():
+                return
+
+    def start(self) -> Heartbeat:
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="colabjob-heartbeat", daemon=True
+            )
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)

@@ -1,0 +1,129 @@
+"""The job state machine: states, the events that move a job, and why a segment stopped.
+
+One table (``TRANSITIONS``) says which event moves which state where; ``transition()`` is a
+pure lookup in it that raises ``InvalidTransitionError`` for anything else::
+
+    CREATED ─start─▶ RUNNING ─suspend/expire─▶ SUSPENDED ─resume─▶ RUNNING ─complete─▶ COMPLETED
+                       │  └─fail─▶ FAILED ─resume (after a fix)─▶ RUNNING
+                       └─cancel─▶ CANCELLED   (also from CREATED, SUSPENDED and FAILED)
+
+COMPLETED and CANCELLED are terminal. ``expire`` is what a RUNNING job whose lease ran out
+(the VM vanished) undergoes before it is resumed. ``LeaseStatus`` lives here too so the job
+record can derive a job's effective state without importing the lease machinery.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from types import MappingProxyType
+
+from colabjob.errors import InvalidTransitionError
+
+
+class JobState(str, enum.Enum):
+    """Where a job is in its life. The value is what ``job.json`` stores."""
+
+    CREATED = "created"
+    RUNNING = "running"
+    SUSPENDED = "suspended"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class JobEvent(str, enum.Enum):
+    """What can happen to a job."""
+
+    START = "start"  # first segment begins
+    SUSPEND = "suspend"  # a segment ended with a committed checkpoint; more work remains
+    EXPIRE = "expire"  # the runner vanished: its lease expired without a clean stop
+    RESUME = "resume"  # a new segment begins from the newest checkpoint
+    COMPLETE = "complete"  # training finished and the final checkpoint is committed
+    FAIL = "fail"  # retries exhausted, or a user error (bad config, import error)
+    CANCEL = "cancel"  # `colabjob stop --cancel`
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class StopReason(str, enum.Enum):
+    """Why a segment ended. The first five are what a ``StopPolicy.should_stop`` returns."""
+
+    BUDGET = "budget"  # the session deadline is near: next step + save + margin would cross it
+    SIGNAL = "signal"  # SIGTERM / SIGINT / SIGUSR1 (SLURM, the OS, Ctrl-C)
+    PREEMPTION = "preemption"  # a spot-VM preemption notice: save the smallest exact checkpoint
+    STOP_REQUEST = "stop_request"  # `colabjob stop JOB` (control/stop.json), or the lease was lost
+    COMPLETED = "completed"  # the job ran to the end
+    CRASH = "crash"  # exception, CUDA OOM, killed child, or the VM vanished
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class LeaseStatus(str, enum.Enum):
+    """What a reader knows about a job's lease (see ``colabjob.runner.lease``)."""
+
+    ABSENT = "absent"  # no lease was ever written (or it was deleted)
+    LIVE = "live"  # heartbeat recent, or changing while we watched
+    STALE = "stale"  # heartbeat older than the TTL by the holder's wall clock; not yet confirmed
+    EXPIRED = "expired"  # confirmed: unchanged for more than the TTL on our own monotonic clock
+    RELEASED = "released"  # the holder stopped cleanly and gave it up
+
+    def __str__(self) -> str:
+        return self.value
+
+
+S, E = JobState, JobEvent
+
+TRANSITIONS: Mapping[tuple[JobState, JobEvent], JobState] = MappingProxyType(
+    {
+        (S.CREATED, E.START): S.RUNNING,
+        (S.CREATED, E.CANCEL): S.CANCELLED,
+        (S.RUNNING, E.SUSPEND): S.SUSPENDED,
+        (S.RUNNING, E.EXPIRE): S.SUSPENDED,
+        (S.RUNNING, E.COMPLETE): S.COMPLETED,
+        (S.RUNNING, E.FAIL): S.FAILED,
+        (S.RUNNING, E.CANCEL): S.CANCELLED,
+        (S.SUSPENDED, E.RESUME): S.RUNNING,
+        (S.SUSPENDED, E.CANCEL): S.CANCELLED,
+        (S.FAILED, E.RESUME): S.RUNNING,
+        (S.FAILED, E.CANCEL): S.CANCELLED,
+    }
+)
+
+TERMINAL_STATES: frozenset[JobState] = frozenset({S.COMPLETED, S.CANCELLED})
+
+del S, E
+
+
+def transition(state: JobState, event: JobEvent) -> JobState:
+    """The state ``event`` moves ``state`` to; ``InvalidTransitionError`` if it may not."""
+    try:
+        return TRANSITIONS[(JobState(state), JobEvent(event))]
+    except (KeyError, ValueError):
+        if state not in JobState._value2member_map_:
+            hint = f"known states: {', '.join(s.value for s in JobState)}"
+        else:
+            allowed = ", ".join(e.value for e in allowed_events(JobState(state)))
+            hint = f"allowed from {_label(state)}: {allowed or 'nothing (terminal)'}"
+        raise InvalidTransitionError(
+            f"cannot {_label(event)} a job that is {_label(state)}", hint=hint
+        ) from None
+
+
+def _label(value: object) -> str:
+    return value.value if isinstance(value, enum.Enum) else repr(value)
+
+
+def allowed_events(state: JobState) -> list[JobEvent]:
+    """Events ``state`` accepts, in table order."""
+    return [event for (src, event) in TRANSITIONS if src == state]
+
+
+def is_terminal(state: JobState) -> bool:
+    """True for COMPLETED and CANCELLED: nothing moves a job out of them."""
+    return state in TERMINAL_STATES

@@ -1,0 +1,370 @@
+"""Every reason to stop, folded into one ``threading.Event`` read at step boundaries.
+
+Sources: the predictive deadline (a ``budget`` policy, evaluated in ``should_stop``),
+SIGTERM/SIGINT/SIGUSR1 (handlers only record the signal and set the event — no I/O, no
+locks of ours), a GCE preemption notice (a daemon thread long-polling the metadata server),
+and a stop request in the job's storage (``control/stop.json``, polled by a daemon thread,
+written by ``request_stop`` from any machine). The first reason wins; a preemption notice
+also raises ``emergency`` so the saver writes the smallest exact checkpoint. ``Watchdog``
+satisfies ``colabjob.jobs.policy.StopPolicy``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import socket
+import threading
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass
+from types import FrameType
+from typing import TYPE_CHECKING, Any
+
+from colabjob.errors import StorageError
+from colabjob.jobs.policy import StopPolicy
+from colabjob.runner.budget import Policy, budget_for
+from colabjob.runner.clock import SYSTEM_CLOCK, Clock
+from colabjob.runner.lease import read_lease
+from colabjob.runner.platforms import PlatformInfo, metadata_get
+from colabjob.runner.states import StopReason
+
+if TYPE_CHECKING:
+    from colabjob.storage.store import Store
+
+log = logging.getLogger(__name__)
+
+STOP_KEY = "control/stop.json"
+DEFAULT_SIGNALS: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StopRequest:
+    """``control/stop.json``: ask the runner holding lease ``epoch`` (or newer) to stop."""
+
+    id: str
+    requested_at: float
+    requested_by: str
+    epoch: int = 0
+    cancel: bool = False
+    reason: str = ""
+
+    def to_json(self) -> bytes:
+        return (json.dumps(asdict(self), sort_keys=True) + "\n").encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> StopRequest:
+        d = json.loads(data)
+        return cls(
+            id=str(d["id"]),
+            requested_at=float(d["requested_at"]),
+            requested_by=str(d.get("requested_by", "")),
+            epoch=int(d.get("epoch", 0)),
+            cancel=bool(d.get("cancel", False)),
+            reason=str(d.get("reason", "")),
+        )
+
+
+def request_stop(
+    store: Store,
+    *,
+    cancel: bool = False,
+    reason: str = "",
+    clock: Clock = SYSTEM_CLOCK,
+    requested_by: str | None = None,
+) -> StopRequest:
+    """Ask the job's live runner to checkpoint and stop (``cancel``: then mark it CANCELLED).
+
+    The request targets the current lease epoch, so a runner that resumes later (with a
+    newer epoch) does not trip over an old request.
+    """
+    lease = read_lease(store)
+    request = StopRequest(
+        id=uuid.uuid4().hex[:12],
+        requested_at=clock.time(),
+        requested_by=requested_by or socket.gethostname(),
+        epoch=lease[0].epoch if lease else 0,
+        cancel=cancel,
+        reason=reason,
+    )
+    store.write_bytes(STOP_KEY, request.to_json())
+    return request
+
+
+def read_stop_request(store: Store) -> StopRequest | None:
+    got = store.read_versioned(STOP_KEY)
+    if got is None:
+        return None
+    try:
+        return StopRequest.from_json(got[0])
+    except (ValueError, KeyError, TypeError):
+        log.warning("ignoring unreadable stop request %s/%s", store.url, STOP_KEY)
+        return None
+
+
+def clear_stop_request(store: Store) -> None:
+    store.delete(STOP_KEY)
+
+
+class Watchdog:
+    """The one stop event, its reason, and the threads and handlers that set it."""
+
+    def __init__(
+        self,
+        policy: StopPolicy | None = None,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        store: Store | None = None,
+        epoch: int | Callable[[], int] | None = None,
+        stop_poll_seconds: float = 30.0,
+        signals: Iterable[str | int] = DEFAULT_SIGNALS,
+        preemption: bool = False,
+        environ: Mapping[str, str] | None = None,
+        preemption_wait_seconds: float = 60.0,
+    ) -> None:
+        self.policy, self.clock, self.store = policy, clock, store
+        self.stop_poll_seconds = float(stop_poll_seconds)
+        self.signals = [n for n in (_signum(s) for s in signals) if n is not None]
+        self.preemption = preemption
+        self.environ = environ
+        self.preemption_wait_seconds = preemption_wait_seconds
+        self.event = threading.Event()
+        self.cancel_requested = False
+        self.signals_installed = False
+        self._epoch = epoch
+        self._fired: list[tuple[StopReason, str]] = []  # appended by handlers: no lock
+        self._signums: list[int] = []
+        self._previous: dict[int, Any] = {}
+        self._closing = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._ignored_request: str | None = None
+
+    # -- the stop decision -------------------------------------------------------------------
+    @property
+    def reason(self) -> StopReason | None:
+        """The first reason to stop that arrived, or None."""
+        return self._fired[0][0] if self._fired else None
+
+    @property
+    def detail(self) -> str:
+        """Words about why (e.g. ``received SIGTERM``)."""
+        if not self._fired:
+            return ""
+        reason, detail = self._fired[0]
+        if reason is StopReason.SIGNAL and self._signums:
+            return f"received {_signame(self._signums[0])}"
+        return detail
+
+    @property
+    def emergency(self) -> bool:
+        """A preemption notice arrived: save the smallest exact checkpoint now."""
+        return any(r is StopReason.PREEMPTION for r, _ in self._fired) or bool(
+            getattr(self.policy, "emergency", False)
+        )
+
+    def trigger(self, reason: StopReason | str, detail: str = "") -> None:
+        """Record a reason to stop and set the event (safe from any thread)."""
+        self._fired.append((StopReason(reason), detail))
+        self.event.set()
+
+    def lease_lost(self, message: str) -> None:
+        """``Heartbeat(on_lost=...)`` target: another runner owns the job now."""
+        self.trigger(StopReason.STOP_REQUEST, message)
+
+    # -- StopPolicy ---------------------------------------------------------------------------
+    def observe_step(self, seconds: float) -> None:
+        if self.policy is not None:
+            self.policy.observe_step(seconds)
+
+    def observe_checkpoint(
+        self, *, write_seconds: float, upload_seconds: float, nbytes: int
+    ) -> None:
+        if self.policy is not None:
+            self.policy.observe_checkpoint(
+                write_seconds=write_seconds, upload_seconds=upload_seconds, nbytes=nbytes
+            )
+
+    def should_stop(self) -> str | None:
+        if not self.event.is_set() and self.policy is not None:
+            verdict = self.policy.should_stop()
+            if verdict is not None:
+                self.trigger(
+                    verdict,
+                    "the next step and a final save would cross the deadline"
+                    if verdict == StopReason.BUDGET.value
+                    else "",
+                )
+        reason = self.reason if self.event.is_set() else None
+        return reason.value if reason is not None else None
+
+    def checkpoint_due(self) -> bool:
+        return self.policy.checkpoint_due() if self.policy is not None else False
+
+    def status(self) -> dict[str, Any]:
+        status = self.policy.status() if isinstance(self.policy, Policy) else {}
+        reason = self.reason
+        status["stop_reason"] = reason.value if reason else None
+        return status
+
+    # -- signals ----------------------------------------------------------------------------
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        # No I/O, no logging: record the signal and set the event. A second Ctrl-C aborts.
+        if signum == signal.SIGINT and signal.SIGINT in self._signums:
+            raise KeyboardInterrupt
+        self._signums.append(signum)
+        self._fired.append((StopReason.SIGNAL, ""))
+        self.event.set()
+
+    def _install_signals(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("watchdog started outside the main thread: signal handlers not installed")
+            return
+        for signum in self.signals:
+            self._previous[signum] = signal.signal(signum, self._handler)
+        self.signals_installed = bool(self.signals)
+
+    def _restore_signals(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+        self._previous.clear()
+        self.signals_installed = False
+
+    # -- stop requests ------------------------------------------------------------------------
+    def _own_epoch(self) -> int | None:
+        return self._epoch() if callable(self._epoch) else self._epoch
+
+    def check_stop_request(self) -> bool:
+        """Poll ``control/stop.json`` once; True (and the event set) if it asks us to stop."""
+        if self.store is None:
+            return False
+        try:
+            request = read_stop_request(self.store)
+        except (StorageError, OSError) as e:
+            log.debug("stop-request poll failed (will retry): %s", e)
+            return False
+        if request is None or request.id == self._ignored_request:
+            return False
+        epoch = self._own_epoch()
+        if epoch is not None and request.epoch < epoch:
+            return False  # meant for an earlier runner of this job
+        if request.cancel:
+            self.cancel_requested = True
+        detail = f"requested by {request.requested_by}" + (
+            f": {request.reason}" if request.reason else ""
+        )
+        self.trigger(StopReason.STOP_REQUEST, detail)
+        return True
+
+    def _poll_stop_requests(self) -> None:
+        while not self._closing.wait(self.stop_poll_seconds):
+            if self.check_stop_request():
+                return
+
+    # -- GCE preemption -----------------------------------------------------------------------
+    def _watch_preemption(self) -> None:
+        etag: str | None = None
+        backoff = 0.5
+        while not self._closing.is_set():
+            params: dict[str, str] = {}
+            if etag is not None:
+                params = {
+                    "wait_for_change": "true",
+                    "last_etag": etag,
+                    "timeout_sec": str(int(self.preemption_wait_seconds)),
+                }
+            try:
+                body, etag = metadata_get(
+                    "instance/preempted",
+                    environ=self.environ,
+                    params=params,
+                    timeout=self.preemption_wait_seconds + 10,
+                )
+                etag = etag or ""
+                backoff = 0.5
+            except OSError as e:
+                log.debug("preemption poll failed (will retry): %s", e)
+                self._closing.wait(backoff)
+                backoff = min(backoff * 2, 30.0)
+                continue
+            if body.strip().upper() == "TRUE":
+                self.trigger(StopReason.PREEMPTION, "GCE preemption notice (about 30 s left)")
+                return
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def start(self) -> Watchdog:
+        """Install the signal handlers (main thread only) and start the poller threads."""
+        self._install_signals()
+        if self.store is not None:
+            if self._epoch is None:  # no epoch to scope requests: ignore one left from before
+                old = read_stop_request(self.store)
+                self._ignored_request = old.id if old else None
+            self._spawn(self._poll_stop_requests, "colabjob-stop-request")
+        if self.preemption:
+            self._spawn(self._watch_preemption, "colabjob-preemption")
+        return self
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Restore the previous signal handlers and stop the threads (daemons; never hangs)."""
+        self._closing.set()
+        if self._previous:
+            self._restore_signals()
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(timeout)
+        self._threads.clear()
+
+    def __enter__(self) -> Watchdog:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def watchdog_for(
+    platform: PlatformInfo,
+    *,
+    store: Store | None = None,
+    epoch: int | Callable[[], int] | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+    margin: float | str = 180.0,
+    checkpoint_every: float | str | None = None,
+    checkpoint_nbytes: int | None = None,
+    stop_poll_seconds: float = 30.0,
+    environ: Mapping[str, str] | None = None,
+) -> Watchdog:
+    """A watchdog (not started) with the budget, signals and notices ``platform`` calls for."""
+    return Watchdog(
+        budget_for(
+            platform,
+            clock=clock,
+            margin=margin,
+            checkpoint_every=checkpoint_every,
+            checkpoint_nbytes=checkpoint_nbytes,
+        ),
+        clock=clock,
+        store=store,
+        epoch=epoch,
+        stop_poll_seconds=stop_poll_seconds,
+        preemption=platform.preemptible,
+        environ=environ,
+    )
+
+
+def _signum(sig: str | int) -> int | None:
+    if isinstance(sig, int):
+        return sig
+    value = getattr(signal, sig, None)  # SIGUSR1 does not exist on Windows
+    return int(value) if value is not None else None
+
+
+def _signame(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
