@@ -134,6 +134,24 @@ def _read_with_stat(path: str) -> tuple[bytes, os.stat_result] | None:
 def _copy_from(src: str) -> Callable[[IO[bytes]], None]:
     def writer(out: IO[bytes]) -> None:
         with open(src, "rb") as f:
+            out.flush()
+            try:
+                # In-kernel copy: several times faster than a read/write loop for the large
+                # files of a checkpoint, and it keeps commit time near a plain `cp`.
+                size = os.fstat(f.fileno()).st_size
+                offset = 0
+                while offset < size:
+                    sent = os.sendfile(out.fileno(), f.fileno(), offset, size - offset)
+                    if sent == 0:
+                        break
+                    offset += sent
+                out.seek(offset)
+                if offset == size:
+                    return
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+            f.seek(out.tell())
             shutil.copyfileobj(f, out, _COPY_CHUNK)
 
     return writer
