@@ -1,0 +1,1 @@
+"""Tests of colabjob.jobs: exact state, resumable data, sessions."""
