@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint typecheck pytest bench demo clean
+.PHONY: setup tools test lint typecheck pytest bench demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -19,13 +19,20 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 setup: $(STAMP)
 
+# shellcheck lints the GCE startup script in the tests (Debian package; needs root or sudo).
+tools:
+	@command -v shellcheck >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq shellcheck >/dev/null; \
+	  elif command -v sudo >/dev/null 2>&1; then sudo apt-get update -qq && sudo apt-get install -y -qq shellcheck >/dev/null; \
+	  else echo "shellcheck is missing: apt-get install shellcheck (the startup-script tests need it)"; fi; }
+
 lint: setup
 	$(BIN)/ruff check colabjob tests benchmarks
 
 typecheck: setup
 	$(BIN)/mypy
 
-pytest: setup
+pytest: setup tools
 	$(BIN)/pytest -q
 
 test: lint typecheck pytest

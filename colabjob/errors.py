@@ -23,9 +23,13 @@ to do next. Lower-level exceptions are chained with ``raise ... from e``.
     ├── ResumeError
     │   └── GeometryChangedError     batch size / accumulation / world size changed
     ├── JobStateError
-    │   └── InvalidTransitionError   illegal state-machine transition
+    │   ├── InvalidTransitionError   illegal state-machine transition
+    │   └── JobMovedError            the job was handed off; run it at its new URL (exit 2)
+    ├── HandoffError                 moving a job to a GCP VM failed (VM not created)
+    │   └── GcloudError              gcloud missing, not authenticated or unusable (exit 2)
     └── LeaseHeldError               another live runner holds the job       (exit 2)
-        └── LeaseLostError           this runner's lease was taken over: stop now
+        ├── LeaseLostError           this runner's lease was taken over: stop now
+        └── JobNotPausedError        a live runner holds the job: pause it before a handoff
 """
 
 from __future__ import annotations
@@ -125,9 +129,31 @@ class InvalidTransitionError(JobStateError):
     pass
 
 
+class JobMovedError(JobStateError):
+    """The job was handed off (``control/moved.json``); ``moved_to`` is its new URL."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, moved_to: str = "", hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.moved_to = moved_to
+
+
+class HandoffError(ColabJobError):
+    pass
+
+
+class GcloudError(HandoffError):
+    exit_code = 2
+
+
 class LeaseHeldError(ColabJobError):
     exit_code = 2
 
 
 class LeaseLostError(LeaseHeldError):
     """Our lease was taken over (or could not be renewed for its TTL): stop; commits are fenced."""
+
+
+class JobNotPausedError(LeaseHeldError):
+    """A handoff found a live runner: the job must be paused (stopped cleanly) first."""

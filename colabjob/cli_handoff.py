@@ -1,0 +1,116 @@
+"""``colabjob handoff``: the argparse face of ``colabjob.runner.handoff``.
+
+``configure_parser(subparsers, common)`` adds the subcommand; ``cmd_handoff(args)`` runs it,
+prints the plan (the exact gcloud command, warnings, what to do next) and returns 0 when the
+VM was created or the dry run printed its command. Like every other command it raises
+``ColabJobError`` for ``colabjob.cli.main`` to print with its hint and turn into the exit
+code: 2 for bad arguments, a missing or logged-out gcloud, a job that is not paused or was
+moved; 1 when gcloud could not create the VM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, TextIO
+
+from colabjob.runner.gcloud import DEFAULT_DISK_GB, DEFAULT_IMAGE_FAMILY, DEFAULT_IMAGE_PROJECT
+
+__all__ = ["cmd_handoff", "configure_parser"]
+
+EXAMPLE = """\
+example (a job on Drive, to a spot L4 VM):
+  colabjob handoff /content/drive/MyDrive/jobs/run1 --to gs://my-bucket/jobs/run1 \\
+      --project my-project --zone us-central1-a --machine-type g2-standard-8 --spot
+"""
+
+
+def configure_parser(
+    subparsers: Any, common: argparse.ArgumentParser | None = None
+) -> argparse.ArgumentParser:
+    """Add ``handoff`` to ``subparsers`` (from ``parser.add_subparsers()``); ``common`` is a
+    parent parser with the flags every command shares (``--debug``)."""
+    p: argparse.ArgumentParser = subparsers.add_parser(
+        "handoff",
+        parents=[common] if common is not None else [],
+        help="move a paused job to a GCP VM that resumes it and powers off when done",
+        description="Copy the job to GCS if needed (verified), mark the old location as "
+        "moved, and create a GCE VM whose startup script resumes the job and powers the VM "
+        "off when it completes, fails or pauses.",
+        epilog=EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("job_url", metavar="JOB_URL", help="the job: a Drive path, local path or gs://")
+    p.add_argument("--project", required=True, help="GCP project id")
+    p.add_argument("--zone", required=True, help="e.g. us-central1-a")
+    p.add_argument("--machine-type", required=True, help="e.g. g2-standard-8, n1-standard-8")
+    p.add_argument(
+        "--accelerator",
+        metavar="type=TYPE,count=N",
+        help="GPUs to attach, e.g. type=nvidia-tesla-t4,count=1 (g2/a2/a3 types have theirs)",
+    )
+    p.add_argument(
+        "--spot", action="store_true", help="spot VM (60-91%% cheaper, preemptible: 30 s notice)"
+    )
+    p.add_argument(
+        "--to", metavar="gs://BUCKET/PATH", help="copy the job here first (required off GCS)"
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="check and print the gcloud command; change nothing"
+    )
+    p.add_argument("--name", help="VM name (default: colabjob-<job id>)")
+    p.add_argument("--image-family", default=DEFAULT_IMAGE_FAMILY)
+    p.add_argument("--image-project", default=DEFAULT_IMAGE_PROJECT)
+    p.add_argument("--disk-gb", type=int, default=DEFAULT_DISK_GB, help="boot disk size in GB")
+    p.add_argument("--service-account", help="VM service account email (default: compute's)")
+    p.add_argument(
+        "--pip",
+        action="append",
+        default=[],
+        metavar="PACKAGE",
+        help="extra package to install on the VM (repeatable), e.g. your training code",
+    )
+    p.add_argument("--script-out", metavar="PATH", help="where to write the startup script")
+    p.set_defaults(func=cmd_handoff)
+    return p
+
+
+def cmd_handoff(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
+    """Run ``colabjob handoff`` from parsed ``args``; return the exit code."""
+    from colabjob.runner.handoff import handoff
+
+    stdout = out or sys.stdout
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    plan = handoff(
+        args.job_url,
+        project=args.project,
+        zone=args.zone,
+        machine_type=args.machine_type,
+        accelerator=args.accelerator,
+        spot=args.spot,
+        to=args.to,
+        dry_run=args.dry_run,
+        image_family=args.image_family,
+        image_project=args.image_project,
+        disk_gb=args.disk_gb,
+        name=args.name,
+        service_account=args.service_account,
+        extra_packages=tuple(args.pip),
+        script_path=args.script_out,
+        log=say,
+    )
+    for warning in plan.warnings:
+        print(f"colabjob: warning: {warning}", file=sys.stderr)
+    if plan.transfer is not None:
+        print(plan.transfer.describe(), file=stdout)
+    if plan.dry_run:
+        print(plan.command, file=stdout)
+        for line in plan.next_steps()[:-1]:
+            print(f"# {line}", file=stdout)
+    else:
+        for line in plan.next_steps():
+            print(line, file=stdout)
+    return 0

@@ -1,0 +1,382 @@
+"""Hand a paused job off to a GCP VM (``colabjob handoff``).
+
+Cheap checks come first, before anything is copied or billed: the VM's formats
+(``gcloud.VmSpec``), gcloud and its login, the job (it exists, was not moved, is not
+finished, and no live runner holds its lease: "job not paused"), the destination bucket.
+A job that does not live on GCS (Drive, a local path) is then copied to ``--to gs://...``
+under its lease, every file verified against its manifest (``transfer.copy_job``), and the
+old location is marked as moved so it refuses to run and points at the new one. Last, the
+startup script is rendered (``startup_script``) and ``gcloud compute instances create`` runs,
+or, with ``dry_run``, the exact command is only returned (nothing is copied or created).
+Credentials never enter the script, the record or the command: the VM reaches GCS through
+its service account (``--scopes=cloud-platform``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shlex
+import socket
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import colabjob
+from colabjob.errors import (
+    AlreadyExistsError,
+    BucketNotFoundError,
+    ConfigError,
+    HandoffError,
+    JobNotPausedError,
+    JobStateError,
+    LeaseHeldError,
+    LeaseLostError,
+    StorageError,
+)
+from colabjob.runner.clock import SYSTEM_CLOCK, Clock
+from colabjob.runner.gcloud import (
+    DEFAULT_DISK_GB,
+    DEFAULT_IMAGE_FAMILY,
+    DEFAULT_IMAGE_PROJECT,
+    Accelerator,
+    Runner,
+    VmSpec,
+    check_gcloud,
+    create_argv,
+    describe_failure,
+    instance_name_for,
+    parse_accelerator,
+    run_gcloud,
+)
+from colabjob.runner.lease import Holder, Lease, LeaseObserver, format_time
+from colabjob.runner.record import JobRecord, load_record, read_record
+from colabjob.runner.startup_script import render_startup_script
+from colabjob.runner.states import JobState, LeaseStatus
+from colabjob.runner.transfer import (
+    MovedMarker,
+    TransferReport,
+    check_not_moved,
+    copy_job,
+    mark_moved,
+)
+from colabjob.storage.store import open_store
+
+if TYPE_CHECKING:
+    from colabjob.storage.store import Store
+
+__all__ = ["HandoffPlan", "handoff"]
+
+_LOCAL_PREFIXES = ("/", "./", "../", "~", "file://")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HandoffPlan:
+    """What a handoff did (or, with ``dry_run``, would do)."""
+
+    job_url: str  # where the job was
+    run_url: str  # the gs:// URL the VM resumes
+    vm: VmSpec
+    script_path: Path
+    argv: tuple[str, ...]
+    account: str | None = None  # the gcloud account (None on a dry run)
+    transfer: TransferReport | None = None
+    copy_needed: bool = False
+    dry_run: bool = False
+    created: bool = False
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def command(self) -> str:
+        """The exact gcloud command, shell-quoted."""
+        return shlex.join(self.argv)
+
+    def next_steps(self) -> list[str]:
+        where = f"--zone {self.vm.zone} --project {self.vm.project}"
+        if self.dry_run:
+            steps = ["dry run: nothing was copied, marked or created"]
+            if self.copy_needed:
+                steps.append(
+                    f"without --dry-run the job is first copied to {self.run_url} (verified)"
+                )
+            return [*steps, f"startup script: {self.script_path}", f"command: {self.command}"]
+        return [
+            f"VM {self.vm.name} created; it installs colabjob {colabjob.__version__} and "
+            f"resumes {self.run_url}",
+            f"follow it: gcloud compute instances get-serial-port-output {self.vm.name} {where}",
+            f"job status: colabjob status {self.run_url}",
+            "it powers off when the job completes, fails or pauses; after a spot preemption "
+            f"restart it with: gcloud compute instances start {self.vm.name} {where}",
+            f"a stopped VM still bills its disk: gcloud compute instances delete {self.vm.name} "
+            f"{where}",
+        ]
+
+
+def handoff(
+    job_url: str,
+    *,
+    project: str,
+    zone: str,
+    machine_type: str,
+    accelerator: str | Accelerator | None = None,
+    spot: bool = False,
+    to: str | None = None,
+    dry_run: bool = False,
+    image_family: str = DEFAULT_IMAGE_FAMILY,
+    image_project: str = DEFAULT_IMAGE_PROJECT,
+    disk_gb: int = DEFAULT_DISK_GB,
+    name: str | None = None,
+    service_account: str | None = None,
+    extra_packages: Sequence[str] = (),
+    script_path: str | Path | None = None,
+    gcloud: str = "gcloud",
+    runner: Runner = subprocess.run,
+    clock: Clock = SYSTEM_CLOCK,
+    log: Callable[[str], None] | None = None,
+) -> HandoffPlan:
+    """Move the job at ``job_url`` to a new GCE VM (see the module docstring).
+
+    ``to`` (a ``gs://`` URL) is required when the job is not on GCS, and optional otherwise
+    (a copy to another bucket, e.g. one in the VM's region). ``runner`` runs gcloud
+    (``subprocess.run``'s signature); ``log`` receives progress lines.
+    """
+    say = log or (lambda _msg: None)
+    acc = parse_accelerator(accelerator) if isinstance(accelerator, str) else accelerator
+    vm = VmSpec(
+        name=name or "colabjob-job",  # the job's own name once its record is read
+        project=project,
+        zone=zone,
+        machine_type=machine_type,
+        accelerator=acc,
+        spot=spot,
+        image_family=image_family,
+        image_project=image_project,
+        disk_gb=disk_gb,
+        service_account=service_account,
+    )
+    if to is not None and not to.startswith("gs://"):
+        raise ConfigError(f"--to {to!r} is not a gs:// URL", hint="e.g. --to gs://BUCKET/jobs/NAME")
+    account = None if dry_run else check_gcloud(gcloud=gcloud, runner=runner)
+
+    src = open_store(job_url)
+    record, lease_warnings = _check_job(src, clock)
+    warnings = [*lease_warnings, *_config_warnings(record, extra_packages)]
+    if name is None:
+        vm = dataclasses.replace(vm, name=instance_name_for(record.job_id))
+    dst, copy_needed = _destination(src, to)
+    warnings += _location_warnings(dst.url, vm)
+    if copy_needed:
+        _check_destination_free(dst, src, record)
+    script = render_startup_script(  # before anything moves: a bad value stops us here
+        job_url=dst.url,
+        version=colabjob.__version__,
+        gpu=vm.has_gpu,
+        instance=vm.name,
+        zone=vm.zone,
+        project=vm.project,
+        extra_packages=extra_packages,
+    )
+    path = _write_script(script, script_path, vm.name)
+    plan = HandoffPlan(
+        job_url=src.url,
+        run_url=dst.url,
+        vm=vm,
+        script_path=path,
+        argv=tuple(create_argv(vm, path, job_id=record.job_id, gcloud=gcloud)),
+        account=account,
+        copy_needed=copy_needed,
+        dry_run=dry_run,
+        warnings=tuple(warnings),
+    )
+    if dry_run:
+        return plan
+    if copy_needed:
+        plan = dataclasses.replace(plan, transfer=_move(src, dst, clock=clock, say=say))
+    _create_vm(plan, runner=runner, say=say)
+    return dataclasses.replace(plan, created=True)
+
+
+def _create_vm(plan: HandoffPlan, *, runner: Runner, say: Callable[[str], None]) -> None:
+    say(f"creating VM {plan.vm.name}: {plan.command}")
+    done = run_gcloud(plan.argv, runner=runner)
+    if done.returncode != 0:
+        moved = f"the job now lives at {plan.run_url}; " if plan.copy_needed else ""
+        raise HandoffError(
+            f"gcloud could not create VM {plan.vm.name} (exit {done.returncode}):\n"
+            f"{describe_failure(done)}",
+            hint=f"{moved}nothing runs yet. GPUs are often sold out in a zone "
+            "(ZONE_RESOURCE_POOL_EXHAUSTED) or over quota (`gcloud compute regions describe "
+            f"{plan.vm.region}`): try another zone with "
+            f"`colabjob handoff {plan.run_url} --zone ...`",
+        )
+
+
+# -- the job ------------------------------------------------------------------------------
+def _check_job(src: Store, clock: Clock) -> tuple[JobRecord, list[str]]:
+    """The job's record if it may be handed off, and warnings about its lease."""
+    record = load_record(src)
+    check_not_moved(src, record)
+    if record.state in (JobState.COMPLETED, JobState.CANCELLED):
+        raise JobStateError(
+            f"job {src.url} is {record.state}: there is nothing left to run on a VM",
+            hint=f"see `colabjob status {src.url}`",
+        )
+    info, status = LeaseObserver(src, clock=clock).poll()
+    if info is None:
+        return record, []
+    if status is LeaseStatus.LIVE:
+        raise JobNotPausedError(
+            f"job not paused: {src.url} is running on {info.holder.describe()} (epoch "
+            f"{info.epoch}, last heartbeat {format_time(info.heartbeat_at)})",
+            hint=f"pause it first: `colabjob stop {src.url}` (it commits a checkpoint and "
+            "exits), then run the handoff again",
+        )
+    if status is LeaseStatus.STALE:
+        return record, [
+            f"the lease of {src.url} looks abandoned ({info.holder.describe()}, last "
+            f"heartbeat {format_time(info.heartbeat_at)}); it is confirmed expired by watching "
+            f"it for up to {info.ttl:.0f}s before the job is taken over"
+        ]
+    return record, []
+
+
+def _config_warnings(record: JobRecord, extra_packages: Sequence[str]) -> Iterator[str]:
+    for key, value in _strings(record.config):
+        if key != "job.storage" and value.startswith(_LOCAL_PREFIXES):
+            yield (
+                f"the job's config has {key}: {value!r}, a local path the VM will not have; "
+                "put it in GCS, on the Hub, or in a package passed with --pip"
+            )
+    job = record.config.get("job")
+    if isinstance(job, Mapping) and job.get("kind") == "python" and not extra_packages:
+        yield (
+            f"job.kind is python: {job.get('entrypoint')!r} must be importable on the VM; "
+            "pass its package with --pip (a PyPI name, a wheel URL or git+https://...)"
+        )
+
+
+def _strings(node: Any, key: str = "") -> Iterator[tuple[str, str]]:
+    if isinstance(node, str):
+        yield key, node
+    elif isinstance(node, Mapping):
+        for k, v in node.items():
+            yield from _strings(v, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            yield from _strings(v, f"{key}[{i}]")
+
+
+# -- the destination ----------------------------------------------------------------------
+def _destination(src: Store, to: str | None) -> tuple[Store, bool]:
+    if to is None or to.rstrip("/") == src.url:
+        if src.url.startswith("gs://"):
+            return src, False
+        raise ConfigError(
+            f"job {src.url} is not on GCS, and the VM can only reach GCS",
+            hint="add --to gs://BUCKET/PATH (ideally a bucket in the VM's region): its "
+            "checkpoints and record are copied there and verified",
+        )
+    try:
+        dst = open_store(to)
+    except BucketNotFoundError:
+        raise
+    except StorageError as e:
+        raise BucketNotFoundError(
+            f"cannot reach {to}: {e}",
+            hint="check the bucket name and the credentials of this machine "
+            "(`gcloud auth application-default login`; in Colab "
+            "`google.colab.auth.authenticate_user()`); you need roles/storage.objectAdmin",
+        ) from e
+    return dst, dst.url != src.url
+
+
+def _check_destination_free(dst: Store, src: Store, record: JobRecord) -> None:
+    got = read_record(dst)
+    if got is None:
+        return
+    there = got[0]
+    if there.job_id == record.job_id and there.extras.get("moved_from") == src.url:
+        return  # an earlier handoff of this job copied it already; the copy resumes
+    raise AlreadyExistsError(
+        f"{dst.url} already holds job {there.job_id}",
+        hint="choose an empty destination (another --to prefix)",
+    )
+
+
+def bucket_location(url: str, *, project: str | None = None) -> str | None:
+    """The bucket's location (``US-CENTRAL1``, ``US``...), or None if we may not read it."""
+    try:
+        from google.cloud import storage
+
+        from colabjob.storage.gcs import emulator_host
+
+        if emulator_host():
+            from google.auth.credentials import AnonymousCredentials
+
+            client = storage.Client(project="test", credentials=AnonymousCredentials())
+        else:
+            client = storage.Client(project=project)
+        bucket = client.get_bucket(url.split("://", 1)[1].split("/", 1)[0], timeout=20)
+        return str(bucket.location) if bucket.location else None
+    except Exception:  # best effort: storage.buckets.get is not always granted
+        return None
+
+
+def _location_warnings(url: str, vm: VmSpec) -> Iterator[str]:
+    location = bucket_location(url, project=vm.project)
+    if location and "-" in location and location.lower() != vm.region:
+        yield (
+            f"the bucket of {url} is in {location.lower()} but the VM in {vm.region}: every "
+            "checkpoint crosses regions (billed per GB, and slower); a bucket in "
+            f"{vm.region} avoids that"
+        )
+
+
+# -- moving -------------------------------------------------------------------------------
+def _move(src: Store, dst: Store, *, clock: Clock, say: Callable[[str], None]) -> TransferReport:
+    """Copy under the old location's lease (no runner can start meanwhile), then mark it."""
+    lease = Lease(src, holder=Holder.here(platform="handoff"), clock=clock)
+    try:
+        lease.acquire()
+    except LeaseLostError:
+        raise
+    except LeaseHeldError as e:
+        raise JobNotPausedError(
+            f"job not paused: {e}", hint=f"pause it first: `colabjob stop {src.url}`"
+        ) from e
+    beat = lease.start_heartbeat()
+    try:
+        say(f"copying {src.url} to {dst.url} (every file verified against its manifest)")
+        report = copy_job(src, dst, clock=clock, log=say)
+        if beat.lost is not None:
+            raise JobNotPausedError(
+                f"another runner took {src.url} over during the copy: {beat.lost}",
+                hint=f"the copy at {dst.url} may be behind; pause the job and hand off again",
+            )
+        marker = MovedMarker(
+            moved_to=dst.url,
+            moved_at=clock.time(),
+            moved_by=socket.gethostname(),
+            last_step=report.latest_step,
+        )
+        mark_moved(src, marker, clock=clock)
+        say(f"{src.url} is marked as moved to {dst.url}; it refuses to run from now on")
+        return report
+    finally:
+        beat.stop()
+        lease.release()
+
+
+def _write_script(script: str, script_path: str | Path | None, name: str) -> Path:
+    if script_path is None:
+        folder = Path(tempfile.gettempdir()) / "colabjob-handoff"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{name}-startup.sh"
+    else:
+        path = Path(script_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(script)
+    path.chmod(0o755)
+    return path.resolve()
