@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 import colabjob
-from colabjob.cli_handoff import cmd_handoff, configure_parser
+from colabjob.cli.handoff import cmd_handoff, configure_parser
 from colabjob.errors import (
     BucketNotFoundError,
     ConfigError,

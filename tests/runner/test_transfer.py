@@ -212,11 +212,6 @@ def test_the_lease_is_not_copied() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="the CLI/runner does not call check_not_moved yet (the lead wires it into "
-    "cmd_resume/cmd_start and runner/segment.py); remove this mark then",
-)
 def test_the_cli_refuses_to_resume_a_moved_job(tmp_path: Path) -> None:
     from tests.cli.builders import CONFIG, run_cli
 

@@ -1,0 +1,301 @@
+"""Commands that create and run jobs: ``init``, ``start``, ``resume``, ``demo`` (and ``handoff``,
+whose parser lives in ``handoff.py``).
+
+``start`` validates the spec (and the local paths it names) before anything is written,
+then runs the first segment under the supervisor (a child process, retried from the last
+checkpoint if it crashes). ``resume`` needs only the job URL: the spec comes from the job
+record; ``--set`` may change what does not break an exact resume (``diff_for_resume``),
+anything else only with ``--force-config``. Both exit 0 when the job completed, 75 when
+the segment stopped in time to resume in the next session, 1 when it failed, 2 on a usage,
+config or lease error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from colabjob.cli.common import (
+    add_session_flags,
+    check_session_flags,
+    default_job_url,
+    note,
+    open_job,
+)
+from colabjob.errors import ConfigError
+
+if TYPE_CHECKING:
+    from colabjob.runner.supervisor import RunRequest, SupervisorResult
+    from colabjob.storage.store import Store
+
+EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_PAUSED = 0, 1, 2, 75
+
+
+def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("init", parents=[common], help="write a commented job spec")
+    p.add_argument("--kind", default="lora", help="finetune, lora, scratch or python")
+    p.add_argument("--name", help="job name (default: my-KIND-job)")
+    p.add_argument("-o", "--output", default="job.yaml", help="file to write ('-': stdout)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing file")
+    p.set_defaults(func=cmd_init)
+
+    p = sub.add_parser("start", parents=[common], help="create a job from a spec and run it")
+    p.add_argument("spec", help="the YAML job spec")
+    p.add_argument("--storage", metavar="URL", help="where the job lives (overrides job.storage)")
+    add_session_flags(p)
+    p.set_defaults(func=cmd_start)
+
+    p = sub.add_parser("resume", parents=[common], help="continue a job from its last checkpoint")
+    p.add_argument("job", metavar="JOB_URL")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="take over the lease of a runner that looks dead (after confirming it expired)",
+    )
+    p.add_argument(
+        "--force-config",
+        action="store_true",
+        help="accept --set changes that make the resumed run differ from an uninterrupted one",
+    )
+    add_session_flags(p)
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser(
+        "demo", parents=[common], help="run the embedded demo job (no download, CPU)"
+    )
+    p.add_argument("--dir", metavar="DIR", help="where the demo lives (default: a new temp dir)")
+    p.add_argument("--size", default="default", help="default, or tiny (seconds)")
+    p.add_argument("--sessions", type=int, default=3, help="simulated sessions (default 3)")
+    p.add_argument(
+        "--no-compare",
+        action="store_true",
+        help="skip the uninterrupted run that checks the weights are bit-identical",
+    )
+    p.add_argument(
+        "--progress", choices=("auto", "rich", "plain", "none"), default="auto", help="display"
+    )
+    p.set_defaults(func=cmd_demo)
+
+    from colabjob.cli.handoff import configure_parser
+
+    configure_parser(sub, common)
+
+
+# -- init ------------------------------------------------------------------------------------
+def cmd_init(args: argparse.Namespace) -> int:
+    from colabjob.config import render_template
+
+    text = render_template(args.kind, name=args.name)
+    if args.output == "-":
+        sys.stdout.write(text)
+        return EXIT_DONE
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise ConfigError(f"{out} already exists", hint="pass --force to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    note(f"wrote {out} (kind {args.kind}); edit it, then: colabjob start {out}")
+    return EXIT_DONE
+
+
+# -- start / resume --------------------------------------------------------------------------
+def _request(
+    args: argparse.Namespace, url: str, spec: dict[str, Any], *, force: bool = False
+) -> RunRequest:
+    from colabjob.runner.supervisor import RunRequest
+
+    return RunRequest(
+        url=url,
+        spec=spec,
+        budget=args.budget,
+        platform=args.platform,
+        session_started_at=args.session_started_at,
+        margin=args.margin,
+        allow_geometry_change=args.allow_geometry_change,
+        progress=args.progress,
+        debug=bool(getattr(args, "debug", False)),
+        force=force,
+    )
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from colabjob.config import check_local_paths, load_spec
+    from colabjob.runner.record import read_record
+    from colabjob.runner.transfer import check_not_moved
+    from colabjob.storage.store import open_store
+
+    check_session_flags(args)
+    spec = load_spec(args.spec, args.overrides)
+    check_local_paths(spec)
+    url = args.storage or spec.job.storage
+    if url is None:
+        url = default_job_url(spec.job.name)
+        note(f"colabjob: job.storage not set; the job lives at {url}")
+    store = open_store(url)
+    got = read_record(store)
+    if got is not None:
+        check_not_moved(store, got[0])
+        raise ConfigError(
+            f"a job already exists at {store.url} (state {got[0].state.value})",
+            hint=f"continue it with `colabjob resume {store.url}`, or choose another --storage",
+        )
+    return run_request(_request(args, store.url, spec.to_dict()), args)
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from colabjob.config import JobSpec, apply_overrides, diff_for_resume
+    from colabjob.runner.lease import LeaseObserver, held_error
+    from colabjob.runner.states import JobState, LeaseStatus
+    from colabjob.runner.transfer import check_not_moved
+
+    check_session_flags(args)
+    store, record = open_job(args.job)
+    check_not_moved(store, record)
+    if record.state is JobState.COMPLETED:
+        note(f"colabjob: job {record.job_id} is already completed (step {record.last_step})")
+        return EXIT_DONE
+    if record.state is JobState.CANCELLED:
+        raise ConfigError(
+            f"job {record.job_id} was cancelled", hint="start a new job to train again"
+        )
+    info, status = LeaseObserver(store).poll()
+    if info is not None and status is LeaseStatus.LIVE:
+        if not args.force:
+            raise held_error(store, info, _now())
+        note(
+            f"colabjob: watching the lease of {info.holder.describe()} for up to "
+            f"{info.ttl:.0f}s; it is taken over only if its heartbeat does not move"
+        )
+    if not isinstance(record.config.get("job"), dict):
+        raise ConfigError(
+            f"job {record.job_id} has no job spec in its record (it was started from Python "
+            "code with colabjob.session())",
+            hint="resume it by running that code again; it picks up the newest checkpoint",
+        )
+    old = JobSpec.from_dict(record.config)
+    new = old
+    if args.overrides:
+        new = JobSpec.from_dict(apply_overrides(old.to_dict(), args.overrides))
+    changes = diff_for_resume(old, new, force=args.force_config)
+    for line in changes:
+        note(f"colabjob: changed {line}")
+    if changes:  # the snapshot is what the next plain `resume` runs
+        _save_snapshot(store, new.to_dict())
+    return run_request(_request(args, store.url, new.to_dict(), force=args.force), args)
+
+
+def _save_snapshot(store: Store, config: dict[str, Any]) -> None:
+    import dataclasses
+
+    from colabjob.runner.record import update_record
+
+    update_record(store, lambda r: dataclasses.replace(r, config=config, config_hash=""))
+
+
+def _now() -> float:
+    import time
+
+    return time.time()
+
+
+def run_request(request: RunRequest, args: argparse.Namespace) -> int:
+    """Run the segment under the supervisor (in-process for memory://) and report."""
+    from colabjob.runner.supervisor import ChildResult, SupervisorResult, supervise
+
+    if request.url.startswith("memory://"):  # other processes cannot see it
+        result = _in_process(request)
+    else:
+        result = supervise(
+            request,
+            retries=args.retries,
+            backoff=args.retry_backoff,
+            child_module="colabjob.cli.child",
+        )
+    last: ChildResult | None = result.last
+    if last is not None and last.error and last.exit_code in (EXIT_USAGE, EXIT_FAILED):
+        hint = f"\n  hint: {last.hint}" if last.hint else ""
+        note(f"colabjob: error: {last.error}{hint}")
+    _report(request.url, result)
+    return result.exit_code if isinstance(result, SupervisorResult) else EXIT_FAILED
+
+
+def _in_process(request: RunRequest) -> SupervisorResult:
+    from colabjob.display import make_progress
+    from colabjob.jobs.progress import close_progress
+    from colabjob.runner.supervisor import (
+        ChildResult,
+        SupervisorResult,
+        classify_error,
+        exit_code_for,
+        run_in_process,
+    )
+
+    progress = make_progress(request.progress)
+    try:
+        outcome = run_in_process(request, progress)
+        result = ChildResult(
+            exit_code=exit_code_for(outcome),
+            stop_reason=outcome.stop_reason,
+            last_step=outcome.last_step,
+            checkpoint_step=outcome.checkpoint_step,
+            completed=outcome.completed,
+            error=outcome.error,
+        )
+    except Exception as e:
+        result = classify_error(e)
+    finally:
+        close_progress(progress)
+    return SupervisorResult(exit_code=result.exit_code, attempts=1, last=result)
+
+
+def _report(url: str, result: SupervisorResult) -> None:
+    last = result.last
+    step = f" at step {last.last_step}" if last is not None and last.last_step is not None else ""
+    if result.exit_code == EXIT_DONE:
+        note(f"colabjob: done{step}. Status: colabjob status {url}")
+    elif result.exit_code == EXIT_PAUSED:
+        why = f" ({last.stop_reason})" if last is not None and last.stop_reason else ""
+        note(f"colabjob: paused{step}{why}. In the next session: colabjob resume {url}")
+    elif result.exit_code == EXIT_FAILED:
+        note(f"colabjob: failed{step}; fix the cause, then: colabjob resume {url}")
+
+
+# -- demo / handoff --------------------------------------------------------------------------
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The kinds layer's embedded demo (``colabjob.jobs.demo``): a tiny GPT-2 trained from
+    scratch on the standard library's sources in simulated sessions, then uninterrupted;
+    exit 0 when the final weights are bit-identical."""
+    import tempfile
+
+    from colabjob.display import LogBridge, make_progress
+    from colabjob.jobs import demo
+    from colabjob.jobs.progress import close_progress
+
+    if args.size not in demo.DEMO_SIZES:
+        raise ConfigError(
+            f"unknown demo size {args.size!r}", hint=f"one of: {', '.join(demo.DEMO_SIZES)}"
+        )
+    root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="colabjob-demo-"))
+    if (root / "job").exists():
+        raise ConfigError(f"{root} already holds a demo job", hint="pass an empty --dir")
+    note(f"colabjob demo: a tiny GPT-2 from scratch on the standard library's sources, in {root}")
+    sink = make_progress(args.progress)
+    bridge = LogBridge(sink, total=demo.DEMO_SIZES[args.size].steps)
+    try:
+        report = demo.run_demo(
+            root,
+            size=args.size,
+            sessions=args.sessions,
+            compare=not args.no_compare,
+            log=bridge,
+        )
+    finally:
+        close_progress(sink)
+    if args.progress == "none":
+        print("\n".join(report.lines()))
+    if (root / "job" / "job.json").exists():
+        note(f"look at it: colabjob status {root / 'job'}; colabjob plot {root / 'job'}")
+    return EXIT_FAILED if report.identical is False else EXIT_DONE
+

@@ -1,0 +1,218 @@
+"""The child side of the supervisor protocol: ``child REQUEST_FILE RESULT_FILE``.
+
+The supervisor (``colabjob.runner.supervisor``) writes a ``RunRequest`` (job URL, spec
+snapshot, this session's overrides, a session id kept across retries) as JSON and starts
+``python -m colabjob.runner.child child REQUEST RESULT``. The child runs one segment
+(``colabjob.runner.segment.run_segment``) and writes a ``ChildResult`` before it exits: how
+the segment ended, or the error, its hint and whether a retry could help. A child whose
+supervisor dies stops as if sent SIGTERM (checkpoint, exit 75), so none is orphaned mid-run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from colabjob.errors import (
+    ColabJobError,
+    JobStateError,
+    NoCheckpointError,
+    StaleEpochError,
+    StorageError,
+    TransientStorageError,
+    UnsafeCheckpointError,
+)
+from colabjob.runner.states import StopReason
+
+if TYPE_CHECKING:
+    from colabjob.jobs.context import SegmentOutcome
+    from colabjob.jobs.progress import ProgressSink
+
+EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_PAUSED = 0, 1, 2, 75
+_USER_ERRORS = (ImportError, SyntaxError, NameError)  # a retry would fail the same way
+# Retrying cannot help these either (a transient storage error is retried, though).
+_FINAL_ERRORS = (JobStateError, NoCheckpointError, UnsafeCheckpointError, StorageError)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunRequest:
+    """What one segment runs: the job URL, its spec snapshot and this session's overrides."""
+
+    url: str
+    spec: Mapping[str, Any]
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    budget: str | None = None
+    platform: str | None = None
+    session_started_at: str | None = None
+    margin: str | None = None
+    force: bool = False
+    allow_geometry_change: bool = False
+    progress: str = "auto"
+    debug: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), default=str)
+
+    @classmethod
+    def from_json(cls, text: str) -> RunRequest:
+        d = json.loads(text)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@dataclass(frozen=True, kw_only=True)
+class ChildResult:
+    """What a child reports: how the segment ended, or the error and whether to retry."""
+
+    exit_code: int
+    stop_reason: str | None = None
+    first_step: int | None = None
+    last_step: int | None = None
+    checkpoint_step: int | None = None
+    completed: bool = False
+    error: str | None = None
+    error_type: str | None = None
+    hint: str | None = None
+    retryable: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> ChildResult:
+        d = json.loads(text)
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# -- outcome and error classification ----------------------------------------------------
+def exit_code_for(outcome: SegmentOutcome) -> int:
+    """0 when the job completed, 75 when it stopped in time to resume, 1 after a crash."""
+    if outcome.completed:
+        return EXIT_DONE
+    return EXIT_FAILED if outcome.stop_reason == StopReason.CRASH.value else EXIT_PAUSED
+
+
+def classify_error(exc: BaseException) -> ChildResult:
+    """The result a child reports for an exception: user errors are not retried."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if isinstance(exc, ColabJobError):
+        usage = exc.exit_code == EXIT_USAGE or isinstance(exc, StaleEpochError)
+        final = isinstance(exc, _FINAL_ERRORS) and not isinstance(exc, TransientStorageError)
+        return ChildResult(
+            exit_code=EXIT_USAGE if usage else EXIT_FAILED,
+            error=str(exc.args[0]) if exc.args else text,
+            error_type=type(exc).__name__,
+            hint=exc.hint,
+            retryable=not (usage or final),
+        )
+    if isinstance(exc, KeyboardInterrupt):
+        return ChildResult(
+            exit_code=EXIT_FAILED,
+            error="aborted (interrupted twice)",
+            error_type="KeyboardInterrupt",
+        )
+    return ChildResult(
+        exit_code=EXIT_FAILED,
+        error=f"{type(exc).__name__}: {text}",
+        error_type=type(exc).__name__,
+        retryable=not isinstance(exc, _USER_ERRORS),
+    )
+
+
+# -- the child -------------------------------------------------------------------------
+def run_in_process(
+    request: RunRequest,
+    progress: ProgressSink | None = None,
+    *,
+    log: Callable[[str], None] | None = None,
+) -> SegmentOutcome:
+    """Run one segment here (no crash isolation); what the child process calls.
+
+    ``log`` receives the segment's log lines (metrics every ``log_every_steps``, checkpoint
+    commits, the stop); by default they go to ``progress.event`` when a sink is given.
+    """
+    from colabjob.config import JobSpec
+    from colabjob.runner.segment import SegmentOptions, run_segment
+
+    spec = JobSpec.from_dict(request.spec)
+    if log is None and progress is not None:
+        log = progress.event
+    options = SegmentOptions(
+        budget=request.budget,
+        platform=request.platform,
+        session_started_at=request.session_started_at,
+        margin=request.margin,
+        force=request.force,
+        allow_geometry_change=request.allow_geometry_change,
+        session_id=request.session_id,
+        log=log,
+    )
+    return run_segment(request.url, spec, options=options)
+
+
+def _watch_parent(parent: int) -> None:
+    """If the supervisor dies (SIGKILL), stop as if told to: checkpoint and exit."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="colabjob-parent-watch", daemon=True).start()
+
+
+def child_main(
+    argv: Sequence[str],
+    *,
+    runner: Callable[[RunRequest, ProgressSink | None], SegmentOutcome] = run_in_process,
+) -> int:
+    """``child REQUEST_FILE RESULT_FILE``: run the segment, write the result, exit.
+
+    ``runner`` runs the request (the CLI passes one that adds a progress display)."""
+    if len(argv) != 3 or argv[0] != "child":
+        print("usage: python -m colabjob.runner.child child REQUEST RESULT", file=sys.stderr)
+        return EXIT_USAGE
+    request = RunRequest.from_json(Path(argv[1]).read_text())
+    result_path = Path(argv[2])
+    _watch_parent(os.getppid())
+    try:
+        outcome = runner(request, None)
+        result = ChildResult(
+            exit_code=exit_code_for(outcome),
+            stop_reason=outcome.stop_reason,
+            first_step=outcome.first_step,
+            last_step=outcome.last_step,
+            checkpoint_step=outcome.checkpoint_step,
+            completed=outcome.completed,
+            error=outcome.error,
+            retryable=outcome.stop_reason == StopReason.CRASH.value,
+        )
+    except BaseException as e:  # reported to the supervisor, which decides about retries
+        if request.debug:
+            import traceback
+
+            traceback.print_exc()
+        result = classify_error(e)
+    tmp = result_path.with_suffix(".tmp")
+    tmp.write_text(result.to_json())
+    os.replace(tmp, result_path)
+    return result.exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return child_main(list(sys.argv[1:] if argv is None else argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

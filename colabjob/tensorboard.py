@@ -1,0 +1,69 @@
+"""TensorBoard event files from a job's committed metrics (optional: needs ``tensorboard``).
+
+Written from the committed history, not from the live loop, so a step logged after the
+last commit of a killed segment and logged again by the segment that redid it appears
+once, and the global step runs on across sessions. ``TensorBoardExport`` appends only rows
+newer than what it already wrote (``colabjob logs --follow --tensorboard DIR`` keeps one
+file growing). Uses tensorboard's own event writer; neither TensorFlow nor torch is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from colabjob.errors import ConfigError
+
+_SKIP = {"step", "epoch", "time", "event"}
+
+
+class TensorBoardExport:
+    """Scalars of metric rows, one event file under ``logdir``, each step written once."""
+
+    def __init__(self, logdir: str | os.PathLike[str]) -> None:
+        try:
+            from tensorboard.compat.proto import event_pb2, summary_pb2
+            from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        except ImportError as e:
+            raise ConfigError(
+                "TensorBoard export needs the tensorboard package",
+                hint="pip install tensorboard",
+            ) from e
+        self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+        os.makedirs(logdir, exist_ok=True)
+        self.writer = EventFileWriter(os.fspath(logdir), filename_suffix=".colabjob")
+        self.last_step: int | None = None
+        self.scalars = 0
+
+    def add_rows(self, rows: Iterable[Mapping[str, Any]]) -> int:
+        """Write the rows past ``last_step``; returns how many rows were written."""
+        written = 0
+        for row in rows:
+            step = row.get("step")
+            if "event" in row or not isinstance(step, int):
+                continue
+            if self.last_step is not None and step <= self.last_step:
+                continue
+            values = [
+                self._summary_pb2.Summary.Value(tag=f"train/{k}", simple_value=float(v))
+                for k, v in row.items()
+                if k not in _SKIP and isinstance(v, (int, float)) and not isinstance(v, bool)
+            ]
+            if not values:
+                continue
+            t = row.get("time")
+            event = self._event_pb2.Event(
+                wall_time=float(t) if isinstance(t, (int, float)) else time.time(),
+                step=step,
+                summary=self._summary_pb2.Summary(value=values),
+            )
+            self.writer.add_event(event)
+            self.last_step, self.scalars = step, self.scalars + len(values)
+            written += 1
+        self.writer.flush()
+        return written
+
+    def close(self) -> None:
+        self.writer.close()
