@@ -1,0 +1,203 @@
+"""``resumable(trainer, url)``: an existing HF Trainer script, resumable across sessions.
+
+Two added lines (three with a budget variable) turn a script that ends with
+``trainer.train()`` into one that stops before the session's end with a committed
+checkpoint and, run again in the next session, continues exactly where it stopped::
+
+    from colabjob.hf import resumable                                   # added
+    trainer = Trainer(model=model, args=args, train_dataset=ds, ...)    # as before
+    trainer = resumable(trainer, "gs://bucket/jobs/gpt2", budget="colab-free")  # added
+    trainer.train()                                                     # as before
+
+Each ``train()`` call is one segment of the job at ``url``, opened like
+``colabjob.session()`` (``colabjob.runner.segment``): the job record, the lease (one live
+runner per job), the watchdog (budget, signals, preemption notice, stop requests) and
+checkpoints fenced by the lease. The training itself is ``colabjob.jobs.hf``: our
+checkpoints, exact data position and RNGs, never HF ``checkpoint-N`` folders.
+
+When the segment pauses (budget, signal, ...) rather than completes, the code after
+``train()`` (saving "the final model") must not run: in a script ``train()`` exits the
+process with code 75 ("paused, run me again"); in a notebook (or with
+``exit_on_pause=False``) it returns and ``trainer.colabjob_outcome.completed`` is False.
+If the job already completed, ``train()`` loads the final weights from the newest
+checkpoint and returns without training, so the rest of the script still works.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from colabjob.errors import ConfigError
+from colabjob.jobs.context import SegmentOutcome
+from colabjob.jobs.hf import ResumableTrainerMixin
+from colabjob.runner.clock import SYSTEM_CLOCK, Clock
+from colabjob.runner.record import read_record
+from colabjob.runner.segment import SegmentOptions, _SegmentRun
+from colabjob.runner.states import JobState
+from colabjob.storage.store import Store, open_store
+
+__all__ = ["EXIT_PAUSED", "resumable"]
+
+EXIT_PAUSED = 75  # the CLI's "paused: resume later"
+
+
+def _print(message: str) -> None:
+    print(f"colabjob: {message}", flush=True)
+
+
+def _interactive() -> bool:
+    """Inside IPython/Jupyter/Colab, where exiting would kill nothing useful."""
+    ipython = sys.modules.get("IPython")
+    get = getattr(ipython, "get_ipython", None)
+    return bool(get is not None and get() is not None) or hasattr(sys, "ps1")
+
+
+def _config_of(trainer: Any) -> dict[str, Any]:
+    try:
+        args = json.loads(trainer.args.to_json_string())
+    except (TypeError, ValueError):
+        args = {}
+    keep = (
+        "per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate",
+        "num_train_epochs", "max_steps", "lr_scheduler_type", "warmup_steps", "weight_decay",
+        "seed", "data_seed", "fp16", "bf16", "optim",
+    )
+    model = getattr(getattr(trainer.model, "config", None), "_name_or_path", None)
+    return {
+        "job": {"kind": "hf-trainer"},
+        "trainer": type(trainer).__name__,
+        "model": model,
+        "training_args": {k: args[k] for k in keep if k in args},
+    }
+
+
+class _SegmentTrainerMixin:
+    """Wraps each ``train()`` call in a runner segment (record, lease, watchdog)."""
+
+    _colabjob_store: Store
+    _colabjob_opts: SegmentOptions
+    _colabjob_exit: bool | None
+
+    def train(self: Any, *args: Any, **kwargs: Any) -> Any:
+        store = self._colabjob_store
+        got = read_record(store)
+        if got is not None and got[0].state is JobState.COMPLETED:
+            return self._colabjob_load_completed()
+        run = _SegmentRun(store, self._colabjob_opts, config=_config_of(self))
+        ctx = run.open()
+        self._colabjob_attach(ctx)
+        try:
+            output = super().train(*args, **kwargs)  # type: ignore[misc]
+        except BaseException as e:
+            run.finish(self.colabjob_outcome, e)
+            raise
+        outcome: SegmentOutcome = self.colabjob_outcome
+        run.finish(outcome)
+        if not outcome.completed:
+            exit_now = self._colabjob_exit
+            if exit_now is None:
+                exit_now = not _interactive()
+            log = self._colabjob_opts.log
+            if log is not None:
+                log(
+                    f"paused at step {outcome.last_step} ({outcome.stop_reason}); run this "
+                    "again to resume from the committed checkpoint"
+                )
+            if exit_now:
+                raise SystemExit(EXIT_PAUSED)
+        return output
+
+    def _colabjob_load_completed(self: Any) -> Any:
+        """The job is done: load its last weights, train nothing."""
+        from transformers.trainer_utils import TrainOutput
+
+        from colabjob.jobs.context import SegmentContext
+        from colabjob.jobs.state import restore
+        from colabjob.storage.checkpoints import CheckpointStore
+
+        checkpoints = CheckpointStore(self._colabjob_store)
+        self._colabjob_attach(SegmentContext(store=self._colabjob_store, checkpoints=checkpoints))
+        with tempfile.TemporaryDirectory(prefix="colabjob-final-") as tmp:
+            info = checkpoints.fetch_latest(tmp)
+            if info is None:
+                raise ConfigError(
+                    f"job at {self._colabjob_store.url} completed without a checkpoint"
+                )
+            restore(tmp, model=self.model, restore_rngs=False)
+        log = self._colabjob_opts.log
+        if log is not None:
+            log(f"job already completed at step {info.step}: loaded its weights, nothing to train")
+        self._colabjob.outcome = SegmentOutcome(
+            stop_reason="completed",
+            first_step=info.step,
+            last_step=info.step,
+            completed=True,
+            checkpoint_step=info.step,
+        )
+        return TrainOutput(info.step, 0.0, {})
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def resumable(
+    trainer: Any,
+    url: str | os.PathLike[str] | Store,
+    *,
+    budget: str | float | None = None,
+    platform: str | None = None,
+    session_started_at: str | float | None = None,
+    margin: str | float | None = None,
+    every_steps: int | None = None,
+    every_minutes: float | None = 30.0,
+    keep: int = 2,
+    allow_geometry_change: bool = False,
+    staging_dir: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    exit_on_pause: bool | None = None,
+    log: Callable[[str], None] | None = _print,
+    clock: Clock = SYSTEM_CLOCK,
+) -> Any:
+    """Make ``trainer`` (a ``transformers.Trainer``, any subclass) resumable at ``url``.
+
+    ``url``: a local path, ``/content/drive/MyDrive/...``, ``gs://bucket/prefix`` or
+    ``memory://name``. ``budget`` (``"11h30m"``, ``"colab-pro"``), ``platform``,
+    ``session_started_at`` and ``margin`` override what the platform says about the
+    session's end. Checkpoints every ``every_steps`` steps and/or ``every_minutes`` (in the
+    background), plus a final one when stopping; ``keep`` newest are kept. ``force`` takes
+    over an expired lease. ``exit_on_pause``: exit with code 75 after a pause (default: yes
+    in a script, no in a notebook). Returns the same trainer object.
+    """
+    from transformers import Trainer
+
+    if not isinstance(trainer, Trainer):
+        raise ConfigError(f"resumable() takes a transformers.Trainer, got {type(trainer).__name__}")
+    cls = type(trainer)
+    if not issubclass(cls, _SegmentTrainerMixin):
+        if cls not in _CLASSES:
+            bases = (_SegmentTrainerMixin, ResumableTrainerMixin, cls)
+            _CLASSES[cls] = type(f"Resumable{cls.__name__}", bases, {})
+        trainer.__class__ = _CLASSES[cls]
+    t: Any = trainer
+    t._colabjob_store = url if isinstance(url, Store) else open_store(url)
+    t._colabjob_opts = SegmentOptions(
+        budget=budget,
+        platform=platform,
+        session_started_at=session_started_at,
+        margin=margin,
+        every_steps=every_steps,
+        every_minutes=every_minutes,
+        keep=keep,
+        staging_dir=staging_dir,
+        allow_geometry_change=allow_geometry_change,
+        force=force,
+        clock=clock,
+        log=log,
+    )
+    t._colabjob_exit = exit_on_pause
+    return trainer

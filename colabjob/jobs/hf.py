@@ -1,0 +1,414 @@
+"""HF Trainer integration: an existing ``transformers.Trainer`` made session-resumable.
+
+``make_resumable(trainer, ctx)`` (or ``ColabJobTrainer(..., segment=ctx)``) mixes
+``ResumableTrainerMixin`` into the trainer's own class, so subclasses (``SFTTrainer``, a
+user's) keep their behaviour. With it, ``trainer.train()``:
+
+- resumes from the newest checkpoint *committed* to the job's storage (``ctx.checkpoints``),
+  never from HF's ``checkpoint-N`` folders, and never writes one: ``_save_checkpoint`` commits
+  a snapshot (model or only its trainable tensors, optimizer, scheduler, grad scaler, every
+  RNG, the data position and the ``TrainerState``) through the manifest-last protocol;
+- reads the data through ``colabjob.jobs.data.make_loader`` (a ``StatefulDataLoader`` with a
+  seeded per-epoch permutation), so a resume seeks to the saved sample in O(1). The Trainer's
+  own batch skipping is off (``ignore_data_skip``); the resumed epoch is handed to the
+  Trainer as the batches that remain, so gradient-accumulation windows line up exactly;
+- asks the stop policy at every optimizer step (``should_training_stop`` with a final
+  synchronous commit), saves when ``ctx.every_steps`` or ``policy.checkpoint_due()`` says so
+  (in the background: the step only pays for the copy to CPU memory), and restores the RNGs
+  as the very last thing before the first resumed step.
+
+On CPU an interrupted run ends bit-identical to an uninterrupted one. ``trainer.colabjob_outcome``
+is the ``SegmentOutcome`` after ``train()``. Single process only (``world_size == 1``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import warnings
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from colabjob.errors import ConfigError, ResumeError
+from colabjob.jobs.context import SegmentContext, SegmentOutcome
+from colabjob.jobs.data import Geometry, ResumableLoader, make_loader
+from colabjob.jobs.formats import read_json
+from colabjob.jobs.hf_callback import (
+    ColabJobCallback,
+    HFRun,
+    batch_len,
+    metric_rows,
+    remaining_batches,
+)
+from colabjob.jobs.state import STATE_FILE, Counters, restore, snapshot
+
+__all__ = ["ColabJobTrainer", "ResumableTrainerMixin", "make_resumable"]
+
+TRAINER_STATE_FILE = "trainer_state.json"  # the name HF's TrainerState.load_from_json reads
+
+
+class ResumableTrainerMixin:
+    """Mixed in before a ``transformers.Trainer`` class; see the module docstring."""
+
+    _colabjob: HFRun
+
+    def _colabjob_attach(
+        self: Any,
+        ctx: SegmentContext,
+        meta: dict[str, Any] | None = None,
+        *,
+        forward_logs: bool = False,
+    ) -> None:
+        """Bind to ``ctx``. ``forward_logs``: HF's log rows go to ``ctx.log`` instead of HF's
+        own printer/progress bar (the built-in kinds); else HF keeps printing them."""
+        from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+        self._colabjob = HFRun(ctx, meta)
+        drop = ["ColabJobCallback", "JITCheckpointCallback"]  # our watchdog handles SIGTERM
+        if forward_logs:
+            drop += [PrinterCallback.__name__, ProgressCallback.__name__]
+        for cb in list(self.callback_handler.callbacks):
+            if type(cb).__name__ in drop:
+                self.callback_handler.remove_callback(cb)
+        self.add_callback(ColabJobCallback(self._colabjob, forward_logs=forward_logs))
+
+    @property
+    def colabjob_outcome(self) -> SegmentOutcome | None:
+        """How the last ``train()`` call ended (None before)."""
+        return self._colabjob.outcome
+
+    # ---- the entry point -----------------------------------------------------------------
+
+    def train(
+        self: Any,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+    ) -> Any:
+        if isinstance(resume_from_checkpoint, str):  # True/None/False: we resume anyway
+            raise ConfigError(
+                "resume_from_checkpoint is not used with colabjob",
+                hint="colabjob resumes from the newest checkpoint committed to the job's "
+                "storage; call trainer.train() without it",
+            )
+        self._colabjob_check_args()
+        run = self._colabjob
+        run.reset()
+        try:
+            run.begin()
+            saved_bs = run.hf_meta.get("train_batch_size")
+            if saved_bs and self.args.auto_find_batch_size:
+                self._train_batch_size = int(saved_bs)
+            output = super().train(  # type: ignore[misc]
+                trial=trial, ignore_keys_for_eval=ignore_keys_for_eval
+            )
+            self._colabjob_finish()
+        except BaseException as e:
+            with contextlib.suppress(Exception):  # a snapshot already uploading still commits
+                run.committer.reap(final=False)
+            step = int(getattr(getattr(self, "state", None), "global_step", 0) or 0)
+            run.outcome = SegmentOutcome(
+                stop_reason="signal" if isinstance(e, KeyboardInterrupt) else "crash",
+                first_step=run.first_step,
+                last_step=max(run.first_step, step),
+                completed=False,
+                checkpoint_step=run.committer.committed_step,
+                error=f"{type(e).__name__}: {e}",
+            )
+            run.cleanup()
+            raise
+        run.cleanup()
+        return output
+
+    def _colabjob_check_args(self: Any) -> None:
+        args = self.args
+        if args.world_size > 1:
+            raise ConfigError(
+                f"colabjob's HF integration runs one process; this run has world_size "
+                f"{args.world_size}",
+                hint="run on one GPU (Colab, Kaggle), or use the Session API with your own "
+                "distributed loop",
+            )
+        if args.load_best_model_at_end:
+            warnings.warn(
+                "load_best_model_at_end needs HF checkpoint folders, which colabjob does not "
+                "write; the last model is kept",
+                UserWarning,
+                stacklevel=3,
+            )
+        if args.train_sampling_strategy not in ("random", "sequential"):
+            warnings.warn(
+                f"train_sampling_strategy={args.train_sampling_strategy!r} is replaced by "
+                "colabjob's resumable shuffled order",
+                UserWarning,
+                stacklevel=3,
+            )
+        args.ignore_data_skip = True  # the loader seeks itself; HF must not skip batches
+
+    def _colabjob_finish(self: Any) -> None:
+        run = self._colabjob
+        run.committer.reap(final=True)
+        step = int(self.state.global_step)
+        reason = run.stop_reason or "completed"
+        if step > 0 and run.committer.committed_step != step:
+            self._colabjob_save(final=True)
+        run.outcome = SegmentOutcome(
+            stop_reason=reason,
+            first_step=run.first_step,
+            last_step=max(run.first_step, step),
+            completed=reason == "completed",
+            checkpoint_step=run.committer.committed_step,
+        )
+        run.committer.say(f"stopping at step {step}: {reason}")
+
+    # ---- data ------------------------------------------------------------------------------
+
+    def get_train_dataloader(self: Any) -> Any:
+        if self.train_dataset is None:
+            raise ValueError("Trainer: training requires a train_dataset.")
+        dataset, collator = self.train_dataset, self.data_collator
+        try:
+            import datasets
+
+            is_hf_table = isinstance(dataset, datasets.Dataset)
+        except ImportError:  # pragma: no cover - datasets is a dependency of the dev setup
+            is_hf_table = False
+        if is_hf_table:
+            dataset = self._remove_unused_columns(dataset, description="Training")
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description="Training")
+        args = self.args
+        iterable = isinstance(dataset, torch.utils.data.IterableDataset)
+        pin = bool(args.dataloader_pin_memory) and torch.cuda.is_available()
+        extra: dict[str, Any] = {"pin_memory": pin}
+        if args.dataloader_num_workers > 0:
+            extra["prefetch_factor"] = args.dataloader_prefetch_factor
+            extra["multiprocessing_context"] = args.dataloader_multiprocessing_context
+        loader = make_loader(
+            dataset,
+            batch_size=self._train_batch_size,
+            seed=args.data_seed if args.data_seed is not None else args.seed,
+            shuffle=False if iterable else args.train_sampling_strategy != "sequential",
+            num_workers=args.dataloader_num_workers,
+            drop_last=args.dataloader_drop_last,
+            collate_fn=collator,
+            **extra,
+        )
+        self._colabjob.loader = loader
+        return loader
+
+    def get_batch_samples(self: Any, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
+        batches, n_items = super().get_batch_samples(epoch_iterator, num_batches, device)  # type: ignore[misc]
+        run = self._colabjob
+        run.batches_in_epoch += len(batches)
+        run.samples += sum(batch_len(b) for b in batches)
+        return batches, n_items
+
+    # ---- resume ----------------------------------------------------------------------------
+
+    def _init_training_state(
+        self: Any,
+        max_steps: int,
+        num_update_steps_per_epoch: int,
+        num_train_epochs: int,
+        resume_from_checkpoint: str | None,
+        trial: Any,
+    ) -> tuple[int, int]:
+        run = self._colabjob
+        rdir = None if run.resume_dir is None else str(run.resume_dir)
+        super()._init_training_state(  # type: ignore[misc]
+            max_steps, num_update_steps_per_epoch, num_train_epochs, rdir, trial
+        )
+        if run.resume_dir is not None:
+            got = restore(run.resume_dir, model=self.model, restore_rngs=False)
+            run.samples = got.counters.samples_seen
+            if got.counters.step != self.state.global_step:
+                raise ResumeError(
+                    f"checkpoint counters say step {got.counters.step}, its trainer state "
+                    f"{self.state.global_step}"
+                )
+        run.first_step = int(self.state.global_step)
+        return run.epoch_index, 0
+
+    def _colabjob_geometry(self: Any) -> Geometry:
+        return Geometry(
+            batch_size=int(self._train_batch_size),
+            grad_accum=int(self.args.gradient_accumulation_steps),
+        )
+
+    def _run_epoch(self: Any, **kwargs: Any) -> Any:
+        run = self._colabjob
+        loader = kwargs["train_dataloader"]
+        if run.pending_restore:
+            run.pending_restore = False
+            self._colabjob_restore(loader)
+        if run.stop_reason is None and run.first_step == self.state.global_step:
+            run.stop_reason = run.ctx.policy.should_stop()
+        if run.stop_reason is not None or self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True  # nothing to do in this segment
+            return None
+        if isinstance(loader, ResumableLoader) and not loader.is_iterable:
+            self._colabjob_align_epoch(loader, kwargs)
+        else:  # a stream: its length is unknown, HF's epoch counter is the epoch
+            run.epoch_index, run.epoch_batches, run.batches_in_epoch = int(kwargs["epoch"]), 0, 0
+        if int(kwargs["epoch"]) != run.epoch_index:
+            raise ResumeError(
+                f"the Trainer is in epoch {kwargs['epoch']} but the data in epoch "
+                f"{run.epoch_index}"
+            )
+        run.t_last = run.ctx.monotonic()
+        before = run.batches_in_epoch
+        result = super()._run_epoch(**kwargs)  # type: ignore[misc]
+        if (
+            run.batches_in_epoch == before
+            and not run.empty_epoch
+            and run.stop_reason is None
+            and self.state.global_step < self.state.max_steps
+        ):
+            # resumed right at a stream's end: HF stops on an empty epoch; go on to the next
+            run.empty_epoch = True
+            self.control.should_training_stop = False
+        else:
+            run.empty_epoch = run.batches_in_epoch == before
+        return result
+
+    def _colabjob_align_epoch(self: Any, loader: ResumableLoader, kwargs: dict[str, Any]) -> None:
+        """Start HF's epoch where the loader stands: a spent epoch moves on to the next one;
+        a resumed one is handed over as the batches it has left (GA windows line up)."""
+        run = self._colabjob
+        left = remaining_batches(loader)
+        if left == 0:  # every batch of this epoch was yielded: move to the next epoch
+            for _ in loader:
+                pass
+            left = remaining_batches(loader)
+        assert left is not None
+        total = int(kwargs["steps_in_epoch"])
+        run.epoch_batches, run.batches_in_epoch = total, total - left
+        if 0 < left < total:
+            kwargs["steps_in_epoch"] = left
+            ga = int(self.args.gradient_accumulation_steps)
+            kwargs["num_update_steps_per_epoch"] = max(math.ceil(left / ga), 1)
+        run.epoch_index = int(loader.state_dict()["epoch"])
+
+    def _colabjob_restore(self: Any, loader: Any) -> None:
+        run = self._colabjob
+        assert run.resume_dir is not None
+        scaler = getattr(self.accelerator, "scaler", None)
+        saved_scaler = bool((read_json(run.resume_dir / STATE_FILE).get("optimizer") or {}).get(
+            "scaler"
+        ))
+        got = restore(
+            run.resume_dir,
+            optimizer=self.optimizer,
+            scheduler=self.lr_scheduler,
+            scaler=scaler if saved_scaler else None,
+            loader=loader if isinstance(loader, ResumableLoader) else None,
+            geometry=self._colabjob_geometry(),
+            allow_geometry_change=run.ctx.allow_geometry_change,
+            restore_rngs=True,  # last: nothing may draw from the RNGs before the next step
+        )
+        hf = got.meta.get("hf") or {}
+        self._tr_loss.fill_(float(hf.get("tr_loss", 0.0)))
+        self._globalstep_last_logged = int(hf.get("last_logged", self.state.global_step))
+
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    def _save_checkpoint(self: Any, model: Any, trial: Any) -> None:
+        """Called by the Trainer when ``control.should_save``: commit through colabjob."""
+        run = self._colabjob
+        if run.committer.committed_step == self.state.global_step:
+            return
+        final = bool(self.control.should_training_stop)
+        if not final and run.committer.busy:
+            run.save_due = True  # one commit in flight: this one waits for a later boundary
+            return
+        self._colabjob_save(final=final)
+        run.t_last = run.ctx.monotonic()  # the pause is a checkpoint cost, not step time
+
+    def _colabjob_save(self: Any, *, final: bool) -> None:
+        run = self._colabjob
+        t0 = run.ctx.monotonic()
+        self.store_flos()
+        for cb in [*self.callback_handler.callbacks, self.control]:
+            if hasattr(cb, "state") and callable(cb.state) and self.state.stateful_callbacks:
+                name = type(cb).__name__
+                if name in self.state.stateful_callbacks:
+                    self.state.stateful_callbacks[name] = cb.state()
+        state_json = json.dumps(dataclasses.asdict(self.state), sort_keys=True).encode()
+        loader = run.loader
+        left = remaining_batches(loader) if loader is not None else None
+        epoch_index = run.epoch_index + (1 if left == 0 else 0)
+        hf = {
+            "epoch_index": epoch_index,
+            "tr_loss": float(self._tr_loss.item()),
+            "last_logged": int(self._globalstep_last_logged),
+            "train_batch_size": int(self._train_batch_size),
+        }
+        scaler = getattr(self.accelerator, "scaler", None)
+        snap = snapshot(
+            counters=Counters(
+                step=int(self.state.global_step),
+                epoch=epoch_index,
+                samples_seen=run.samples,
+                tokens_seen=int(self.state.num_input_tokens_seen or 0),
+            ),
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.lr_scheduler,
+            scaler=scaler if scaler is not None and scaler.is_enabled() else None,
+            loader=loader,
+            geometry=self._colabjob_geometry(),
+            metrics=metric_rows(self.state.log_history),
+            meta={"hf": hf},
+        )
+        snap_s = run.ctx.monotonic() - t0
+        step = int(self.state.global_step)
+        extra = {TRAINER_STATE_FILE: state_json}
+        meta = {**run.extra_meta, "epoch": epoch_index, "hf": True}
+        if final:
+            run.committer.save_final(step, snap, snap_seconds=snap_s, extra=extra, meta=meta)
+        else:
+            run.committer.save_async(step, snap, snap_seconds=snap_s, extra=extra, meta=meta)
+        run.save_due = False
+
+
+_CLASSES: dict[type, type] = {}
+
+
+def make_resumable(
+    trainer: Trainer, ctx: SegmentContext, *, checkpoint_meta: dict[str, Any] | None = None
+) -> Trainer:
+    """Make ``trainer`` (any ``Trainer`` subclass instance) resume and stop through ``ctx``.
+
+    The instance's class is swapped for one with ``ResumableTrainerMixin`` in front of it;
+    returns the same object, for chaining. ``checkpoint_meta`` (JSON) goes into every
+    checkpoint's manifest ``meta``.
+    """
+    if not isinstance(trainer, Trainer):
+        raise ConfigError(f"expected a transformers.Trainer, got {type(trainer).__name__}")
+    cls = type(trainer)
+    if not issubclass(cls, ResumableTrainerMixin):
+        if cls not in _CLASSES:
+            _CLASSES[cls] = type(f"Resumable{cls.__name__}", (ResumableTrainerMixin, cls), {})
+        trainer.__class__ = _CLASSES[cls]
+    trainer._colabjob_attach(ctx, checkpoint_meta)  # type: ignore[attr-defined]
+    return trainer
+
+
+class ColabJobTrainer(ResumableTrainerMixin, Trainer):  # type: ignore[misc]
+    """A ``Trainer`` that resumes and stops through a ``SegmentContext`` (``segment=``)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        segment: SegmentContext,
+        checkpoint_meta: dict[str, Any] | None = None,
+        forward_logs: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self._colabjob_attach(segment, checkpoint_meta, forward_logs=forward_logs)

@@ -1,0 +1,162 @@
+"""The HF Trainer integration's bookkeeping and its callback.
+
+``HFRun`` is what one ``train()`` call (one segment) keeps: the context, the ``Committer``,
+the fetched checkpoint it resumes from, where the data stands in the epoch (for the exact
+hand-over of a resumed epoch to the Trainer), the stop reason. ``ColabJobCallback`` turns
+the stop policy into ``control.should_training_stop`` / ``should_save`` at every optimizer
+step, measures step time for the budget, pushes status and (for the built-in kinds)
+forwards HF's log rows to ``ctx.log``. The mixin that uses both is ``colabjob.jobs.hf``.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+
+from colabjob.errors import ResumeError
+from colabjob.jobs.context import SegmentContext, SegmentOutcome
+from colabjob.jobs.data import ResumableLoader
+from colabjob.jobs.formats import read_json
+from colabjob.jobs.hf_commit import Committer
+from colabjob.jobs.state import STATE_FILE
+
+__all__ = ["ColabJobCallback", "HFRun", "batch_len", "metric_rows", "remaining_batches"]
+
+STATUS_EVERY = 5.0  # seconds between pushes to ctx.on_status
+
+
+class HFRun:
+    """The integration's per-``train()`` bookkeeping (one segment)."""
+
+    def __init__(self, ctx: SegmentContext, meta: dict[str, Any] | None = None) -> None:
+        self.ctx = ctx
+        self.committer = Committer(ctx)
+        self.extra_meta = dict(meta or {})
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the previous ``train()`` call (the newest committed step stays known)."""
+        self.tmp: tempfile.TemporaryDirectory[str] | None = None
+        self.resume_dir: Path | None = None
+        self.hf_meta: dict[str, Any] = {}
+        self.pending_restore = False
+        self.loader: ResumableLoader | None = None
+        self.first_step = 0
+        self.epoch_index = 0  # the epoch the loader is in (HF's epoch loop index)
+        self.epoch_batches = 0  # batches in a full epoch (0: unknown, iterable data)
+        self.batches_in_epoch = 0
+        self.samples = 0
+        self.stop_reason: str | None = None
+        self.save_due = False
+        self.empty_epoch = False
+        self.t_last = 0.0
+        self.next_status = 0.0
+        self.outcome: SegmentOutcome | None = None
+
+    def begin(self) -> None:
+        self.tmp = tempfile.TemporaryDirectory(prefix="colabjob-hf-", dir=self.ctx.staging_dir)
+        info = self.ctx.checkpoints.fetch_latest(self.tmp.name)
+        if info is None:
+            self.committer.say(f"no checkpoint in {self.ctx.store.url}: starting from step 0")
+            return
+        doc = read_json(Path(self.tmp.name) / STATE_FILE)
+        hf = (doc.get("meta") or {}).get("hf") if isinstance(doc, dict) else None
+        if not isinstance(hf, dict):
+            raise ResumeError(
+                f"checkpoint step {info.step} in {self.ctx.store.url} was not written by the "
+                "HF Trainer integration",
+                hint="resume it with the code that started the job (e.g. the Session API)",
+            )
+        if self.ctx.config_hash and info.config_hash and info.config_hash != self.ctx.config_hash:
+            self.committer.say(f"warning: checkpoint step {info.step} has another config hash")
+        self.resume_dir, self.hf_meta, self.pending_restore = Path(self.tmp.name), hf, True
+        self.epoch_index = int(hf["epoch_index"])
+        self.committer.committed_step = info.step
+        self.committer.say(f"resuming from checkpoint step {info.step}")
+
+    def cleanup(self) -> None:
+        if self.tmp is not None:
+            self.tmp.cleanup()
+            self.tmp = None
+
+
+def remaining_batches(loader: ResumableLoader) -> int | None:
+    """Batches left in the loader's current epoch (None for iterable data)."""
+    sampler = loader.state_dict().get("sampler")
+    if sampler is None or loader.batch_size is None:
+        return None
+    left = int(sampler["size"]) - int(sampler["offset"])
+    bs = int(loader.batch_size)
+    return left // bs if loader.drop_last else math.ceil(left / bs)
+
+
+def batch_len(batch: Any) -> int:
+    if isinstance(batch, dict) and batch:
+        first = next(iter(batch.values()))
+        if isinstance(first, torch.Tensor) and first.dim():
+            return int(first.shape[0])
+        if isinstance(first, list):
+            return len(first)
+    return 0
+
+
+def metric_rows(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """HF log rows as colabjob metric rows (``learning_rate`` becomes ``lr``)."""
+    rows = []
+    for entry in log_history:
+        row = {("lr" if k == "learning_rate" else k): v for k, v in entry.items()}
+        rows.append(row)
+    return rows
+
+
+class ColabJobCallback(TrainerCallback):
+    """Budget-driven ``should_save`` / ``should_training_stop`` and the step clock."""
+
+    def __init__(self, run: HFRun, *, forward_logs: bool = False) -> None:
+        self.run = run
+        self.forward_logs = forward_logs
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.run.t_last = self.run.ctx.monotonic()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        run, ctx = self.run, self.run.ctx
+        now = ctx.monotonic()
+        ctx.policy.observe_step(now - run.t_last)
+        run.t_last = now
+        run.committer.reap(block=False)
+        if run.epoch_batches:
+            state.epoch = run.epoch_index + run.batches_in_epoch / run.epoch_batches
+        step = state.global_step
+        reason = ctx.policy.should_stop()
+        if step >= state.max_steps or (ctx.max_steps is not None and step >= ctx.max_steps):
+            reason = "completed"  # the job is done, whatever else asked for a stop
+        if reason is not None:
+            run.stop_reason = reason
+            control.should_training_stop = True
+            control.should_save = True
+        elif (
+            (ctx.every_steps is not None and step % ctx.every_steps == 0)
+            or ctx.policy.checkpoint_due()
+            or run.committer.retry_due
+        ):
+            run.save_due = True
+        if run.save_due and not run.committer.busy:
+            control.should_save = True
+        if ctx.on_status is not None and now >= run.next_status:
+            run.next_status = now + STATUS_EVERY
+            ctx.on_status({"step": step, "epoch": state.epoch, "samples_seen": run.samples})
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
+        log = self.run.ctx.log
+        if log is None or not logs or not self.forward_logs:
+            return
+        shown = " ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items()
+        )
+        log(f"step {state.global_step}: {shown}")

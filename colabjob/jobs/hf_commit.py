@@ -1,0 +1,138 @@
+"""Committing snapshots for the HF Trainer integration: background and final commits.
+
+``Committer`` takes a ``Snapshot`` (already copied to CPU memory on the training thread) plus
+a few small extra files and commits them through the context's ``CheckpointStore``: in the
+background (``save_async``, one in flight; the training loop only paid for the snapshot) or
+synchronously for the final checkpoint of a segment. It reports each commit's cost to the
+stop policy (so the budget predicts the next save), keeps the newest committed step and pushes
+status to the heartbeat. A failed background commit is logged and retried at the next save;
+a fenced-out one (another runner took the lease) is raised at once.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from colabjob.errors import StaleEpochError
+from colabjob.jobs.context import SegmentContext
+from colabjob.jobs.state import Snapshot, write_snapshot
+
+if TYPE_CHECKING:
+    from colabjob.storage.checkpoints import CheckpointInfo, PendingCommit
+
+log = logging.getLogger(__name__)
+
+__all__ = ["Committer"]
+
+
+class Committer:
+    """Commits snapshots of one segment; see the module docstring."""
+
+    def __init__(self, ctx: SegmentContext) -> None:
+        self.ctx = ctx
+        self.committed_step: int | None = None
+        self._pending: PendingCommit[CheckpointInfo] | None = None
+        self._pending_snap_s = 0.0
+        self.retry_due = False
+
+    @property
+    def busy(self) -> bool:
+        """A background commit is still uploading."""
+        return self._pending is not None and not self._pending.done()
+
+    def _kwargs(self, snap: Snapshot, meta: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "epoch": self.ctx.epoch,
+            "config_hash": self.ctx.config_hash,
+            "meta": {"samples_seen": snap.counters.samples_seen, **dict(meta)},
+            "versions": {"torch": torch.__version__},
+        }
+
+    @staticmethod
+    def _writer(snap: Snapshot, extra: Mapping[str, bytes]) -> Any:
+        def write(staging: Path) -> dict[str, Path]:  # on the upload thread for async saves
+            files = write_snapshot(snap, staging)
+            for name, data in extra.items():
+                path = staging / name
+                path.write_bytes(data)
+                files[name] = path
+            return files
+
+        return write
+
+    def save_async(
+        self,
+        step: int,
+        snap: Snapshot,
+        *,
+        snap_seconds: float,
+        extra: Mapping[str, bytes] | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Commit in the background; waits first for the previous background commit."""
+        self.reap()
+        writer = self._writer(snap, dict(extra or {}))
+        self._pending = self.ctx.checkpoints.save_async(
+            step, writer, **self._kwargs(snap, meta or {})
+        )
+        self._pending_snap_s = snap_seconds
+        self.retry_due = False
+
+    def save_final(
+        self,
+        step: int,
+        snap: Snapshot,
+        *,
+        snap_seconds: float,
+        extra: Mapping[str, bytes] | None = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> CheckpointInfo:
+        """Commit now and return the committed checkpoint (after the background one)."""
+        self.reap(final=True)
+        writer = self._writer(snap, dict(extra or {}))
+        info = self.ctx.checkpoints.save(step, writer, **self._kwargs(snap, meta or {}))
+        self._committed(info, snap_seconds)
+        return info
+
+    def reap(self, *, final: bool = False, block: bool = True) -> None:
+        """Collect the background commit (waiting unless ``block=False`` and it is still
+        running). A periodic failure is logged and marks a retry; with ``final`` it raises."""
+        pending = self._pending
+        if pending is None or (not block and not pending.done()):
+            return
+        self._pending = None
+        try:
+            self._committed(pending.wait(), self._pending_snap_s)
+        except StaleEpochError:
+            raise
+        except Exception as e:
+            if final:
+                raise
+            self.retry_due = True
+            self.say(f"checkpoint of step {pending.step} failed ({e}); retrying at the next one")
+
+    def _committed(self, info: CheckpointInfo, snap_s: float) -> None:
+        self.committed_step = info.step
+        stats = info.stats
+        if stats is not None:
+            self.ctx.policy.observe_checkpoint(
+                write_seconds=snap_s + stats.write_seconds,
+                upload_seconds=stats.upload_seconds + stats.commit_seconds,
+                nbytes=stats.nbytes,
+            )
+            self.say(
+                f"checkpoint step {info.step} committed ({stats.nbytes / 1e6:.1f} MB, "
+                f"{snap_s + stats.total_seconds:.1f} s)"
+            )
+        if self.ctx.on_status is not None:
+            self.ctx.on_status({"checkpoint_step": info.step})
+
+    def say(self, message: str) -> None:
+        log.info("%s", message)
+        if self.ctx.log is not None:
+            self.ctx.log(message)

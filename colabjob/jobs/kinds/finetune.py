@@ -1,0 +1,52 @@
+"""``finetune``: full causal-LM fine-tuning of a pretrained model through HF Trainer.
+
+The model (``model.name_or_path``, a local directory or a hub name) is loaded with fp32
+master weights unless ``model.dtype`` says otherwise; mixed precision comes from
+``training.precision``. The data is tokenized with the model's tokenizer (or
+``tokenizer.name_or_path``) and packed. Checkpoints hold the full model, optimizer,
+scheduler, scaler, RNGs and data position; the final artifact (``final/``) is the model and
+tokenizer as ``save_pretrained`` writes them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from colabjob.jobs.datasets import build_dataset
+from colabjob.jobs.defaults import DeviceCaps
+from colabjob.jobs.hf_job import (
+    load_model,
+    load_tokenizer,
+    plan_training,
+    run_trainer,
+    weights_dtype,
+)
+
+if TYPE_CHECKING:
+    from colabjob.config import JobSpec
+    from colabjob.jobs.context import SegmentContext, SegmentOutcome
+
+
+def run(spec: JobSpec, ctx: SegmentContext) -> SegmentOutcome:
+    from transformers import set_seed
+
+    assert spec.model is not None and spec.data is not None
+    name = spec.tokenizer.name_or_path or spec.model.name_or_path
+    assert name is not None
+    tokenizer = load_tokenizer(
+        name, revision=spec.model.revision, trust=spec.model.trust_remote_code
+    )
+    dataset = build_dataset(spec.data, tokenizer)
+    set_seed(spec.training.seed)
+    model = load_model(spec, weights_dtype(spec, "fp32", frozen_base=False))
+    plan = plan_training(spec, ctx, model, caps=DeviceCaps.detect())
+
+    def save_final(trained: Any, directory: Path) -> None:
+        trained.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+
+    return run_trainer(
+        spec, ctx, model=model, tokenizer=tokenizer, dataset=dataset, plan=plan,
+        save_final=save_final,
+    )
