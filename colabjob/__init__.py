@@ -19,6 +19,7 @@ _EXPORTS: dict[str, tuple[str, str]] = {
     "CheckpointStore": ("colabjob.storage.checkpoints", "CheckpointStore"),
     "JobState": ("colabjob.runner.states", "JobState"),
     "watchdog": ("colabjob.notebook", "watchdog"),
+    "session": ("colabjob.runner.segment", "session"),
 }
 
 __all__ = ["__version__", *_EXPORTS]

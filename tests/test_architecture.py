@@ -82,6 +82,7 @@ def test_public_api_is_what_we_export() -> None:
         "CheckpointStore",
         "JobState",
         "watchdog",
+        "session",
     }
     assert set(colabjob.__all__) == expected
     for name in colabjob.__all__:

@@ -1,0 +1,205 @@
+"""The Session's checkpoints: restore the newest, snapshot, commit in the background.
+
+A ``Checkpointer`` holds the objects a session tracks (``Tracked``) and moves their state
+through ``ctx.checkpoints``: ``restore()`` fetches the newest committed checkpoint (every
+byte verified) and loads it; ``snapshot()`` copies the state to CPU memory on the training
+thread, the only part the loop waits for; ``start()`` hands the write and the upload to the
+``CheckpointStore``'s background thread (one commit in flight); ``commit()`` does both
+synchronously for a final checkpoint. ``reap()`` collects a finished background commit,
+feeds its measured costs to the stop policy, and decides what a failure means: a fenced-out
+commit (``StaleEpochError``: another runner owns the job) is raised, any other failure of a
+periodic checkpoint is logged and retried at the next boundary, a final one is raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from colabjob.errors import StaleEpochError
+from colabjob.jobs.context import SegmentContext
+from colabjob.jobs.data import Geometry
+from colabjob.jobs.formats import read_json
+from colabjob.jobs.state import (
+    STATE_FILE,
+    Counters,
+    Restored,
+    Snapshot,
+    Stateful,
+    restore,
+    snapshot,
+    write_snapshot,
+)
+
+if TYPE_CHECKING:
+    from colabjob.storage.checkpoints import CheckpointInfo, PendingCommit
+
+__all__ = ["Checkpointer", "Tracked"]
+
+log = logging.getLogger("colabjob.jobs.session")
+
+
+@dataclass(kw_only=True)
+class Tracked:
+    """The live objects of a session (set once by ``Session.track``)."""
+
+    model: torch.nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Stateful | None = None
+    scaler: Stateful | None = None
+    loader: Any = None
+    extras: dict[str, Stateful] = field(default_factory=dict)
+    optional: dict[str, Stateful] = field(default_factory=dict)
+    trainable_only: bool | None = None
+    geometry: Geometry | None = None
+
+
+class Checkpointer:
+    """Restores and saves one session's tracked objects; see the module docstring."""
+
+    def __init__(
+        self,
+        ctx: SegmentContext,
+        *,
+        say: Callable[[str], None],
+        on_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self.ctx = ctx
+        self.tracked = Tracked()
+        self.committed_step: int | None = None
+        self.pending: PendingCommit[CheckpointInfo] | None = None
+        self._say, self._on_commit = say, on_commit
+        self._pending_snap_s = 0.0
+
+    # -- restore ------------------------------------------------------------------------------
+    def restore(self) -> tuple[CheckpointInfo, Restored] | None:
+        """Load the newest committed checkpoint into the tracked objects (RNGs last)."""
+        ctx, t = self.ctx, self.tracked
+        if ctx.staging_dir is not None:
+            Path(ctx.staging_dir).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="colabjob-restore-", dir=ctx.staging_dir) as tmp:
+            info = ctx.checkpoints.fetch_latest(tmp)
+            if info is None:
+                return None
+            saved_hash = str(info.manifest.get("config_hash") or "")
+            if ctx.config_hash and saved_hash and saved_hash != ctx.config_hash:
+                log.warning("checkpoint step %d was written with another config", info.step)
+            saved_extras = set((read_json(Path(tmp) / STATE_FILE) or {}).get("extras") or {})
+            for name in sorted(set(t.optional) - saved_extras):
+                self._say(f"checkpoint step {info.step} holds no {name!r} (optional): kept fresh")
+            got = restore(
+                tmp,
+                model=t.model,
+                optimizer=t.optimizer,
+                scheduler=t.scheduler,
+                scaler=t.scaler,
+                loader=t.loader,
+                geometry=t.geometry,
+                allow_geometry_change=ctx.allow_geometry_change,
+                extras={**t.extras, **{k: v for k, v in t.optional.items() if k in saved_extras}},
+            )
+        self.committed_step = info.step
+        return info, got
+
+    # -- save ---------------------------------------------------------------------------------
+    def snapshot(
+        self,
+        *,
+        counters: Counters,
+        metrics: list[dict[str, Any]],
+        meta: dict[str, Any],
+        emergency: bool,
+    ) -> tuple[Snapshot, float]:
+        """The state in CPU memory and how long copying it took (the loop's pause)."""
+        t = self.tracked
+        mono = self.ctx.monotonic
+        t0 = mono()
+        snap = snapshot(
+            counters=counters,
+            model=t.model,
+            optimizer=t.optimizer,
+            scheduler=t.scheduler,
+            scaler=t.scaler,
+            loader=t.loader,
+            geometry=t.geometry,
+            extras=(dict(t.extras) if emergency else {**t.extras, **t.optional}) or None,
+            metrics=metrics,
+            meta={**meta, "emergency": emergency},
+            trainable_only=t.trainable_only,
+        )
+        return snap, mono() - t0
+
+    def _kwargs(self, snap: Snapshot) -> dict[str, Any]:
+        c = snap.counters
+        return {
+            "epoch": self.ctx.epoch,
+            "config_hash": self.ctx.config_hash,
+            "meta": {"samples_seen": c.samples_seen, "epoch": c.epoch, **snap.meta},
+            "versions": {"torch": torch.__version__},
+        }
+
+    def start(self, snap: Snapshot, snap_s: float) -> PendingCommit[CheckpointInfo]:
+        """Write and commit ``snap`` on the background thread."""
+
+        def write(staging: Path) -> dict[str, Path]:  # runs on the upload thread
+            return write_snapshot(snap, staging)
+
+        step = snap.counters.step
+        self.pending = self.ctx.checkpoints.save_async(step, write, **self._kwargs(snap))
+        self._pending_snap_s = snap_s
+        return self.pending
+
+    def commit(self, snap: Snapshot, snap_s: float) -> CheckpointInfo:
+        """Write and commit ``snap`` now (after any background commit); blocks until done."""
+        self.reap(final=True)
+
+        def write(staging: Path) -> dict[str, Path]:
+            return write_snapshot(snap, staging)
+
+        step = snap.counters.step
+        info = self.ctx.checkpoints.save(step, write, **self._kwargs(snap))
+        self._committed(info, snap_s)
+        return info
+
+    @property
+    def uploading(self) -> bool:
+        return self.pending is not None and not self.pending.done()
+
+    def reap(self, *, final: bool = False) -> bool:
+        """Collect the background commit, waiting for it. False when a periodic commit
+        failed (log it; the caller retries); raises a fenced-out one, or any when ``final``."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return True
+        try:
+            self._committed(pending.wait(), self._pending_snap_s)
+        except StaleEpochError:
+            raise
+        except Exception as e:
+            if final:
+                raise
+            self._say(f"checkpoint of step {pending.step} failed ({e}); retrying at the next one")
+            return False
+        return True
+
+    def _committed(self, info: CheckpointInfo, snap_s: float) -> None:
+        self.committed_step = info.step
+        stats = info.stats
+        if stats is not None:
+            self.ctx.policy.observe_checkpoint(
+                write_seconds=snap_s + stats.write_seconds,
+                upload_seconds=stats.upload_seconds + stats.commit_seconds,
+                nbytes=stats.nbytes,
+            )
+            self._say(
+                f"checkpoint step {info.step} committed ({stats.nbytes / 1e6:.1f} MB, "
+                f"{snap_s + stats.total_seconds:.1f} s)"
+            )
+        if self._on_commit is not None:
+            self._on_commit()

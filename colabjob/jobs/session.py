@@ -1,0 +1,471 @@
+"""The Session API: the few lines a plain PyTorch training loop adds to resume exactly.
+
+::
+
+    with colabjob.session("gs://bucket/jobs/mygpt", budget="colab-free") as s:
+        s.track(model=model, optimizer=opt, scheduler=sched, loader=loader, grad_accum=4)
+        for batch in s.batches():               # resumes at the exact sample
+            loss = model(batch) / 4
+            loss.backward()
+            if s.optimizer_step_due:            # this micro-batch completes a window
+                opt.step(); sched.step(); opt.zero_grad()
+            if s.step(loss=loss.item()):        # True: a final checkpoint is committed, stop
+                break
+
+``track()`` registers the live objects (build them all first: it restores the RNGs last) and
+restores them from the newest committed checkpoint. ``step()`` is called once per
+*micro-batch*; with ``grad_accum=K`` every K-th call is an optimizer-step boundary, and only
+there does the session check the stop policy, write checkpoints or stop, so a checkpoint never
+holds half-accumulated gradients and its data position is exact. Checkpoints are taken every
+``ctx.every_steps`` optimizer steps and whenever ``ctx.policy.checkpoint_due()``; the loop is
+blocked only while the state is copied to CPU memory, writing and uploading run in the
+background (one commit in flight; a checkpoint that falls due meanwhile waits for it). On a
+stop the final checkpoint is written synchronously and committed before ``step()`` returns
+True; after a preemption notice (``policy.emergency``) it leaves out the objects passed as
+``track(optional=...)``. The hot path does no I/O and no device syncs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Generator, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from colabjob.errors import CheckpointError, ConfigError
+from colabjob.jobs.context import SegmentContext, SegmentOutcome
+from colabjob.jobs.data import Geometry
+from colabjob.jobs.metrics import MetricsLog
+from colabjob.jobs.saver import Checkpointer
+from colabjob.jobs.state import Counters, Snapshot, Stateful
+
+if TYPE_CHECKING:
+    from colabjob.storage.checkpoints import CheckpointInfo, PendingCommit
+
+__all__ = ["SegmentContext", "SegmentOutcome", "Session"]
+
+log = logging.getLogger(__name__)
+STATUS_EVERY = 5.0  # seconds between pushes to ctx.on_status
+# Step times reach the policy as the slowest step of each window of at least this many
+# seconds (every step when steps are slower): a conservative estimate for the budget, and
+# the per-step cost of a fast loop stays a few attribute updates.
+OBSERVE_EVERY = 0.1
+
+
+class Session:
+    """One training segment seen from the training loop. See the module docstring."""
+
+    def __init__(self, ctx: SegmentContext) -> None:
+        self.ctx = ctx
+        self._policy = ctx.policy
+        self._mono = ctx.monotonic
+        self._every = ctx.every_steps
+        self._max_steps = ctx.max_steps
+        self._log_every = ctx.log_every_steps
+        self._saver = Checkpointer(ctx, say=self._say, on_commit=self._on_commit)
+        self._tracked = False
+        self._loader: Any = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._grad_accum = 1
+        # progress as plain ints: the hot path must not build dataclasses
+        self._step = self._micro = self._epoch = self._samples = self._tokens = 0
+        self.first_step = 0
+        self._metrics = MetricsLog()
+        self._batch: Any = None
+        self._batches: Generator[Any, None, None] | None = None
+        self._t_last = self._t_observed = self._slowest = 0.0
+        self._next_status = 0.0
+        self._save_due = False
+        self._complete_at_boundary = False
+        self.resumed_from: CheckpointInfo | None = None
+        self._stop_reason: str | None = None
+        self._outcome: SegmentOutcome | None = None
+
+    # ---- registration and restore --------------------------------------------------------
+
+    def track(
+        self,
+        *,
+        model: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scheduler: Stateful | None = None,
+        scaler: Stateful | None = None,
+        loader: Any = None,
+        grad_accum: int = 1,
+        batch_size: int | None = None,
+        world_size: int = 1,
+        extras: Mapping[str, Stateful] | None = None,
+        optional: Mapping[str, Stateful] | None = None,
+        trainable_only: bool | None = None,
+    ) -> CheckpointInfo | None:
+        """Register the live objects and restore them from the newest checkpoint, if any.
+
+        ``loader`` must have ``state_dict()``/``load_state_dict()``: build it with
+        ``colabjob.jobs.data.make_loader`` (or use torchdata's ``StatefulDataLoader``).
+        ``batch_size`` defaults to the loader's; with ``grad_accum`` it is the batch
+        geometry a resume must match (``GeometryChangedError`` unless the context allows a
+        change). ``extras``/``optional``: other objects with ``state_dict()``;
+        ``optional`` ones are left out of an emergency (preemption) checkpoint and keep
+        their fresh state when a checkpoint lacks them. Returns the checkpoint resumed from.
+        """
+        if self._tracked:
+            raise ConfigError("Session.track() was already called; call it once per session")
+        if not isinstance(grad_accum, int) or grad_accum < 1:
+            raise ConfigError(f"grad_accum must be a positive int, got {grad_accum!r}")
+        if loader is not None and not (
+            callable(getattr(loader, "state_dict", None))
+            and callable(getattr(loader, "load_state_dict", None))
+        ):
+            raise ConfigError(
+                f"the loader ({type(loader).__name__}) cannot report its position",
+                hint="build it with colabjob.jobs.data.make_loader(dataset, batch_size=..., "
+                "seed=...), which resumes at the exact sample",
+            )
+        both = set(extras or {}) & set(optional or {})
+        if both:
+            raise ConfigError(f"{sorted(both)} passed both as extras and as optional")
+        size = batch_size if batch_size is not None else getattr(loader, "batch_size", None)
+        if loader is not None and size is None:
+            raise ConfigError("cannot tell the loader's batch size; pass track(batch_size=...)")
+        t = self._saver.tracked
+        t.model, t.optimizer, t.scheduler, t.scaler = model, optimizer, scheduler, scaler
+        t.loader, t.trainable_only = loader, trainable_only
+        t.extras, t.optional = dict(extras or {}), dict(optional or {})
+        if size is not None:
+            t.geometry = Geometry(batch_size=size, grad_accum=grad_accum, world_size=world_size)
+        self._loader, self._optimizer, self._grad_accum = loader, optimizer, grad_accum
+        self._tracked = True
+        info = self.restore()
+        self._t_last = self._t_observed = self._mono()  # batches() restarts the clock too
+        return info
+
+    def restore(self) -> CheckpointInfo | None:
+        """Load the newest committed checkpoint into the tracked objects; None if none."""
+        got = self._saver.restore()
+        if got is None:
+            self._say(f"no checkpoint in {self.ctx.store.url}: starting from step 0")
+            return None
+        info, restored = got
+        c = restored.counters
+        self._step, self._micro, self._epoch = c.step, c.micro_step, c.epoch
+        self._samples, self._tokens = c.samples_seen, c.tokens_seen
+        self.first_step = c.step
+        self._metrics.load(restored.meta.get("session") or {}, restored.metrics)
+        self.resumed_from = info
+        self._say(f"resumed from checkpoint step {info.step} ({c.samples_seen} samples seen)")
+        return info
+
+    @property
+    def geometry(self) -> Geometry | None:
+        return self._saver.tracked.geometry
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def batches(self, *, epochs: int | None = None) -> Iterator[Any]:
+        """The tracked loader's batches, epoch after epoch, from the resumed position.
+
+        Ends when the session stops, or after ``epochs`` epochs in total (counting those of
+        earlier segments); the job is then complete. A gradient-accumulation window that
+        straddles the last epoch's end is finished with the next epoch's first micro-batches.
+        """
+        if self._loader is None:
+            raise ConfigError("Session.batches() needs track(loader=...)")
+        self._batches = self._iterate(epochs)
+        return self._batches
+
+    def _iterate(self, epochs: int | None) -> Generator[Any, None, None]:
+        if self._stopped_at_start():
+            return
+        self._t_last = self._t_observed = self._mono()
+        empty_passes = 0
+        while self._stop_reason is None:
+            if epochs is not None and self._epoch >= epochs:
+                if self._micro == 0:
+                    self._finish("completed")
+                    return
+                self._complete_at_boundary = True
+            yielded = False
+            for batch in self._loader:
+                yielded = True
+                self._batch = batch
+                yield batch
+                if self._stop_reason is not None:
+                    return
+            empty_passes = 0 if yielded else empty_passes + 1
+            if empty_passes > 1:  # one empty pass is a resume at an epoch's very end
+                raise ConfigError("the loader yielded no batch for a whole epoch")
+            self._epoch += 1
+
+    @property
+    def optimizer_step_due(self) -> bool:
+        """True while the current micro-batch is the last of its accumulation window: call
+        ``optimizer.step()`` (and the scheduler's) before ``step()``."""
+        return self._micro + 1 >= self._grad_accum
+
+    def step(
+        self,
+        loss: float | torch.Tensor | None = None,
+        *,
+        samples: int | None = None,
+        tokens: int = 0,
+        **metrics: float | torch.Tensor,
+    ) -> bool:
+        """Count one micro-batch (after its backward and, at a window's end, the optimizer
+        step); log, checkpoint and check the stop policy at optimizer-step boundaries.
+
+        Returns True when the loop must stop: the final checkpoint is committed by then.
+        ``samples`` defaults to the length of the last batch from ``batches()``.
+        """
+        if self._stop_reason is not None:
+            return True
+        self._samples += samples if samples is not None else self._batch_len()
+        self._tokens += tokens
+        if loss is not None:
+            cur = self._metrics.window.get("loss")
+            if cur is not None and type(loss) is float and type(cur[0]) is float:
+                cur[0] += loss  # the common case, inline
+                cur[1] += 1
+            else:
+                self._metrics.add("loss", loss)
+        if metrics:
+            for key, value in metrics.items():
+                self._metrics.add(key, value)
+        self._micro += 1
+        if self._micro < self._grad_accum:
+            return False
+        self._micro = 0
+        self._step += 1
+        return self._boundary()
+
+    def _boundary(self) -> bool:
+        now = self._mono()
+        policy = self._policy
+        if now - self._t_last > self._slowest:
+            self._slowest = now - self._t_last
+        self._t_last = now
+        if now - self._t_observed >= OBSERVE_EVERY:
+            policy.observe_step(self._slowest)
+            self._t_observed, self._slowest = now, 0.0
+        self._metrics.steps += 1
+        if self._metrics.steps >= self._log_every:
+            self._flush_metrics()
+        saver = self._saver
+        if saver.pending is not None and saver.pending.done() and not saver.reap():
+            self._save_due = True
+        reason = policy.should_stop()
+        if reason is None and (
+            (self._max_steps is not None and self._step >= self._max_steps)
+            or self._complete_at_boundary
+        ):
+            reason = "completed"
+        if reason is not None:
+            self._finish(reason)
+            return True
+        if (self._every is not None and self._step % self._every == 0) or policy.checkpoint_due():
+            self._save_due = True
+        if self._save_due and saver.pending is None:
+            self._save_async()
+        if self.ctx.on_status is not None and now >= self._next_status:
+            self._push_status(now)
+        return False
+
+    def _stopped_at_start(self) -> bool:
+        if self._max_steps is not None and self._step >= self._max_steps:
+            self._finish("completed")
+            return True
+        reason = self._policy.should_stop()
+        if reason is not None:
+            self._finish(reason)
+            return True
+        return False
+
+    def _batch_len(self) -> int:
+        """Samples in the last batch: the first dimension of its first tensor."""
+        b = self._batch
+        kind = type(b)
+        if kind is dict or (kind is not list and kind is not tuple and isinstance(b, Mapping)):
+            b = next(iter(b.values()), None)
+        elif (kind is list or kind is tuple) and b and isinstance(b[0], torch.Tensor):
+            b = b[0]
+        if isinstance(b, torch.Tensor):
+            return int(b.shape[0]) if b.dim() else 1
+        if type(b) is list or type(b) is tuple:
+            return len(b)
+        return self.geometry.batch_size if self.geometry is not None else 0
+
+    # ---- metrics ---------------------------------------------------------------------------
+
+    def _flush_metrics(self) -> None:
+        entry: dict[str, Any] = {"step": self._step, "epoch": self._epoch, "samples": self._samples}
+        if self._optimizer is not None:
+            entry["lr"] = float(self._optimizer.param_groups[0]["lr"])
+        entry = self._metrics.close_window(entry)
+        if self.ctx.log is not None:
+            shown = " ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()
+            )
+            self.ctx.log(shown)
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        """The metrics history of the whole job (restored entries first)."""
+        return list(self._metrics.history)
+
+    # ---- checkpoints -----------------------------------------------------------------------
+
+    def _snapshot(self, *, emergency: bool) -> tuple[Snapshot, float]:
+        if self._micro:
+            raise CheckpointError(
+                f"cannot checkpoint at micro-batch {self._micro} of {self._grad_accum}",
+                hint="checkpoint right after an optimizer step (step() does this for you)",
+            )
+        return self._saver.snapshot(
+            counters=self.counters,
+            metrics=self._metrics.history,
+            meta={"session": self._metrics.state()},
+            emergency=emergency,
+        )
+
+    def _save_async(self) -> PendingCommit[CheckpointInfo]:
+        pending = self._saver.start(*self._snapshot(emergency=False))
+        self._save_due = False
+        self._t_last = self._mono()  # the pause is a checkpoint cost, not step time
+        return pending
+
+    def save(self, *, final: bool = False) -> CheckpointInfo | PendingCommit[CheckpointInfo]:
+        """Checkpoint now (at an optimizer-step boundary). ``final``: synchronously, returning
+        the committed checkpoint; else in the background, returning its ``PendingCommit``."""
+        if final:
+            return self._saver.commit(*self._snapshot(emergency=False))
+        self._saver.reap()
+        return self._save_async()
+
+    @property
+    def committed_step(self) -> int | None:
+        """The newest step committed to storage (restored or written by this session)."""
+        return self._saver.committed_step
+
+    # ---- stopping --------------------------------------------------------------------------
+
+    def _finish(self, reason: str) -> None:
+        """Stop at this optimizer-step boundary with a committed final checkpoint."""
+        emergency = reason == "preemption" or bool(getattr(self._policy, "emergency", False))
+        self._saver.reap(final=True)
+        if self._step > 0 and self.committed_step != self._step:
+            self._saver.commit(*self._snapshot(emergency=emergency))
+        self._stop_reason = reason
+        self._say(f"stopping at step {self._step}: {reason}")
+
+    @property
+    def stop_reason(self) -> str | None:
+        return self._stop_reason
+
+    @property
+    def outcome(self) -> SegmentOutcome | None:
+        """Set by ``close()``."""
+        return self._outcome
+
+    def close(self, error: BaseException | None = None) -> SegmentOutcome:
+        """End the segment: wait for the background commit; if the loop ended without a stop
+        (and no ``error``), the job is complete and a final checkpoint is committed."""
+        if self._outcome is not None:
+            return self._outcome
+        try:
+            return self._close(error)
+        finally:
+            self._release_loader()
+
+    def _close(self, error: BaseException | None) -> SegmentOutcome:
+        reason, message = self._stop_reason, None
+        if error is not None:
+            reason = "signal" if isinstance(error, KeyboardInterrupt) else "crash"
+            message = f"{type(error).__name__}: {error}"
+            try:  # a consistent snapshot already uploading is still worth committing
+                self._saver.reap(final=True)
+            except Exception as e:
+                log.warning("background checkpoint failed while handling an error: %s", e)
+        elif reason is None:
+            if self._micro:
+                self._say(
+                    f"the loop ended mid-accumulation ({self._micro} of {self._grad_accum} "
+                    f"micro-batches): the newest checkpoint is step {self.committed_step}"
+                )
+                self._saver.reap(final=True)
+                self._stop_reason = "completed"
+            else:
+                self._finish("completed")
+            reason = "completed"
+        self._outcome = SegmentOutcome(
+            stop_reason=reason,
+            first_step=self.first_step,
+            last_step=max(self.first_step, self._step),
+            completed=reason == "completed",
+            checkpoint_step=self.committed_step,
+            error=message,
+        )
+        return self._outcome
+
+    def _release_loader(self) -> None:
+        """Stop the loader's worker processes now. The loader keeps its last iterator (for
+        ``state_dict()``); left to the garbage collector, torch's shutdown of a suspended
+        multi-worker iterator waits out a 5 s join per worker, wherever the collection runs."""
+        batches, self._batches = self._batches, None
+        shutdown = getattr(getattr(self._loader, "_iterator", None), "_shutdown_workers", None)
+        try:
+            if batches is not None:
+                batches.close()
+            if callable(shutdown):
+                shutdown()
+        except Exception as e:  # cleanup only: never mask the segment's outcome
+            log.debug("releasing the loader failed: %s", e)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        self.close(error=exc)
+
+    # ---- state for people and the heartbeat ------------------------------------------------
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps done in the whole job."""
+        return self._step
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def counters(self) -> Counters:
+        return Counters(
+            step=self._step,
+            micro_step=self._micro,
+            epoch=self._epoch,
+            samples_seen=self._samples,
+            tokens_seen=self._tokens,
+        )
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "step": self._step,
+            "epoch": self._epoch,
+            "samples_seen": self._samples,
+            "checkpoint_step": self.committed_step,
+            "uploading": self._saver.uploading,
+        }
+
+    def _on_commit(self) -> None:
+        if self.ctx.on_status is not None:
+            self._push_status(self._mono())
+
+    def _push_status(self, now: float) -> None:
+        self._next_status = now + STATUS_EVERY
+        if self.ctx.on_status is not None:
+            self.ctx.on_status(self.status())
+
+    def _say(self, message: str) -> None:
+        log.info("%s", message)
+        if self.ctx.log is not None:
+            self.ctx.log(message)
