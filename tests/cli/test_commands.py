@@ -136,9 +136,13 @@ def test_gc_applies_retention_and_sweeps(
     assert "job storage in use" in out
 
 
-def test_handoff_is_not_there_yet(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["handoff"]) == 2
-    assert "see issue 7" in capsys.readouterr().err
+def test_handoff_without_its_required_flags_is_a_usage_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["handoff", "gs://b/jobs/x"])
+    assert exc.value.code == 2
+    assert "--project" in capsys.readouterr().err
 
 
 def test_status_json_of_a_created_job(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

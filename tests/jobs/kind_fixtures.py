@@ -111,3 +111,21 @@ def spec_for(kind: str, *, model_dir: Path | None, data_path: Path, **sections: 
 def params_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def sigkill_spec(kind: str, *, model_dir: Path, data_path: Path) -> JobSpec:
+    """The small spec of each kind that the SIGKILL tests run (8 steps, dropout on)."""
+    repo = Path(__file__).resolve().parents[2]
+    extra: dict[str, Any] = {
+        "finetune": {},
+        "lora": {"lora": {"r": 4, "dropout": 0.1}},
+        "scratch": {
+            "model": {"architecture": "gpt2",
+                      "config": {"n_layer": 1, "n_embd": 32, "n_head": 2, "n_positions": 32}},
+            "tokenizer": {"train": {"vocab_size": 300, "min_frequency": 1}},
+        },
+        "python": {"job": {"entrypoint": f"{repo / 'examples' / 'my_train.py'}:main",
+                           "args": {"hidden": 32, "layers": 1, "heads": 2, "dropout": 0.2}}},
+    }[kind]
+    return spec_for(kind, model_dir=None if kind == "scratch" else model_dir,
+                    data_path=data_path, **extra)

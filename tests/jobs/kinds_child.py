@@ -1,7 +1,7 @@
-"""Child process for the SIGKILL test: one segment of a ``finetune`` job that checkpoints
+"""Child process for the SIGKILL tests: one segment of a job of ``KIND`` that checkpoints
 every 2 steps in the background and SIGKILLs itself right after step ``kill_at``.
 
-    python -m tests.jobs.kinds_child URL MODEL_DIR DATA KILL_AT
+    python -m tests.jobs.kinds_child URL MODEL_DIR DATA KILL_AT KIND
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from colabjob.jobs.kinds import run_kind
-from tests.jobs.kind_fixtures import StopAfter, make_ctx, spec_for
+from tests.jobs.kind_fixtures import StopAfter, make_ctx, sigkill_spec
 
 
 class KillAfter(StopAfter):
@@ -24,5 +24,5 @@ class KillAfter(StopAfter):
 
 if __name__ == "__main__":
     url, model, data = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
-    spec = spec_for("finetune", model_dir=model, data_path=data)
+    spec = sigkill_spec(sys.argv[5], model_dir=model, data_path=data)
     run_kind(spec, make_ctx(url, KillAfter(None), every_steps=2, max_steps=8))

@@ -26,6 +26,7 @@ from colabjob.storage.store import open_store
 from tests.jobs.kind_fixtures import (
     StopAfter,
     make_ctx,
+    sigkill_spec,
     spec_for,
     tiny_model_dir,
     write_text_data,
@@ -85,19 +86,24 @@ def test_finetune_resumes_bit_identical(assets: dict[str, Path], tmp_path: Path)
                        saved["transformer.h.0.attn.c_attn.weight"])
 
 
-def test_finetune_resumes_bit_identical_after_sigkill(
-    assets: dict[str, Path], tmp_path: Path
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["finetune", "lora", "scratch", "python"])
+def test_each_kind_resumes_bit_identical_after_sigkill(
+    kind: str, assets: dict[str, Path], tmp_path: Path
 ) -> None:
     """Killed right after step 5 with background commits every 2 steps: the next segment
     resumes from whichever checkpoint committed (2 or 4) and still ends bit-identical."""
     import subprocess
     import sys
 
-    spec = spec_for("finetune", model_dir=assets["model"], data_path=assets["data"])
+    spec = sigkill_spec(kind, model_dir=assets["model"], data_path=assets["data"])
     assert _segments(spec, tmp_path / "straight", None)[0].completed
+    if kind == "scratch":  # BPE training is not reproducible: both runs share the tokenizer
+        stored = open_store(str(tmp_path / "straight")).read_bytes(TOKENIZER_KEY)
+        open_store(str(tmp_path / "killed")).write_bytes(TOKENIZER_KEY, stored)
     child = subprocess.run(
         [sys.executable, "-m", "tests.jobs.kinds_child", str(tmp_path / "killed"),
-         str(assets["model"]), str(assets["data"]), "5"],
+         str(assets["model"]), str(assets["data"]), "5", kind],
         cwd=REPO, capture_output=True, text=True, timeout=240,
     )
     assert child.returncode == -9, child.stderr[-2000:]
