@@ -30,14 +30,14 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from colabjob.errors import ConfigError
 from colabjob.jobs.context import SegmentOutcome
 from colabjob.jobs.hf import ResumableTrainerMixin
 from colabjob.runner.clock import SYSTEM_CLOCK, Clock
 from colabjob.runner.record import read_record
-from colabjob.runner.segment import SegmentOptions, _SegmentRun
+from colabjob.runner.segment import SegmentOptions, open_segment
 from colabjob.runner.states import JobState
 from colabjob.storage.store import Store, open_store
 
@@ -88,16 +88,13 @@ class _SegmentTrainerMixin:
         got = read_record(store)
         if got is not None and got[0].state is JobState.COMPLETED:
             return self._colabjob_load_completed()
-        run = _SegmentRun(store, self._colabjob_opts, config=_config_of(self))
-        ctx = run.open()
-        self._colabjob_attach(ctx)
-        try:
-            output = super().train(*args, **kwargs)  # type: ignore[misc]
-        except BaseException as e:
-            run.finish(self.colabjob_outcome, e)
-            raise
+        with open_segment(store, self._colabjob_opts, config=_config_of(self)) as seg:
+            self._colabjob_attach(seg.context)
+            try:
+                output = super().train(*args, **kwargs)  # type: ignore[misc]
+            finally:  # on an error, the crash outcome the mixin recorded
+                seg.outcome = self.colabjob_outcome
         outcome: SegmentOutcome = self.colabjob_outcome
-        run.finish(outcome)
         if not outcome.completed:
             exit_now = self._colabjob_exit
             if exit_now is None:
@@ -153,6 +150,8 @@ def resumable(
     platform: str | None = None,
     session_started_at: str | float | None = None,
     margin: str | float | None = None,
+    step_guess: str | float | None = None,
+    save_guess: str | float | None = None,
     every_steps: int | None = None,
     every_minutes: float | None = 30.0,
     keep: int = 2,
@@ -161,6 +160,9 @@ def resumable(
     force: bool = False,
     exit_on_pause: bool | None = None,
     log: Callable[[str], None] | None = _print,
+    tensorboard: bool | Literal["auto"] = "auto",
+    wandb: bool = False,
+    wandb_project: str | None = None,
     clock: Clock = SYSTEM_CLOCK,
 ) -> Any:
     """Make ``trainer`` (a ``transformers.Trainer``, any subclass) resumable at ``url``.
@@ -168,8 +170,11 @@ def resumable(
     ``url``: a local path, ``/content/drive/MyDrive/...``, ``gs://bucket/prefix`` or
     ``memory://name``. ``budget`` (``"11h30m"``, ``"colab-pro"``), ``platform``,
     ``session_started_at`` and ``margin`` override what the platform says about the
-    session's end. Checkpoints every ``every_steps`` steps and/or ``every_minutes`` (in the
-    background), plus a final one when stopping; ``keep`` newest are kept. ``force`` takes
+    session's end; ``step_guess``/``save_guess`` (seconds or ``"2m"``) what the stop rule
+    assumes until a step / a checkpoint is measured. Checkpoints every ``every_steps`` steps
+    and/or ``every_minutes`` (in the background), plus a final one when stopping; ``keep``
+    newest are kept. ``tensorboard`` / ``wandb``: trackers fed from HF's log rows (see
+    ``colabjob.session``); HF's own ``report_to`` keeps working too. ``force`` takes
     over an expired lease. ``exit_on_pause``: exit with code 75 after a pause (default: yes
     in a script, no in a notebook). Returns the same trainer object.
     """
@@ -190,14 +195,20 @@ def resumable(
         platform=platform,
         session_started_at=session_started_at,
         margin=margin,
+        step_guess=step_guess,
+        save_guess=save_guess,
         every_steps=every_steps,
         every_minutes=every_minutes,
         keep=keep,
         staging_dir=staging_dir,
         allow_geometry_change=allow_geometry_change,
         force=force,
+        tensorboard=tensorboard,
+        wandb=wandb,
+        wandb_project=wandb_project,
         clock=clock,
         log=log,
+        log_metrics=False,  # HF prints its own log rows
     )
     t._colabjob_exit = exit_on_pause
     return trainer

@@ -1,10 +1,11 @@
 """TensorBoard event files from a job's committed metrics (optional: needs ``tensorboard``).
 
-Written from the committed history, not from the live loop, so a step logged after the
-last commit of a killed segment and logged again by the segment that redid it appears
-once, and the global step runs on across sessions. ``TensorBoardExport`` appends only rows
-newer than what it already wrote (``colabjob logs --follow --tensorboard DIR`` keeps one
-file growing). Uses tensorboard's own event writer; neither TensorFlow nor torch is loaded.
+``colabjob logs --tensorboard DIR`` writes them from the committed history; a running
+segment writes them live into the job's ``tensorboard/`` (``colabjob.runner.trackers``),
+marking where it (re)started so that TensorBoard drops the steps a killed segment logged
+after its last commit and the next one redid: each step appears once and the global step
+runs on across sessions. ``TensorBoardExport`` appends only rows newer than what it already
+wrote. Uses tensorboard's own event writer; neither TensorFlow nor torch is loaded.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from colabjob.errors import ConfigError
 
-_SKIP = {"step", "epoch", "time", "event"}
+_SKIP = {"step", "epoch", "time", "event", "deadline", "next_checkpoint_at", "next_checkpoint_step"}
 
 
 class TensorBoardExport:
@@ -36,6 +37,17 @@ class TensorBoardExport:
         self.writer = EventFileWriter(os.fspath(logdir), filename_suffix=".colabjob")
         self.last_step: int | None = None
         self.scalars = 0
+
+    def mark_start(self, step: int) -> None:
+        """Record that training (re)starts at ``step``: TensorBoard's readers then drop any
+        earlier file's events from ``step`` on (those of a killed segment that this one
+        redoes), so each step is shown once."""
+        event = self._event_pb2.Event(
+            wall_time=time.time(),
+            step=step,
+            session_log=self._event_pb2.SessionLog(status=self._event_pb2.SessionLog.START),
+        )
+        self.writer.add_event(event)
 
     def add_rows(self, rows: Iterable[Mapping[str, Any]]) -> int:
         """Write the rows past ``last_step``; returns how many rows were written."""

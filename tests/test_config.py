@@ -492,6 +492,25 @@ def test_hash_follows_exactness_fields_only() -> None:
     assert config_hash(spec(MINIMAL, "data.seq_len=512")) != h
 
 
+def test_logging_section_defaults_types_and_resume() -> None:
+    s = spec()
+    lg = s.logging
+    assert (lg.tensorboard, lg.wandb, lg.wandb_project) == ("auto", False, None)
+    on = spec(
+        MINIMAL, "logging.wandb=true", "logging.wandb_project=runs", "logging.tensorboard=false"
+    )
+    lg = on.logging
+    assert (lg.tensorboard, lg.wandb, lg.wandb_project) == (False, True, "runs")
+    assert config_hash(on) == config_hash(s)  # trackers do not change the numbers
+    assert diff_for_resume(s, on) == [
+        "logging.tensorboard: 'auto' -> False",
+        "logging.wandb: False -> True",
+        "logging.wandb_project: None -> 'runs'",
+    ]
+    assert "logging.wandb" in str(error(MINIMAL, "logging.wandb=maybe"))
+    assert "logging.tensorboard" in str(error(MINIMAL, "logging.tensorboard=sometimes"))
+
+
 def test_diff_for_resume_refuses_exactness_changes_naming_fields() -> None:
     old = spec(with_section("training: {max_steps: 100}"))
     for item, field in [
@@ -566,7 +585,8 @@ def test_public_api() -> None:
 
     assert set(colabjob.config.__all__) == {
         "DEFAULT_LR", "KINDS", "LORA_TARGET_MODULES", "SAFE_TO_CHANGE", "BudgetSpec",
-        "CheckpointSpec", "DataSpec", "JobSection", "JobSpec", "LoraSpec", "ModelSpec",
+        "CheckpointSpec", "DataSpec", "JobSection", "JobSpec", "LoggingSpec", "LoraSpec",
+        "ModelSpec",
         "TokenizerSpec", "TokenizerTrainSpec", "TrainingSpec", "apply_overrides",
         "check_local_paths", "config_hash", "diff_for_resume", "exactness_fields", "load_spec",
         "parse_yaml", "render_template", "resolve_target_modules", "spec_from_text",

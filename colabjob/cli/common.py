@@ -92,6 +92,15 @@ def add_session_flags(p: argparse.ArgumentParser) -> None:
         help="progress display (auto: rich on a terminal, plain lines elsewhere)",
     )
     g.add_argument(
+        "--wandb",
+        action="append_const",
+        dest="overrides",
+        const="logging.wandb=true",
+        default=[],
+        help="log to Weights & Biases, one run resumed every session "
+        "(same as --set logging.wandb=true; needs the wandb package)",
+    )
+    g.add_argument(
         "--set",
         dest="overrides",
         action="append",

@@ -1,11 +1,15 @@
 """Commands that create and run jobs: ``init``, ``start``, ``resume``, ``demo`` (and ``handoff``,
 whose parser lives in ``handoff.py``).
 
-``start`` validates the spec (and the local paths it names) before anything is written,
-then runs the first segment under the supervisor (a child process, retried from the last
+``start`` validates the spec, the local paths it names and what the job kind would load
+(``jobs.kinds.preflight``: data and its text field, a local model's config, LoRA targets on
+a meta-device skeleton, a python entrypoint) before the job's storage is even opened, then
+runs the first segment under the supervisor (a child process, retried from the last
 checkpoint if it crashes). ``resume`` needs only the job URL: the spec comes from the job
 record; ``--set`` may change what does not break an exact resume (``diff_for_resume``),
-anything else only with ``--force-config``. Both exit 0 when the job completed, 75 when
+anything else only with ``--force-config``. ``--nproc N`` (a session flag, not saved with
+the job) runs a python-kind job as N torch.distributed processes on this machine
+(``colabjob.runner.launch``; rank 0 commits). Both exit 0 when the job completed, 75 when
 the segment stopped in time to resume in the next session, 1 when it failed, 2 on a usage,
 config or lease error.
 """
@@ -45,6 +49,7 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     p.add_argument("spec", help="the YAML job spec")
     p.add_argument("--storage", metavar="URL", help="where the job lives (overrides job.storage)")
     add_session_flags(p)
+    _add_nproc(p)
     p.set_defaults(func=cmd_start)
 
     p = sub.add_parser("resume", parents=[common], help="continue a job from its last checkpoint")
@@ -60,6 +65,7 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
         help="accept --set changes that make the resumed run differ from an uninterrupted one",
     )
     add_session_flags(p)
+    _add_nproc(p)
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser(
@@ -101,6 +107,42 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 # -- start / resume --------------------------------------------------------------------------
+def _add_nproc(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--nproc",
+        default="1",
+        metavar="N",
+        help="training processes on this machine (torch.distributed; 'auto': one per GPU); "
+        "kind python only. Resuming on another N keeps the global sample order when "
+        "batch_size * grad_accum * N stays the same (needs --allow-geometry-change)",
+    )
+
+
+def _nproc(value: str, spec: dict[str, Any], url: str) -> int:
+    """``--nproc``: a count, or ``auto`` (the GPUs torch sees, at least 1)."""
+    if value == "auto":
+        import torch
+
+        n = max(1, torch.cuda.device_count())
+    else:
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ConfigError(f"--nproc must be a positive number or 'auto', got {value!r}")
+    kind = (spec.get("job") or {}).get("kind")
+    if n > 1 and kind != "python":
+        raise ConfigError(
+            f"--nproc {n}: several processes are supported for kind 'python' (the Session "
+            f"API with DistributedDataParallel), not {kind!r}",
+            hint="drop --nproc, or write the loop as a python-kind job",
+        )
+    if n > 1 and url.startswith("memory://"):
+        raise ConfigError("--nproc needs storage every process can reach, not memory://")
+    return n
+
+
 def _request(
     args: argparse.Namespace, url: str, spec: dict[str, Any], *, force: bool = False
 ) -> RunRequest:
@@ -117,11 +159,13 @@ def _request(
         progress=args.progress,
         debug=bool(getattr(args, "debug", False)),
         force=force,
+        nproc=_nproc(str(getattr(args, "nproc", "1")), spec, url),
     )
 
 
 def cmd_start(args: argparse.Namespace) -> int:
     from colabjob.config import check_local_paths, load_spec
+    from colabjob.jobs.kinds import preflight  # torch/transformers: only `start` pays for it
     from colabjob.runner.record import read_record
     from colabjob.runner.transfer import check_not_moved
     from colabjob.storage.store import open_store
@@ -133,15 +177,33 @@ def cmd_start(args: argparse.Namespace) -> int:
     if url is None:
         url = default_job_url(spec.job.name)
         note(f"colabjob: job.storage not set; the job lives at {url}")
-    store = open_store(url)
-    got = read_record(store)
-    if got is not None:
-        check_not_moved(store, got[0])
+    existing = _existing_store(url)  # opens no local root that is not there yet
+    got = read_record(existing) if existing is not None else None
+    if existing is not None and got is not None:
+        check_not_moved(existing, got[0])
         raise ConfigError(
-            f"a job already exists at {store.url} (state {got[0].state.value})",
-            hint=f"continue it with `colabjob resume {store.url}`, or choose another --storage",
+            f"a job already exists at {existing.url} (state {got[0].state.value})",
+            hint=f"continue it with `colabjob resume {existing.url}`, or choose another --storage",
         )
+    preflight(spec)  # before the job's storage is opened for writing (or created)
+    store = existing if existing is not None else open_store(url)
     return run_request(_request(args, store.url, spec.to_dict()), args)
+
+
+def _existing_store(url: str) -> Store | None:
+    """The store at ``url``, or None for a local path that does not exist (opening it would
+    create the directory: nothing may be written before the spec passed its checks)."""
+    import os
+
+    from colabjob.storage.store import open_store
+
+    if "://" not in url or url.startswith("file://"):
+        from urllib.parse import unquote, urlparse
+
+        path = unquote(urlparse(url).path) if url.startswith("file://") else url
+        if not os.path.exists(os.path.expanduser(path)):
+            return None
+    return open_store(url)
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
@@ -264,38 +326,40 @@ def _report(url: str, result: SupervisorResult) -> None:
 
 # -- demo / handoff --------------------------------------------------------------------------
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The kinds layer's embedded demo (``colabjob.jobs.demo``): a tiny GPT-2 trained from
-    scratch on the standard library's sources in simulated sessions, then uninterrupted;
-    exit 0 when the final weights are bit-identical."""
+    """The embedded demo (``colabjob.jobs.demo``): a tiny GPT-2 trained from scratch on the
+    standard library's sources in simulated sessions, each a real runner segment
+    (``colabjob.runner.demo``), then uninterrupted; exit 0 when the final weights are
+    bit-identical."""
     import tempfile
 
-    from colabjob.display import LogBridge, make_progress
-    from colabjob.jobs import demo
+    from colabjob.display import make_progress
+    from colabjob.jobs.demo import DEMO_SIZES
     from colabjob.jobs.progress import close_progress
+    from colabjob.runner.demo import run_demo
 
-    if args.size not in demo.DEMO_SIZES:
+    if args.size not in DEMO_SIZES:
         raise ConfigError(
-            f"unknown demo size {args.size!r}", hint=f"one of: {', '.join(demo.DEMO_SIZES)}"
+            f"unknown demo size {args.size!r}", hint=f"one of: {', '.join(DEMO_SIZES)}"
         )
+    if args.sessions < 1:
+        raise ConfigError(f"--sessions must be >= 1, got {args.sessions}")
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="colabjob-demo-"))
     if (root / "job").exists():
         raise ConfigError(f"{root} already holds a demo job", hint="pass an empty --dir")
     note(f"colabjob demo: a tiny GPT-2 from scratch on the standard library's sources, in {root}")
     sink = make_progress(args.progress)
-    bridge = LogBridge(sink, total=demo.DEMO_SIZES[args.size].steps)
     try:
-        report = demo.run_demo(
+        report = run_demo(
             root,
             size=args.size,
             sessions=args.sessions,
             compare=not args.no_compare,
-            log=bridge,
+            progress=sink,
         )
     finally:
         close_progress(sink)
     if args.progress == "none":
         print("\n".join(report.lines()))
-    if (root / "job" / "job.json").exists():
-        note(f"look at it: colabjob status {root / 'job'}; colabjob plot {root / 'job'}")
+    note(f"look at it: colabjob status {root / 'job'}; colabjob plot {root / 'job'}")
     return EXIT_FAILED if report.identical is False else EXIT_DONE
 

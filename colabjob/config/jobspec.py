@@ -19,6 +19,7 @@ from colabjob.config.schema import (
     CheckpointSpec,
     DataSpec,
     JobSection,
+    LoggingSpec,
     LoraSpec,
     ModelSpec,
     TokenizerSpec,
@@ -44,6 +45,7 @@ class JobSpec(Section):
     lora: LoraSpec | None = None
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     budget: BudgetSpec = field(default_factory=BudgetSpec)
+    logging: LoggingSpec = field(default_factory=LoggingSpec)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:

@@ -29,6 +29,7 @@ SAFE_TO_CHANGE: frozenset[str] = frozenset(
         "training.log_every_steps",
         "checkpoint",
         "budget",
+        "logging",
     }
 )
 

@@ -1,6 +1,6 @@
 """The sections of the job spec: one frozen, keyword-only dataclass per YAML section
 (``job``, ``model``, ``tokenizer``, ``data``, ``training``, ``lora``, ``checkpoint``,
-``budget``), each with its defaults and the rules that involve only its own fields.
+``budget``, ``logging``), each with its defaults and the rules that involve only its own fields.
 ``JobSpec`` (config/jobspec.py) joins them. Nothing here imports torch or transformers:
 fast CLI commands load specs.
 """
@@ -383,3 +383,13 @@ class BudgetSpec(Section):
     @property
     def margin_s(self) -> float:
         return parse_duration(self.margin)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoggingSpec(Section):
+    """``logging``: experiment trackers fed with the metrics of every log interval."""
+
+    _path: ClassVar[str] = "logging"
+    tensorboard: bool | Literal["auto"] = "auto"
+    wandb: bool = False
+    wandb_project: str | None = None

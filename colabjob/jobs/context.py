@@ -21,6 +21,7 @@ from colabjob.errors import ConfigError
 from colabjob.jobs.policy import STOP_REASONS, NeverStop, StopPolicy
 
 if TYPE_CHECKING:
+    from colabjob.jobs.progress import ProgressSink
     from colabjob.storage.checkpoints import CheckpointStore
     from colabjob.storage.store import Store
 
@@ -39,6 +40,9 @@ class SegmentContext:
     ``log_every_steps`` sets how often the metrics history gets an entry (the mean over
     that many steps) and a log line. ``monotonic`` measures step and snapshot times for the
     policy (the runner passes its clock, so a fake clock drives the budget in tests).
+    ``progress``, when given, receives the metrics of every log interval (with the session's
+    deadline and next checkpoint) instead of ``log`` getting them as lines; ``log`` still
+    gets the events.
     """
 
     store: Store
@@ -54,6 +58,7 @@ class SegmentContext:
     on_status: Callable[[dict[str, Any]], None] | None = None
     log: Callable[[str], None] | None = None
     monotonic: Callable[[], float] = time.monotonic
+    progress: ProgressSink | None = None
 
     def __post_init__(self) -> None:
         if self.every_steps is not None and self.every_steps < 1:

@@ -94,7 +94,10 @@ def check_geometry(saved: Geometry, current: Geometry, *, allow_change: bool) ->
     A change is refused with ``GeometryChangedError`` unless ``allow_change``. When allowed
     the data position (in samples) stays valid: the run continues with the next unseen
     sample, but a step now consumes a different number of samples, so the step-based LR
-    schedule and step counts no longer line up with samples as in the original plan.
+    schedule and step counts no longer line up with samples as in the original plan. A
+    ``world_size`` change that keeps ``samples_per_step`` (a resume on another number of
+    processes with the per-rank batch adapted) continues the exact global sample order; it
+    still needs ``allow_change``, because the numbers then differ in floating point.
     """
     changed = tuple(
         f.name for f in fields(Geometry) if getattr(saved, f.name) != getattr(current, f.name)
@@ -102,14 +105,40 @@ def check_geometry(saved: Geometry, current: Geometry, *, allow_change: bool) ->
     if not changed:
         return ()
     detail = ", ".join(f"{n} {getattr(saved, n)} -> {getattr(current, n)}" for n in changed)
+    same_step = saved.samples_per_step == current.samples_per_step
     if not allow_change:
+        hint = (
+            f"restore the original values, or pass {ALLOW_FLAG} to continue from the same "
+            "sample position with the new geometry (the result is then not bit-identical)"
+        )
+        per_rank, rest = divmod(saved.samples_per_step, current.world_size)
+        if "world_size" in changed and same_step:
+            hint = (
+                f"the global batch is unchanged, so the sample order continues exactly; pass "
+                f"{ALLOW_FLAG} to accept that another process count changes the numbers in "
+                "floating point (the gradient reduction order), so the result is not "
+                "bit-identical"
+            )
+        elif "world_size" in changed and not rest:
+            hint = (
+                f"to keep the sample order on {current.world_size} process(es), choose "
+                f"batch_size * grad_accum = {per_rank} ({saved.samples_per_step} samples per "
+                f"step) and pass {ALLOW_FLAG}; or {hint}"
+            )
         raise GeometryChangedError(
             f"batch geometry changed since the checkpoint: {detail} "
             f"(samples per optimizer step {saved.samples_per_step} -> {current.samples_per_step})",
-            hint=f"restore the original values, or pass {ALLOW_FLAG} to continue from the same "
-            "sample position with the new geometry (the result is then not bit-identical)",
+            hint=hint,
         )
-    warnings.warn(f"continuing with a changed batch geometry: {detail}", UserWarning, stacklevel=2)
+    effect = (
+        "the global sample order continues exactly; numbers differ in floating point only"
+        if same_step
+        else "the sample order continues, but a step now consumes "
+        f"{current.samples_per_step} samples instead of {saved.samples_per_step}"
+    )
+    warnings.warn(
+        f"continuing with a changed batch geometry: {detail} ({effect})", UserWarning, stacklevel=2
+    )
     return changed
 
 
@@ -199,7 +228,9 @@ def _find_sampler_state(obj: Any) -> dict[str, Any] | None:
 class ResumableLoader(StatefulDataLoader):
     """A ``StatefulDataLoader`` with epochs, deterministic worker seeds and a portable state.
 
-    Build it with ``make_loader()``. Each ``iter()`` continues where the last yielded batch
+    Build it with ``make_loader()`` (or ``colabjob.jobs.distributed.make_distributed_loader``,
+    which passes a ``DistributedResumableSampler`` as ``sampler``; its workers' seeds also
+    mix in the rank). Each ``iter()`` continues where the last yielded batch
     left off; once an epoch is exhausted the next ``iter()`` starts the next one. Before an
     epoch's iterator starts, the loader's generator (hence every worker's ``torch``,
     ``random`` and ``numpy`` seed) is reseeded from ``(seed, epoch)`` and
@@ -212,11 +243,18 @@ class ResumableLoader(StatefulDataLoader):
     samples); an iterable state needs the same ``num_workers`` (it is kept per worker).
     """
 
-    def __init__(self, dataset: Any, *, seed: int, shuffle: bool, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        dataset: Any,
+        *,
+        seed: int,
+        shuffle: bool,
+        sampler: ResumableSampler | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.is_iterable = isinstance(dataset, IterableDataset)
-        sampler = (
-            None if self.is_iterable else ResumableSampler(dataset, seed=seed, shuffle=shuffle)
-        )
+        if sampler is None and not self.is_iterable:
+            sampler = ResumableSampler(dataset, seed=seed, shuffle=shuffle)
         with warnings.catch_warnings():  # torchdata 0.11 calls the deprecated torch.set_vital
             warnings.filterwarnings("ignore", message=".*set_vital", category=UserWarning)
             super().__init__(
@@ -249,7 +287,9 @@ class ResumableLoader(StatefulDataLoader):
         elif prev is not None:  # iterated again mid-epoch: continue after the last yielded
             self._resume_from(prev.state_dict())
         epoch = self.epoch
-        self.generator.manual_seed(derive_seed(self.seed, epoch, "workers"))
+        rank = getattr(self.resumable_sampler, "rank", 0)  # ranks' workers draw apart
+        labels = ("workers",) if not rank else ("workers", rank)
+        self.generator.manual_seed(derive_seed(self.seed, epoch, *labels))
         set_epoch = getattr(self.dataset, "set_epoch", None)
         if callable(set_epoch):
             set_epoch(epoch)

@@ -7,7 +7,10 @@ tokenizer trained on the spot. ``run_demo`` trains it in ``sessions`` simulated 
 each ended by a step budget with a committed checkpoint and resumed by the next, then trains
 the same job uninterrupted and reports whether the final weights are bit-identical, with the
 loss at the start and the end. ``DEMO_SIZES`` has a ``tiny`` size for tests and the
-``default`` one (about a minute or two on two CPU cores).
+``default`` one (about a minute or two on two CPU cores). By default each session runs the
+job kind directly in this process; ``colabjob demo`` passes ``segment=`` to run each as a
+real runner segment (``colabjob.runner.demo``: job record, lease, the step budget as the
+watchdog's extra policy), so ``colabjob status`` and ``plot`` work on the demo job.
 """
 
 from __future__ import annotations
@@ -239,13 +242,14 @@ def run_demo(
     sessions: int = 3,
     compare: bool = True,
     log: Callable[[str], None] | None = print,
-    segment: Callable[[Path, JobSpec, StopPolicy], SegmentOutcome] | None = None,
+    segment: Callable[..., SegmentOutcome] | None = None,
 ) -> DemoReport:
     """Run the demo under ``root`` (data, tokenizer, ``job/`` and ``straight/``); give a fresh
     directory (a job already there is resumed, not restarted).
 
-    ``segment(url, spec, policy)`` runs one session (default: the job kind directly, in this
-    process); the CLI may pass one that goes through the runner (record, lease).
+    ``segment(url, spec, policy, verbose=...)`` runs one session that must stop when
+    ``policy`` says so (default: the job kind directly, in this process); ``verbose`` is
+    False for the uninterrupted comparison run, whose lines are not shown.
     """
     t0 = time.monotonic()
     sz = DEMO_SIZES[size] if isinstance(size, str) else size
@@ -256,7 +260,7 @@ def run_demo(
     spec = demo_spec(data, tok, sz)
     def run_one(url: Path, sp: JobSpec, pol: StopPolicy, *, verbose: bool) -> SegmentOutcome:
         if segment is not None:
-            return segment(url, sp, pol)
+            return segment(url, sp, pol, verbose=verbose)
         return _local_segment(url, sp, pol, log if verbose else None)
 
     per = math.ceil(sz.steps / sessions)

@@ -5,7 +5,9 @@ the fetched checkpoint it resumes from, where the data stands in the epoch (for 
 hand-over of a resumed epoch to the Trainer), the stop reason. ``ColabJobCallback`` turns
 the stop policy into ``control.should_training_stop`` / ``should_save`` at every optimizer
 step, measures step time for the budget, pushes status and (for the built-in kinds)
-forwards HF's log rows to ``ctx.log``. The mixin that uses both is ``colabjob.jobs.hf``.
+forwards HF's log rows to ``ctx.progress`` (or as lines to ``ctx.log``), and tells the
+policy the expected checkpoint size (``expect_checkpoint``) for its save guess. The mixin
+that uses both is ``colabjob.jobs.hf``.
 """
 
 from __future__ import annotations
@@ -23,11 +25,15 @@ from colabjob.jobs.context import SegmentContext, SegmentOutcome
 from colabjob.jobs.data import ResumableLoader
 from colabjob.jobs.formats import read_json
 from colabjob.jobs.hf_commit import Committer
+from colabjob.jobs.policy import expect_checkpoint
+from colabjob.jobs.progress import STATUS_KEYS, format_metric_line
+from colabjob.jobs.sizing import checkpoint_nbytes
 from colabjob.jobs.state import STATE_FILE
 
 __all__ = ["ColabJobCallback", "HFRun", "batch_len", "metric_rows", "remaining_batches"]
 
 STATUS_EVERY = 5.0  # seconds between pushes to ctx.on_status
+_SUMMARY_KEYS = frozenset({"train_runtime", "train_loss", "total_flos"})  # the end-of-run row
 
 
 class HFRun:
@@ -56,6 +62,7 @@ class HFRun:
         self.empty_epoch = False
         self.t_last = 0.0
         self.next_status = 0.0
+        self.sized = False  # the exact checkpoint size went to the policy
         self.outcome: SegmentOutcome | None = None
 
     def begin(self) -> None:
@@ -123,12 +130,23 @@ class ColabJobCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.run.t_last = self.run.ctx.monotonic()
+        self._expect_size(kwargs)  # a guess: the optimizer has no state yet
+
+    def _expect_size(self, kwargs: dict[str, Any]) -> None:
+        model = kwargs.get("model")
+        if isinstance(model, torch.nn.Module):
+            expect_checkpoint(
+                self.run.ctx.policy, checkpoint_nbytes(model, kwargs.get("optimizer"))
+            )
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         run, ctx = self.run, self.run.ctx
         now = ctx.monotonic()
         ctx.policy.observe_step(now - run.t_last)
         run.t_last = now
+        if not run.sized:  # after the first optimizer step its state exists: the exact size
+            run.sized = True
+            self._expect_size(kwargs)
         run.committer.reap(block=False)
         if run.epoch_batches:
             state.epoch = run.epoch_index + run.batches_in_epoch / run.epoch_batches
@@ -153,10 +171,29 @@ class ColabJobCallback(TrainerCallback):
             ctx.on_status({"step": step, "epoch": state.epoch, "samples_seen": run.samples})
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
-        log = self.run.ctx.log
-        if log is None or not logs or not self.forward_logs:
+        ctx = self.run.ctx
+        progress = ctx.progress
+        if not logs or (not self.forward_logs and progress is None):
             return
-        shown = " ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items()
-        )
-        log(f"step {state.global_step}: {shown}")
+        if progress is not None and not _SUMMARY_KEYS & set(logs):
+            total = ctx.max_steps if ctx.max_steps is not None else state.max_steps
+            progress.update(state.global_step, total or None, self._progress_metrics(logs))
+            return
+        if not self.forward_logs:  # HF prints its rows itself; only the trackers take them
+            return
+        line = f"step {state.global_step}: {format_metric_line(logs)}"
+        if progress is not None:
+            progress.event(line)
+        elif ctx.log is not None:
+            ctx.log(line)
+
+    def _progress_metrics(self, logs: dict[str, Any]) -> dict[str, Any]:
+        """HF's row (``learning_rate`` as ``lr``) with samples seen and the session's
+        deadline and next checkpoint."""
+        ctx = self.run.ctx
+        shown: dict[str, Any] = metric_rows([logs])[0]
+        shown["samples"] = self.run.samples
+        status = getattr(ctx.policy, "status", None)
+        if callable(status):
+            shown.update({k: v for k, v in status().items() if k in STATUS_KEYS and v is not None})
+        return shown

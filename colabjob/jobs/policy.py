@@ -5,7 +5,9 @@ the runner layer implements it (``colabjob.runner.budget`` / ``watchdog``) witho
 layer importing the runner. ``NeverStop`` is the default when nothing limits the session.
 After a preemption notice an implementation may expose ``emergency = True``: read it with
 ``getattr(policy, "emergency", False)`` and write the smallest checkpoint that still resumes
-exactly. No torch here.
+exactly. An implementation may also take ``expect_checkpoint(nbytes)``: the training loop
+tells it (through ``expect_checkpoint`` below) how big its checkpoints will be before one is
+measured, so the budget can guess the final save from the size. No torch here.
 """
 
 from __future__ import annotations
@@ -57,3 +59,13 @@ class NeverStop:
 
     def checkpoint_due(self) -> bool:
         return False
+
+    def expect_checkpoint(self, nbytes: int) -> None:
+        pass
+
+
+def expect_checkpoint(policy: StopPolicy, nbytes: int) -> None:
+    """Tell ``policy`` the expected checkpoint size, if it takes one (an optional method)."""
+    expect = getattr(policy, "expect_checkpoint", None)
+    if callable(expect):
+        expect(int(nbytes))

@@ -11,13 +11,25 @@ milliseconds) and must never raise into the training loop.
 Metric keys the display understands when present: ``loss``, ``lr``, ``samples`` (samples
 seen so far; the display derives samples/s), ``deadline`` (wall-clock end of the session)
 and ``next_checkpoint_at`` (wall-clock time of the next interval checkpoint) or
-``next_checkpoint_step``. Anything else is shown as given.
+``next_checkpoint_step``. Anything else is shown as given. ``STATUS_KEYS`` are those that
+describe the session rather than the training (a metrics logger leaves them out).
+
+The segment calls ``update`` at its log interval (``log_every_steps``), not every step.
+``LogLines`` turns updates into the plain ``step=120 loss=2.31 ...`` lines of a log
+callable; ``FanOut`` sends to several sinks (a display, TensorBoard, W&B) and keeps a
+failing one from reaching the training loop.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import logging
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
+
+log = logging.getLogger(__name__)
+
+#: Keys about the session, not the training: not metrics to plot.
+STATUS_KEYS = frozenset({"deadline", "next_checkpoint_at", "next_checkpoint_step"})
 
 
 @runtime_checkable
@@ -48,3 +60,54 @@ def close_progress(sink: object) -> None:
     close = getattr(sink, "close", None)
     if callable(close):
         close()
+
+
+def format_metric_line(row: Mapping[str, Any]) -> str:
+    """``step=120 epoch=0 samples=960 loss=2.31 lr=0.0006``: a metrics row as a log line."""
+    return " ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()
+    )
+
+
+class LogLines:
+    """A sink that writes each update as one ``format_metric_line`` line (without the
+    session keys) and each event as itself to ``log``."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.log = log
+
+    def update(self, step: int, total: int | None, metrics: Mapping[str, Any]) -> None:
+        row = {"step": step, **{k: v for k, v in metrics.items() if k not in STATUS_KEYS}}
+        self.log(format_metric_line(row))
+
+    def event(self, text: str) -> None:
+        self.log(text)
+
+
+class FanOut:
+    """Every update and event to each of ``sinks``; one that raises is logged and skipped
+    (a display or a logger must never stop training)."""
+
+    def __init__(self, *sinks: ProgressSink) -> None:
+        self.sinks = sinks
+
+    def update(self, step: int, total: int | None, metrics: Mapping[str, Any]) -> None:
+        for sink in self.sinks:
+            try:
+                sink.update(step, total, metrics)
+            except Exception as e:
+                log.warning("progress sink %s failed: %s", type(sink).__name__, e)
+
+    def event(self, text: str) -> None:
+        for sink in self.sinks:
+            try:
+                sink.event(text)
+            except Exception as e:
+                log.warning("progress sink %s failed: %s", type(sink).__name__, e)
+
+    def close(self) -> None:
+        for sink in self.sinks:
+            try:
+                close_progress(sink)
+            except Exception as e:
+                log.warning("closing progress sink %s failed: %s", type(sink).__name__, e)

@@ -9,7 +9,9 @@ global: each is an object the user owns, so it is only saved if it is handed ove
 stateful object, for which ``GeneratorState`` adapts a ``numpy.random.Generator``,
 ``random.Random`` or ``torch.Generator`` to ``state_dict()`` / ``load_state_dict()``.
 ``derive_seed()`` mixes a base seed with labels (epoch, sample index, ...) into an
-independent 63-bit seed; the data layer builds its per-epoch and per-sample generators on it.
+independent 63-bit seed; the data layer builds its per-epoch and per-sample generators on it,
+and ``seed_everything()`` seeds every global RNG from one (a rank that a checkpoint holds no
+RNG state for starts from ``derive_seed(seed, "rank", rank, "step", step)``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ __all__ = [
     "capture_rng",
     "derive_seed",
     "restore_rng",
+    "seed_everything",
 ]
 
 
@@ -101,6 +104,14 @@ def capture_rng() -> RngState:
         torch_cpu=torch.get_rng_state().clone(),
         torch_cuda=cuda,
     )
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's ``random``, NumPy's legacy global RNG and torch (CPU and every CUDA
+    device) from ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
 
 
 def restore_rng(state: RngState) -> None:

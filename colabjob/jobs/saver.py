@@ -9,10 +9,17 @@ synchronously for a final checkpoint. ``reap()`` collects a finished background 
 feeds its measured costs to the stop policy, and decides what a failure means: a fenced-out
 commit (``StaleEpochError``: another runner owns the job) is raised, any other failure of a
 periodic checkpoint is logged and retried at the next boundary, a final one is raised.
+
+With a ``Coordinator`` (several processes) rank 0 picks the checkpoint to restore and every
+rank loads it (its own RNGs and loader position; a rank the checkpoint has none for seeds
+its RNGs from ``(seed, rank, step)``); a snapshot gathers every rank's RNGs and loader
+position to rank 0, which alone writes and commits. The model, optimizer and the rest are
+taken from rank 0 (identical on every rank under ``DistributedDataParallel``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import tempfile
 from collections.abc import Callable
@@ -22,13 +29,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from colabjob.errors import StaleEpochError
+from colabjob.errors import ResumeError, StaleEpochError
 from colabjob.jobs.context import SegmentContext
 from colabjob.jobs.data import Geometry
-from colabjob.jobs.formats import read_json
+from colabjob.jobs.distributed import Coordinator
+from colabjob.jobs.formats import deep_cpu_copy, read_json
+from colabjob.jobs.rng import capture_rng, derive_seed, seed_everything
 from colabjob.jobs.state import (
     STATE_FILE,
     Counters,
+    RankState,
     Restored,
     Snapshot,
     Stateful,
@@ -69,8 +79,11 @@ class Checkpointer:
         *,
         say: Callable[[str], None],
         on_commit: Callable[[], None] | None = None,
+        sync: Coordinator | None = None,
     ) -> None:
         self.ctx = ctx
+        self.sync = sync
+        self.rank = 0 if sync is None else sync.rank
         self.tracked = Tracked()
         self.committed_step: int | None = None
         self.pending: PendingCommit[CheckpointInfo] | None = None
@@ -84,7 +97,7 @@ class Checkpointer:
         if ctx.staging_dir is not None:
             Path(ctx.staging_dir).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="colabjob-restore-", dir=ctx.staging_dir) as tmp:
-            info = ctx.checkpoints.fetch_latest(tmp)
+            info = self._fetch(tmp)
             if info is None:
                 return None
             saved_hash = str(info.manifest.get("config_hash") or "")
@@ -103,9 +116,38 @@ class Checkpointer:
                 geometry=t.geometry,
                 allow_geometry_change=ctx.allow_geometry_change,
                 extras={**t.extras, **{k: v for k, v in t.optional.items() if k in saved_extras}},
+                rank=self.rank,
+            )
+        if self.rank and not got.rng_found:  # a rank the checkpoint's run did not have
+            base = int(getattr(t.loader, "seed", 0) or 0)
+            seed_everything(derive_seed(base, "rank", self.rank, "step", got.counters.step))
+            self._say(
+                f"rank {self.rank}: checkpoint step {info.step} was written by "
+                f"{got.world_size} process(es); RNGs seeded from (seed, rank, step)"
             )
         self.committed_step = info.step
         return info, got
+
+    def _fetch(self, tmp: str) -> CheckpointInfo | None:
+        """The newest checkpoint, downloaded into ``tmp``; with several processes rank 0
+        chooses it (and quarantines bad ones) and the others download the same one."""
+        checkpoints, sync = self.ctx.checkpoints, self.sync
+        if sync is None:
+            return checkpoints.fetch_latest(tmp)
+        if sync.rank == 0:
+            try:
+                info = checkpoints.fetch_latest(tmp)
+            except BaseException as e:
+                sync.broadcast(("error", f"{type(e).__name__}: {e}"))
+                raise
+            sync.broadcast(("ok", info))
+            return info
+        status, payload = sync.broadcast(None)
+        if status == "error":
+            raise ResumeError(f"rank 0 could not load the newest checkpoint: {payload}")
+        if payload is not None:
+            checkpoints.fetch(payload, tmp)
+        return payload
 
     # -- save ---------------------------------------------------------------------------------
     def snapshot(
@@ -116,10 +158,16 @@ class Checkpointer:
         meta: dict[str, Any],
         emergency: bool,
     ) -> tuple[Snapshot, float]:
-        """The state in CPU memory and how long copying it took (the loop's pause)."""
+        """The state in CPU memory and how long copying it took (the loop's pause). With
+        several processes every rank must call it at the same step (rank 0 gathers)."""
         t = self.tracked
         mono = self.ctx.monotonic
         t0 = mono()
+        sync = self.sync
+        if sync is not None and sync.rank != 0:
+            data = deep_cpu_copy(t.loader.state_dict()) if t.loader is not None else None
+            sync.gather(RankState(rng=capture_rng(), data=data))
+            return Snapshot(counters=counters), mono() - t0
         snap = snapshot(
             counters=counters,
             model=t.model,
@@ -133,7 +181,15 @@ class Checkpointer:
             meta={**meta, "emergency": emergency},
             trainable_only=t.trainable_only,
         )
+        if sync is not None:
+            ranks = sync.gather(None) or []
+            snap = dataclasses.replace(snap, ranks=tuple(ranks[1:]))
         return snap, mono() - t0
+
+    @property
+    def commits(self) -> bool:
+        """Whether this process writes checkpoints (rank 0 only)."""
+        return self.rank == 0
 
     def _kwargs(self, snap: Snapshot) -> dict[str, Any]:
         c = snap.counters
@@ -144,8 +200,12 @@ class Checkpointer:
             "versions": {"torch": torch.__version__},
         }
 
-    def start(self, snap: Snapshot, snap_s: float) -> PendingCommit[CheckpointInfo]:
-        """Write and commit ``snap`` on the background thread."""
+    def start(self, snap: Snapshot, snap_s: float) -> PendingCommit[CheckpointInfo] | None:
+        """Write and commit ``snap`` on the background thread (None on ranks other than 0,
+        which count it as committed: rank 0 commits it or fails the run)."""
+        if not self.commits:
+            self.committed_step = snap.counters.step
+            return None
 
         def write(staging: Path) -> dict[str, Path]:  # runs on the upload thread
             return write_snapshot(snap, staging)
@@ -155,8 +215,12 @@ class Checkpointer:
         self._pending_snap_s = snap_s
         return self.pending
 
-    def commit(self, snap: Snapshot, snap_s: float) -> CheckpointInfo:
-        """Write and commit ``snap`` now (after any background commit); blocks until done."""
+    def commit(self, snap: Snapshot, snap_s: float) -> CheckpointInfo | None:
+        """Write and commit ``snap`` now (after any background commit); blocks until done.
+        None on ranks other than 0 (see ``start``)."""
+        if not self.commits:
+            self.committed_step = snap.counters.step
+            return None
         self.reap(final=True)
 
         def write(staging: Path) -> dict[str, Path]:

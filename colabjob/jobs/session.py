@@ -23,6 +23,12 @@ background (one commit in flight; a checkpoint that falls due meanwhile waits fo
 stop the final checkpoint is written synchronously and committed before ``step()`` returns
 True; after a preemption notice (``policy.emergency``) it leaves out the objects passed as
 ``track(optional=...)``. The hot path does no I/O and no device syncs.
+
+In a process group (``colabjob start --nproc N``, torchrun) every rank runs the same loop
+over ``make_distributed_loader`` with its model wrapped in ``DistributedDataParallel``; at
+each optimizer-step boundary one small all-reduce makes every rank stop or checkpoint at the
+same step, and only rank 0 commits (``colabjob.jobs.distributed``). Call ``save()`` on every
+rank or on none.
 """
 
 from __future__ import annotations
@@ -36,8 +42,12 @@ import torch
 from colabjob.errors import CheckpointError, ConfigError
 from colabjob.jobs.context import SegmentContext, SegmentOutcome
 from colabjob.jobs.data import Geometry
+from colabjob.jobs.distributed import Coordinator, check_loader, unwrap_model
 from colabjob.jobs.metrics import MetricsLog
+from colabjob.jobs.policy import expect_checkpoint
+from colabjob.jobs.progress import STATUS_KEYS, format_metric_line
 from colabjob.jobs.saver import Checkpointer
+from colabjob.jobs.sizing import checkpoint_nbytes
 from colabjob.jobs.state import Counters, Snapshot, Stateful
 
 if TYPE_CHECKING:
@@ -47,10 +57,6 @@ __all__ = ["SegmentContext", "SegmentOutcome", "Session"]
 
 log = logging.getLogger(__name__)
 STATUS_EVERY = 5.0  # seconds between pushes to ctx.on_status
-# Step times reach the policy as the slowest step of each window of at least this many
-# seconds (every step when steps are slower): a conservative estimate for the budget, and
-# the per-step cost of a fast loop stays a few attribute updates.
-OBSERVE_EVERY = 0.1
 
 
 class Session:
@@ -63,7 +69,10 @@ class Session:
         self._every = ctx.every_steps
         self._max_steps = ctx.max_steps
         self._log_every = ctx.log_every_steps
-        self._saver = Checkpointer(ctx, say=self._say, on_commit=self._on_commit)
+        self._sync = Coordinator.current()  # None: a single process
+        self._world = 1 if self._sync is None else self._sync.world_size
+        self._save_busy = self._agreed_emergency = False  # agreed over ranks (_agree)
+        self._saver = Checkpointer(ctx, say=self._say, on_commit=self._on_commit, sync=self._sync)
         self._tracked = False
         self._loader: Any = None
         self._optimizer: torch.optim.Optimizer | None = None
@@ -74,8 +83,9 @@ class Session:
         self._metrics = MetricsLog()
         self._batch: Any = None
         self._batches: Generator[Any, None, None] | None = None
-        self._t_last = self._t_observed = self._slowest = 0.0
+        self._t_last = 0.0
         self._next_status = 0.0
+        self._sized = False  # expect_checkpoint() told the exact size (first boundary)
         self._save_due = False
         self._complete_at_boundary = False
         self.resumed_from: CheckpointInfo | None = None
@@ -94,7 +104,7 @@ class Session:
         loader: Any = None,
         grad_accum: int = 1,
         batch_size: int | None = None,
-        world_size: int = 1,
+        world_size: int | None = None,
         extras: Mapping[str, Stateful] | None = None,
         optional: Mapping[str, Stateful] | None = None,
         trainable_only: bool | None = None,
@@ -107,7 +117,9 @@ class Session:
         geometry a resume must match (``GeometryChangedError`` unless the context allows a
         change). ``extras``/``optional``: other objects with ``state_dict()``;
         ``optional`` ones are left out of an emergency (preemption) checkpoint and keep
-        their fresh state when a checkpoint lacks them. Returns the checkpoint resumed from.
+        their fresh state when a checkpoint lacks them. ``world_size`` defaults to the
+        process group's; ``batch_size`` is per rank. A ``DistributedDataParallel`` model is
+        saved unwrapped. Returns the checkpoint resumed from.
         """
         if self._tracked:
             raise ConfigError("Session.track() was already called; call it once per session")
@@ -128,8 +140,13 @@ class Session:
         size = batch_size if batch_size is not None else getattr(loader, "batch_size", None)
         if loader is not None and size is None:
             raise ConfigError("cannot tell the loader's batch size; pass track(batch_size=...)")
+        if world_size is None:
+            world_size = self._world
+        if self._sync is not None:
+            check_loader(loader, grad_accum=grad_accum, world_size=world_size)
         t = self._saver.tracked
         t.model, t.optimizer, t.scheduler, t.scaler = model, optimizer, scheduler, scaler
+        t.model = unwrap_model(model)  # a DDP model is saved without its "module." prefix
         t.loader, t.trainable_only = loader, trainable_only
         t.extras, t.optional = dict(extras or {}), dict(optional or {})
         if size is not None:
@@ -137,8 +154,15 @@ class Session:
         self._loader, self._optimizer, self._grad_accum = loader, optimizer, grad_accum
         self._tracked = True
         info = self.restore()
-        self._t_last = self._t_observed = self._mono()  # batches() restarts the clock too
+        if model is not None:  # the budget's save guess, until a save is measured
+            expect_checkpoint(
+                self._policy, checkpoint_nbytes(model, optimizer, trainable_only=trainable_only)
+            )
+        self._restart_clock()  # batches() restarts it too
         return info
+
+    def _restart_clock(self) -> None:
+        self._t_last = self._mono()
 
     def restore(self) -> CheckpointInfo | None:
         """Load the newest committed checkpoint into the tracked objects; None if none."""
@@ -177,7 +201,7 @@ class Session:
     def _iterate(self, epochs: int | None) -> Generator[Any, None, None]:
         if self._stopped_at_start():
             return
-        self._t_last = self._t_observed = self._mono()
+        self._restart_clock()
         empty_passes = 0
         while self._stop_reason is None:
             if epochs is not None and self._epoch >= epochs:
@@ -215,12 +239,13 @@ class Session:
         step); log, checkpoint and check the stop policy at optimizer-step boundaries.
 
         Returns True when the loop must stop: the final checkpoint is committed by then.
-        ``samples`` defaults to the length of the last batch from ``batches()``.
+        ``samples`` defaults to the length of the last batch from ``batches()``; with several
+        processes ``samples`` and ``tokens`` are this rank's, counted times the world size.
         """
         if self._stop_reason is not None:
             return True
-        self._samples += samples if samples is not None else self._batch_len()
-        self._tokens += tokens
+        self._samples += (samples if samples is not None else self._batch_len()) * self._world
+        self._tokens += tokens * self._world
         if loss is not None:
             cur = self._metrics.window.get("loss")
             if cur is not None and type(loss) is float and type(cur[0]) is float:
@@ -241,12 +266,18 @@ class Session:
     def _boundary(self) -> bool:
         now = self._mono()
         policy = self._policy
-        if now - self._t_last > self._slowest:
-            self._slowest = now - self._t_last
+        # Every step reaches the policy (its contract: one call per step); a budget's
+        # observe_step is an append, and a test policy may count steps.
+        policy.observe_step(now - self._t_last)
         self._t_last = now
-        if now - self._t_observed >= OBSERVE_EVERY:
-            policy.observe_step(self._slowest)
-            self._t_observed, self._slowest = now, 0.0
+        if not self._sized:  # the optimizer state exists now: the exact size
+            self._sized = True
+            t = self._saver.tracked
+            if t.model is not None:
+                expect_checkpoint(
+                    policy,
+                    checkpoint_nbytes(t.model, t.optimizer, trainable_only=t.trainable_only),
+                )
         self._metrics.steps += 1
         if self._metrics.steps >= self._log_every:
             self._flush_metrics()
@@ -259,12 +290,16 @@ class Session:
             or self._complete_at_boundary
         ):
             reason = "completed"
+        if self._sync is not None:
+            reason = self._agree(reason)
         if reason is not None:
             self._finish(reason)
             return True
-        if (self._every is not None and self._step % self._every == 0) or policy.checkpoint_due():
+        if self._sync is None and (
+            (self._every is not None and self._step % self._every == 0) or policy.checkpoint_due()
+        ):
             self._save_due = True
-        if self._save_due and saver.pending is None:
+        if self._save_due and saver.pending is None and not self._save_busy:
             self._save_async()
         if self.ctx.on_status is not None and now >= self._next_status:
             self._push_status(now)
@@ -275,10 +310,29 @@ class Session:
             self._finish("completed")
             return True
         reason = self._policy.should_stop()
+        if self._sync is not None:
+            reason = self._sync.agree(reason, save=False)[0]
         if reason is not None:
             self._finish(reason)
             return True
         return False
+
+    def _agree(self, reason: str | None) -> str | None:
+        """Several processes: every rank's stop reason and checkpoint wish become one
+        decision that all ranks take at this step (a deferred save stays wished for)."""
+        assert self._sync is not None
+        due = (
+            self._save_due
+            or (self._every is not None and self._step % self._every == 0)
+            or self._policy.checkpoint_due()
+        )
+        reason, self._save_due, self._save_busy, self._agreed_emergency = self._sync.agree(
+            reason,
+            save=due,
+            busy=self._saver.pending is not None,
+            emergency=bool(getattr(self._policy, "emergency", False)),
+        )
+        return reason
 
     def _batch_len(self) -> int:
         """Samples in the last batch: the first dimension of its first tensor."""
@@ -301,11 +355,22 @@ class Session:
         if self._optimizer is not None:
             entry["lr"] = float(self._optimizer.param_groups[0]["lr"])
         entry = self._metrics.close_window(entry)
-        if self.ctx.log is not None:
-            shown = " ".join(
-                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()
-            )
-            self.ctx.log(shown)
+        progress = self.ctx.progress
+        if progress is not None:
+            progress.update(self._step, self._max_steps, self._progress_metrics(entry))
+        elif self.ctx.log is not None:
+            self.ctx.log(format_metric_line(entry))
+
+    def _progress_metrics(self, entry: dict[str, Any]) -> dict[str, Any]:
+        """The row for ``ctx.progress``: the metrics plus the session's deadline and next
+        checkpoint (from the policy's status, when it has one)."""
+        shown = {k: v for k, v in entry.items() if k != "step"}
+        status = getattr(self._policy, "status", None)
+        if callable(status):
+            shown.update({k: v for k, v in status().items() if k in STATUS_KEYS and v is not None})
+        if self._every is not None:
+            shown["next_checkpoint_step"] = (self._step // self._every + 1) * self._every
+        return shown
 
     @property
     def metrics(self) -> list[dict[str, Any]]:
@@ -327,15 +392,16 @@ class Session:
             emergency=emergency,
         )
 
-    def _save_async(self) -> PendingCommit[CheckpointInfo]:
+    def _save_async(self) -> PendingCommit[CheckpointInfo] | None:
         pending = self._saver.start(*self._snapshot(emergency=False))
         self._save_due = False
         self._t_last = self._mono()  # the pause is a checkpoint cost, not step time
         return pending
 
-    def save(self, *, final: bool = False) -> CheckpointInfo | PendingCommit[CheckpointInfo]:
+    def save(self, *, final: bool = False) -> CheckpointInfo | PendingCommit[CheckpointInfo] | None:
         """Checkpoint now (at an optimizer-step boundary). ``final``: synchronously, returning
-        the committed checkpoint; else in the background, returning its ``PendingCommit``."""
+        the committed checkpoint; else in the background, returning its ``PendingCommit``.
+        With several processes every rank calls it; ranks other than 0 get None."""
         if final:
             return self._saver.commit(*self._snapshot(emergency=False))
         self._saver.reap()
@@ -350,9 +416,16 @@ class Session:
 
     def _finish(self, reason: str) -> None:
         """Stop at this optimizer-step boundary with a committed final checkpoint."""
-        emergency = reason == "preemption" or bool(getattr(self._policy, "emergency", False))
+        emergency = (
+            reason == "preemption"
+            or self._agreed_emergency
+            or bool(getattr(self._policy, "emergency", False))
+        )
         self._saver.reap(final=True)
-        if self._step > 0 and self.committed_step != self._step:
+        need = self._step > 0 and self.committed_step != self._step
+        if self._sync is not None:
+            need = self._sync.main_says(need)  # rank 0 commits; the others gather for it
+        if need:
             self._saver.commit(*self._snapshot(emergency=emergency))
         self._stop_reason = reason
         self._say(f"stopping at step {self._step}: {reason}")

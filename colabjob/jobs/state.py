@@ -15,7 +15,9 @@ Files (``FILES``): ``model.safetensors`` (weights; tied tensors stored once),
 ``torch.load(weights_only=True)``, so a planted pickle raises ``UnsafeCheckpointError``),
 ``state.safetensors`` (RNG tensors and tensors from loader/extra states),
 ``metrics.json`` and, written last, ``state.json`` (format, counters, geometry, RNG of
-Python and NumPy, loader and extra states, user meta, library versions).
+Python and NumPy, loader and extra states, user meta, library versions). A multi-process
+snapshot adds, for every rank but 0, that rank's RNGs and loader position (``ranks``;
+rank 0's are the top-level ones, so a single process reads it like any other).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from colabjob.jobs.rng import RngState, capture_rng, restore_rng
 __all__ = [
     "FILES",
     "Counters",
+    "RankState",
     "Restored",
     "Snapshot",
     "Stateful",
@@ -120,6 +123,14 @@ class Counters:
 
 
 @dataclass(frozen=True, kw_only=True)
+class RankState:
+    """What differs between the processes of a multi-process run: RNGs and data position."""
+
+    rng: RngState | None = None
+    data: Any = None
+
+
+@dataclass(frozen=True, kw_only=True)
 class Snapshot:
     """Everything ``write_snapshot`` writes, already copied to CPU memory (no live tensors)."""
 
@@ -135,6 +146,7 @@ class Snapshot:
     metrics: tuple[dict[str, Any], ...] = ()
     meta: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
+    ranks: tuple[RankState, ...] = ()  # ranks 1.. of a multi-process run (rank 0 is above)
 
     @property
     def model_nbytes(self) -> int:
@@ -151,6 +163,8 @@ class Restored:
     geometry_changed: tuple[str, ...]
     meta: dict[str, Any]
     versions: dict[str, str]
+    world_size: int = 1  # processes that wrote the checkpoint
+    rng_found: bool = True  # False: the checkpoint holds no RNG state for this rank
 
 
 def _versions() -> dict[str, str]:
@@ -309,6 +323,16 @@ def write_snapshot(snap: Snapshot, directory: str | os.PathLike[str]) -> dict[st
     if snap.rng is not None:
         doc["rng"] = snap.rng.plain()
         tensors.update({f"rng/{k}": v for k, v in snap.rng.tensors().items()})
+    if snap.ranks:
+        doc["world_size"] = 1 + len(snap.ranks)
+        doc["ranks"] = {}
+        for r, rank in enumerate(snap.ranks, start=1):
+            doc["ranks"][str(r)] = {
+                "rng": None if rank.rng is None else rank.rng.plain(),
+                "data": encode(rank.data, f"ranks/{r}/data", tensors),
+            }
+            if rank.rng is not None:
+                tensors.update({f"ranks/{r}/rng/{k}": v for k, v in rank.rng.tensors().items()})
     if tensors:
         files[TENSORS_FILE] = atomic_write(root / TENSORS_FILE, lambda p: save_file(tensors, p))
     files[METRICS_FILE] = write_json(root / METRICS_FILE, list(snap.metrics))
@@ -357,13 +381,16 @@ def restore(
     allow_geometry_change: bool = False,
     extras: Mapping[str, Stateful] | None = None,
     restore_rngs: bool = True,
+    rank: int = 0,
 ) -> Restored:
     """Load a ``write_snapshot`` directory into freshly built objects, in place.
 
     Every file is read and checked before any object changes, so a refused checkpoint
     (``UnsafeCheckpointError``, ``CorruptCheckpointError``, ``GeometryChangedError``) leaves
     them untouched. The RNGs are set last, so building objects after ``restore`` would
-    consume the restored streams: build everything first.
+    consume the restored streams: build everything first. ``rank`` picks that process's
+    RNGs and loader position from a multi-process checkpoint; a rank it has none for gets
+    rank 0's position and keeps its RNGs (``Restored.rng_found`` is False).
     """
     root = Path(directory)
     doc = read_json(root / STATE_FILE)
@@ -384,7 +411,14 @@ def restore(
         opt_state = safe_torch_load(root / OPTIMIZER_FILE)
         if not isinstance(opt_state, dict):
             raise CorruptCheckpointError(f"{OPTIMIZER_FILE} does not hold a dict")
-    data_state = decode(doc.get("data"), tensors)
+    rng_doc, rng_prefix, data_doc = doc.get("rng"), "rng/", doc.get("data")
+    if rank:
+        entry = (doc.get("ranks") or {}).get(str(rank))
+        if entry is None:
+            rng_doc = None
+        else:
+            rng_doc, rng_prefix, data_doc = entry["rng"], f"ranks/{rank}/rng/", entry["data"]
+    data_state = decode(data_doc, tensors)
     extra_states = {}
     for name in extras or {}:
         if name not in doc.get("extras", {}):
@@ -403,9 +437,10 @@ def restore(
         loader.load_state_dict(_require(data_state, "data loader"))
     for name, obj in (extras or {}).items():
         obj.load_state_dict(extra_states[name])
-    if restore_rngs and doc.get("rng") is not None:
-        rng_tensors = {k[4:]: v for k, v in tensors.items() if k.startswith("rng/")}
-        restore_rng(RngState.from_parts(doc["rng"], rng_tensors))
+    if restore_rngs and rng_doc is not None:
+        cut = len(rng_prefix)
+        rng_tensors = {k[cut:]: v for k, v in tensors.items() if k.startswith(rng_prefix)}
+        restore_rng(RngState.from_parts(rng_doc, rng_tensors))
     versions = dict(doc.get("versions") or {})
     if versions.get("torch") not in (None, torch.__version__):
         warnings.warn(
@@ -421,4 +456,6 @@ def restore(
         geometry_changed=changed,
         meta=dict(doc.get("meta") or {}),
         versions=versions,
+        world_size=int(doc.get("world_size", 1)),
+        rng_found=rng_doc is not None,
     )

@@ -5,10 +5,14 @@ The rule (tenacity's ``stop_before_delay`` applied to a training session): stop 
     now + next step (p95 of recent step times) + checkpoint write + upload/flush + margin
         >= deadline
 
-Step times are measured (after a warm-up; before that a conservative default is used);
-the save estimate scales the slowest recent checkpoint's write and upload times to the
-expected checkpoint size (before the first save: a guess from the expected size, or a flat
-default). Policies are small objects combined with ``|``; each satisfies
+Step times are measured: the p95 of recent steps after a warm-up, the warm-up step itself
+until then. Before the session's first step nothing is measured and nothing new could be
+saved by stopping, so the step guess defaults to 0 (the first step is taken whenever a final
+save and the margin still fit) unless a ``step_guess`` says otherwise. The save estimate
+scales the slowest recent checkpoint's write and upload times to the expected checkpoint
+size; before the first save it is ``save_guess`` when given, else the expected size (told by
+the training loop through ``expect_checkpoint``) at guessed throughputs, else a flat 300 s.
+Policies are small objects combined with ``|``; each satisfies
 ``colabjob.jobs.policy.StopPolicy``. Deadlines are converted to the monotonic clock once,
 so a wall-clock jump mid-session cannot move them.
 """
@@ -22,11 +26,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from colabjob.errors import ConfigError
+from colabjob.jobs.policy import StopPolicy
 from colabjob.runner.clock import SYSTEM_CLOCK, Clock
 from colabjob.runner.platforms import PlatformInfo, parse_duration
 from colabjob.runner.states import StopReason
 
 DEFAULT_MARGIN = 180.0  # seconds kept free after the final commit for estimation error
+FALLBACK_SAVE_SECONDS = 300.0  # the save guess when neither a size nor a guess is known
 
 
 class Policy:
@@ -45,6 +51,9 @@ class Policy:
     ) -> None:
         """A committed checkpoint of ``nbytes`` took this long to write and to upload."""
 
+    def expect_checkpoint(self, nbytes: int) -> None:
+        """The coming checkpoints will hold about ``nbytes`` (before one is measured)."""
+
     def should_stop(self) -> str | None:
         """None to keep going, else a ``StopReason`` value."""
         return None
@@ -57,22 +66,26 @@ class Policy:
         """Figures for status lines and the heartbeat (JSON-serialisable)."""
         return {}
 
-    def __or__(self, other: Policy) -> AnyOf:
+    def __or__(self, other: StopPolicy) -> AnyOf:
         return AnyOf(self, other)
 
 
 class AnyOf(Policy):
-    """Stops when any member stops (first reason wins); a checkpoint is due when any says so."""
+    """Stops when any member stops (first reason wins); a checkpoint is due when any says so.
 
-    def __init__(self, *policies: Policy) -> None:
-        flat: list[Policy] = []
+    Members are ``Policy`` objects or any other ``StopPolicy`` (e.g. a step count that ends a
+    simulated session); the optional parts (``emergency``, ``expect_checkpoint``, ``status``)
+    are used where a member has them."""
+
+    def __init__(self, *policies: StopPolicy) -> None:
+        flat: list[StopPolicy] = []
         for p in policies:
             flat.extend(p.policies if isinstance(p, AnyOf) else [p])
-        self.policies: tuple[Policy, ...] = tuple(flat)
+        self.policies: tuple[StopPolicy, ...] = tuple(flat)
 
     @property
     def emergency(self) -> bool:
-        return any(p.emergency for p in self.policies)
+        return any(bool(getattr(p, "emergency", False)) for p in self.policies)
 
     def observe_step(self, seconds: float) -> None:
         for p in self.policies:
@@ -85,6 +98,12 @@ class AnyOf(Policy):
             p.observe_checkpoint(
                 write_seconds=write_seconds, upload_seconds=upload_seconds, nbytes=nbytes
             )
+
+    def expect_checkpoint(self, nbytes: int) -> None:
+        for p in self.policies:
+            expect = getattr(p, "expect_checkpoint", None)
+            if callable(expect):
+                expect(nbytes)
 
     def should_stop(self) -> str | None:
         for p in self.policies:
@@ -100,7 +119,9 @@ class AnyOf(Policy):
     def status(self) -> dict[str, Any]:
         merged: dict[str, Any] = {}
         for p in self.policies:
-            merged.update(p.status())
+            status = getattr(p, "status", None)
+            if callable(status):
+                merged.update(status())
         return merged
 
 
@@ -172,17 +193,21 @@ class StopBeforeDeadline(Policy):
         *,
         clock: Clock = SYSTEM_CLOCK,
         margin: float = DEFAULT_MARGIN,
-        default_step_seconds: float = 60.0,
+        default_step_seconds: float = 0.0,
         warmup_steps: int = 1,
         window: int = 256,
         quantile: float = 0.95,
         checkpoint_nbytes: int | None = None,
-        default_save_seconds: float = 300.0,
+        default_save_seconds: float | None = None,
         guess_write_bytes_per_second: float = 100e6,
         guess_upload_bytes_per_second: float = 20e6,
         remember_checkpoints: int = 5,
     ) -> None:
-        if margin < 0 or default_step_seconds < 0 or default_save_seconds < 0:
+        if (
+            margin < 0
+            or default_step_seconds < 0
+            or (default_save_seconds is not None and default_save_seconds < 0)
+        ):
             raise ConfigError("margin and default times must not be negative")
         if not 0 < quantile <= 1:
             raise ConfigError(f"quantile must be in (0, 1], got {quantile}")
@@ -219,13 +244,18 @@ class StopBeforeDeadline(Policy):
         return len(self._saves)
 
     def step_estimate(self) -> float:
+        """Seconds the next step is expected to take: the p95 of the measured steps; during
+        the warm-up the slowest warm-up step (usually slower than the rest: allocation,
+        compilation); before any step, ``default_step_seconds``."""
         q = self.steps.quantile(self.quantile)
-        if q is None:  # still warming up: the default, or worse if a step was already slower
-            return max(self.default_step_seconds, self.steps.warmup_max)
+        if q is None:
+            return self.steps.warmup_max if self.steps.seen else self.default_step_seconds
         return q
 
     def save_estimate(self) -> tuple[float, float]:
-        """``(write, upload)`` seconds expected for the final checkpoint."""
+        """``(write, upload)`` seconds expected for the final checkpoint: the measured saves
+        scaled to the expected size; before any, ``default_save_seconds`` when given, else
+        the expected size at the guessed throughputs, else ``FALLBACK_SAVE_SECONDS``."""
         size = self.expected_nbytes
         if self._saves:
             write = upload = 0.0
@@ -233,9 +263,11 @@ class StopBeforeDeadline(Policy):
                 scale = (size / n) if size and n else 1.0
                 write, upload = max(write, w * scale), max(upload, u * scale)
             return write, upload
+        if self.default_save_seconds is not None:
+            return self.default_save_seconds, 0.0
         if size:
             return size / self.guess_write_bps, size / self.guess_upload_bps
-        return self.default_save_seconds, 0.0
+        return FALLBACK_SAVE_SECONDS, 0.0
 
     def predict(self) -> Prediction | None:
         """The stop rule's inputs now; None when there is no deadline."""
@@ -301,13 +333,25 @@ def budget_for(
     margin: float | str = DEFAULT_MARGIN,
     checkpoint_every: float | str | None = None,
     checkpoint_nbytes: int | None = None,
+    step_guess: float | str | None = None,
+    save_guess: float | str | None = None,
 ) -> Policy:
-    """The usual policy for a session: stop before ``platform.deadline``, checkpoint every M."""
+    """The usual policy for a session: stop before ``platform.deadline``, checkpoint every M.
+
+    ``step_guess`` / ``save_guess`` (seconds or a duration such as ``"2m"``; None: the
+    defaults, see the module docstring) are what the stop rule assumes before the first
+    step / the first checkpoint is measured."""
     policy: Policy = StopBeforeDeadline(
         platform.deadline,
         clock=clock,
         margin=parse_duration(margin, what="margin"),
         checkpoint_nbytes=checkpoint_nbytes,
+        default_step_seconds=(
+            0.0 if step_guess is None else parse_duration(step_guess, what="step guess")
+        ),
+        default_save_seconds=(
+            None if save_guess is None else parse_duration(save_guess, what="save guess")
+        ),
     )
     if checkpoint_every is not None:
         policy = policy | CheckpointEvery(

@@ -59,6 +59,7 @@ class RunRequest:
     allow_geometry_change: bool = False
     progress: str = "auto"
     debug: bool = False
+    nproc: int = 1  # > 1: the supervisor runs it through colabjob.runner.launch
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), default=str)
@@ -139,15 +140,14 @@ def run_in_process(
 ) -> SegmentOutcome:
     """Run one segment here (no crash isolation); what the child process calls.
 
-    ``log`` receives the segment's log lines (metrics every ``log_every_steps``, checkpoint
-    commits, the stop); by default they go to ``progress.event`` when a sink is given.
+    ``progress`` receives the metrics every ``log_every_steps`` (with the session's deadline
+    and next checkpoint) and the events (checkpoint commits, the stop); ``log``, when given,
+    receives the events (and, without ``progress``, the metrics as lines).
     """
     from colabjob.config import JobSpec
     from colabjob.runner.segment import SegmentOptions, run_segment
 
     spec = JobSpec.from_dict(request.spec)
-    if log is None and progress is not None:
-        log = progress.event
     options = SegmentOptions(
         budget=request.budget,
         platform=request.platform,
@@ -157,6 +157,7 @@ def run_in_process(
         allow_geometry_change=request.allow_geometry_change,
         session_id=request.session_id,
         log=log,
+        progress=progress,
     )
     return run_segment(request.url, spec, options=options)
 

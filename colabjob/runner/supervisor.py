@@ -4,13 +4,15 @@
 (or another child module, e.g. the CLI's, which adds a progress display) in its own process
 group, forwards SIGTERM/SIGINT/SIGUSR1 to it (so the child's watchdog checkpoints and
 stops at the next step boundary: exit 75), and waits. The child writes a small JSON result
-before it exits. A child that dies without one (SIGKILL, segfault, the OOM killer) or whose
-result says the error is retryable (an exception in training, CUDA OOM, storage trouble) is
-a crash: its open segment is closed in ``job.json`` with stop reason ``crash`` and the error,
-the dead child's lease is released, and after a backoff the segment runs again from the
-last committed checkpoint, up to ``retries`` times; then the job is FAILED. A user error
-(bad config, an import error, a lease held elsewhere) fails at once. Exit codes: 0 done,
-75 paused (resume in the next session), 1 failed, 2 usage/config/lease error.
+before it exits (with ``request.nproc`` > 1 the child is ``colabjob.runner.launch``,
+which runs that many ranks of it and reports as one). A child that dies without one
+(SIGKILL, segfault, the OOM killer) or whose result says the error is retryable (an
+exception in training, CUDA OOM, storage trouble) is a crash: its open segment is closed
+in ``job.json`` with stop reason ``crash`` and the error, the dead child's lease is
+released, and after a backoff the segment runs again from the last committed checkpoint,
+up to ``retries`` times; then the job is FAILED. A user error (bad config, an import error,
+a lease held elsewhere) fails at once. Exit codes: 0 done, 75 paused (resume in the next
+session), 1 failed, 2 usage/config/lease error.
 """
 
 from __future__ import annotations
@@ -140,6 +142,9 @@ class Supervisor:
         res_path = workdir / f"result-{attempt}.json"
         req_path.write_text(self.request.to_json())
         cmd = [self.python, "-m", self.child_module, "child", str(req_path), str(res_path)]
+        if self.request.nproc > 1:  # N ranks, one result (colabjob.runner.launch)
+            launch = ["-m", "colabjob.runner.launch", "--nproc", str(self.request.nproc)]
+            cmd = [self.python, *launch, "--module", self.child_module, *cmd[3:]]
         env = dict(os.environ if self.env is None else self.env)
         self._child = subprocess.Popen(cmd, env=env, start_new_session=True)
         self._pids.add(self._child.pid)

@@ -23,8 +23,8 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 from colabjob.errors import StorageError
-from colabjob.jobs.policy import StopPolicy
-from colabjob.runner.budget import Policy, budget_for
+from colabjob.jobs.policy import StopPolicy, expect_checkpoint
+from colabjob.runner.budget import AnyOf, Policy, budget_for
 from colabjob.runner.clock import SYSTEM_CLOCK, Clock
 from colabjob.runner.lease import read_lease
 from colabjob.runner.platforms import PlatformInfo, metadata_get
@@ -185,6 +185,10 @@ class Watchdog:
                 write_seconds=write_seconds, upload_seconds=upload_seconds, nbytes=nbytes
             )
 
+    def expect_checkpoint(self, nbytes: int) -> None:
+        if self.policy is not None:
+            expect_checkpoint(self.policy, nbytes)
+
     def should_stop(self) -> str | None:
         if not self.event.is_set() and self.policy is not None:
             verdict = self.policy.should_stop()
@@ -335,18 +339,29 @@ def watchdog_for(
     margin: float | str = 180.0,
     checkpoint_every: float | str | None = None,
     checkpoint_nbytes: int | None = None,
+    step_guess: float | str | None = None,
+    save_guess: float | str | None = None,
     stop_poll_seconds: float = 30.0,
     environ: Mapping[str, str] | None = None,
+    extra: StopPolicy | None = None,
 ) -> Watchdog:
-    """A watchdog (not started) with the budget, signals and notices ``platform`` calls for."""
+    """A watchdog (not started) with the budget, signals and notices ``platform`` calls for.
+
+    ``step_guess``/``save_guess``: see ``budget_for``. ``extra`` is one more policy whose
+    stop counts like the budget's (e.g. a step count ending a simulated session)."""
+    policy: StopPolicy = budget_for(
+        platform,
+        clock=clock,
+        margin=margin,
+        checkpoint_every=checkpoint_every,
+        checkpoint_nbytes=checkpoint_nbytes,
+        step_guess=step_guess,
+        save_guess=save_guess,
+    )
+    if extra is not None:
+        policy = AnyOf(policy, extra)
     return Watchdog(
-        budget_for(
-            platform,
-            clock=clock,
-            margin=margin,
-            checkpoint_every=checkpoint_every,
-            checkpoint_nbytes=checkpoint_nbytes,
-        ),
+        policy,
         clock=clock,
         store=store,
         epoch=epoch,

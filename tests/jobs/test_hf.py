@@ -1,9 +1,10 @@
 """The HF Trainer integration: an existing-style Trainer script plus the added lines of
 ``colabjob.hf.resumable`` stops on the runner's budget (a fake clock: each step "takes" 30
-seconds; until a save is measured the budget assumes 300 s for one, so a 400 s session fits
-three steps), commits through our protocol (never an HF ``checkpoint-N`` folder), and resumes
-in the next "session" bit-identically, loss history included; the mixin alone resumes an
-iterable dataset exactly; a paused script exits with 75; a completed job loads its weights.
+seconds; told ``save_guess="5m"``, the budget assumes 300 s for a save until one is measured,
+so a 400 s session fits three steps), commits through our protocol (never an HF
+``checkpoint-N`` folder), and resumes in the next "session" bit-identically, loss history
+included; the mixin alone resumes an iterable dataset exactly; a paused script exits with 75;
+a completed job loads its weights.
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def test_script_with_added_lines_pauses_on_budget_and_resumes_exactly(
     outcomes = []
     for _ in range(8):
         trainer = user_script(tmp_path / "split", assets, tmp_path / "out2", clock=clock,
-                              budget="400s", exit_on_pause=False)
+                              budget="400s", save_guess="5m", exit_on_pause=False)
         outcomes.append(trainer.colabjob_outcome)
         if outcomes[-1].completed:
             break
@@ -119,7 +120,7 @@ def test_script_with_added_lines_pauses_on_budget_and_resumes_exactly(
 def test_paused_script_exits_75(assets: dict[str, Path], tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as e:
         user_script(tmp_path / "job", assets, tmp_path / "out", clock=FakeClock(), budget="400s",
-                    exit_on_pause=True)
+                    save_guess="5m", exit_on_pause=True)
     assert e.value.code == 75
     record = read_record(open_store(str(tmp_path / "job")))
     assert record is not None and record[0].state is JobState.SUSPENDED

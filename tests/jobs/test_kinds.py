@@ -91,8 +91,8 @@ def test_finetune_resumes_bit_identical(assets: dict[str, Path], tmp_path: Path)
 def test_each_kind_resumes_bit_identical_after_sigkill(
     kind: str, assets: dict[str, Path], tmp_path: Path
 ) -> None:
-    """Killed right after step 5 with background commits every 2 steps: the next segment
-    resumes from whichever checkpoint committed (2 or 4) and still ends bit-identical."""
+    """Killed after step 5 (and after a background commit, every 2 steps, completed): the
+    next segment resumes from whichever checkpoint committed and still ends bit-identical."""
     import subprocess
     import sys
 
@@ -108,7 +108,7 @@ def test_each_kind_resumes_bit_identical_after_sigkill(
     )
     assert child.returncode == -9, child.stderr[-2000:]
     info = CheckpointStore(open_store(str(tmp_path / "killed"))).latest()
-    assert info is not None and info.step in (2, 4)
+    assert info is not None and info.step >= 2 and info.step % 2 == 0
     rest = _segments(spec, tmp_path / "killed", None)
     assert rest[0].first_step == info.step and rest[-1].completed
     assert compare_final_weights(tmp_path / "straight", tmp_path / "killed")

@@ -327,15 +327,16 @@ def test_time_interval_checkpoints_come_from_the_policy(tmp_path: Path) -> None:
     assert len(ctx.policy.checkpoints) == 3  # type: ignore[attr-defined]
 
 
-def test_step_times_reach_the_policy_as_the_slowest_of_each_window(tmp_path: Path) -> None:
+def test_every_step_time_reaches_the_policy(tmp_path: Path) -> None:
     now = [0.0]
     ctx = make_ctx(tmp_path, policy=StopAfter(None), monotonic=lambda: now[0])
     s = _tracked(ctx)  # at t=0: without batches(), step times count from track()
     for dt in [0.03, 0.05, 0.01, 0.02, 0.5, 0.04, 0.05]:  # seconds per step
         now[0] += dt
         s.step(loss=1.0)
-    # windows of >= 0.1 s: [.03 .05 .01 .02] -> .05, [.5] -> .5, then [.04 .05] still open
-    assert ctx.policy.observed == pytest.approx([0.05, 0.5])  # type: ignore[attr-defined]
+    # one call per optimizer step, boundary to boundary (the StopPolicy contract)
+    expected = [0.03, 0.05, 0.01, 0.02, 0.5, 0.04, 0.05]
+    assert ctx.policy.observed == pytest.approx(expected)  # type: ignore[attr-defined]
 
 
 def test_a_failed_background_commit_is_retried(tmp_path: Path) -> None:

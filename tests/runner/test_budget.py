@@ -51,7 +51,7 @@ def test_stops_exactly_when_the_prediction_crosses() -> None:
     assert p is not None and (p.step, p.write, p.upload, p.margin, p.need) == (10, 20, 20, 60, 110)
 
 
-def test_before_measurements_the_defaults_are_conservative() -> None:
+def test_before_measurements_the_guesses_then_the_warmup_step() -> None:
     clock = FakeClock()
     policy = StopBeforeDeadline(
         clock.time() + 1000,
@@ -63,12 +63,47 @@ def test_before_measurements_the_defaults_are_conservative() -> None:
     )
     assert policy.step_estimate() == 60 and policy.save_estimate() == (300, 0)
     policy.observe_step(100)  # the warm-up step (compilation) is slow and not a sample...
-    assert policy.step_estimate() == 100  # ...but it still bounds the estimate until samples exist
+    assert policy.step_estimate() == 100  # ...but it is the estimate until samples exist
     policy.observe_step(2)
     assert policy.step_estimate() == 2
+    policy.expect_checkpoint(200_000_000)  # an explicit save guess wins over the size...
+    assert policy.save_estimate() == (300, 0)
+    policy.observe_checkpoint(write_seconds=1, upload_seconds=3, nbytes=100_000_000)
+    assert policy.save_estimate() == (1, 3)  # ...until a save is measured
+    policy.expect_checkpoint(200_000_000)
+    assert policy.save_estimate() == (2, 6)  # scaled to the expected size
+
+
+def test_the_default_guesses() -> None:
+    clock = FakeClock()
+    policy = StopBeforeDeadline(clock.time() + 1000, clock=clock, margin=0)
+    # before the first step nothing new could be saved: no step is reserved
+    assert policy.step_estimate() == 0 and policy.save_estimate() == (300, 0)
+    policy.observe_step(0.5)  # the warm-up step is the estimate now, not a flat 60 s
+    assert policy.step_estimate() == 0.5
     policy.expect_checkpoint(200_000_000)  # a size before any save: guessed throughputs
     write, upload = policy.save_estimate()
     assert write == pytest.approx(2.0) and upload == pytest.approx(10.0)
+
+
+def test_budget_for_takes_the_guesses() -> None:
+    clock = FakeClock()
+    info = PlatformInfo(name="local", tier=None, deadline=clock.time() + 3600, limit=None)
+    policy = budget_for(info, clock=clock, step_guess="2m", save_guess=90)
+    assert isinstance(policy, StopBeforeDeadline)
+    assert policy.step_estimate() == 120 and policy.save_estimate() == (90, 0)
+    with pytest.raises(ConfigError):
+        budget_for(info, clock=clock, step_guess="soon")
+
+
+def test_expect_checkpoint_reaches_the_budget_through_any_of_and_other_policies() -> None:
+    clock = FakeClock()
+    budget = StopBeforeDeadline(clock.time() + 1000, clock=clock, margin=0)
+    combo = AnyOf(budget | CheckpointEvery(60, clock=clock), NeverStop())
+    combo.expect_checkpoint(40_000_000)
+    assert budget.expected_nbytes == 40_000_000
+    assert not combo.emergency and combo.should_stop() is None
+    assert "deadline" in combo.status()
 
 
 def test_save_estimate_scales_the_slowest_recent_save() -> None:
