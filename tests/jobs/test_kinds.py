@@ -108,7 +108,7 @@ def test_each_kind_resumes_bit_identical_after_sigkill(
     )
     assert child.returncode == -9, child.stderr[-2000:]
     info = CheckpointStore(open_store(str(tmp_path / "killed"))).latest()
-    assert info is not None and info.step >= 2 and info.step % 2 == 0
+    assert info is not None and info.step >= 2  # a save due while one uploads is deferred
     rest = _segments(spec, tmp_path / "killed", None)
     assert rest[0].first_step == info.step and rest[-1].completed
     assert compare_final_weights(tmp_path / "straight", tmp_path / "killed")
