@@ -74,8 +74,12 @@ class TensorBoardExport:
             self.writer.add_event(event)
             self.last_step, self.scalars = step, self.scalars + len(values)
             written += 1
-        self.writer.flush()
+        # no flush here: it waits for the writer thread (hundreds of µs), and this runs in
+        # the training loop; upload() and close() flush
         return written
+
+    def flush(self) -> None:
+        self.writer.flush()
 
     def close(self) -> None:
         self.writer.close()

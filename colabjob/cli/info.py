@@ -200,6 +200,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
         history = load_history(store, record)
         if export is not None:
             export.add_rows(history.rows)
+            export.flush()
         for warning in history.warnings:
             note(f"colabjob: {warning}")
         now: Counter[str] = Counter()

@@ -122,7 +122,7 @@ class TensorBoardSink:
         if not self._dirty:
             return
         if flush:
-            self.export.writer.flush()
+            self.export.flush()
         self.store.put_file(self.local_file, self.key)
         self._dirty = False
 
