@@ -20,6 +20,7 @@ import torch
 
 from colabjob.errors import StaleEpochError
 from colabjob.jobs.context import SegmentContext
+from colabjob.jobs.saver import report_commit
 from colabjob.jobs.state import Snapshot, write_snapshot
 
 if TYPE_CHECKING:
@@ -118,17 +119,7 @@ class Committer:
 
     def _committed(self, info: CheckpointInfo, snap_s: float) -> None:
         self.committed_step = info.step
-        stats = info.stats
-        if stats is not None:
-            self.ctx.policy.observe_checkpoint(
-                write_seconds=snap_s + stats.write_seconds,
-                upload_seconds=stats.upload_seconds + stats.commit_seconds,
-                nbytes=stats.nbytes,
-            )
-            self.say(
-                f"checkpoint step {info.step} committed ({stats.nbytes / 1e6:.1f} MB, "
-                f"{snap_s + stats.total_seconds:.1f} s)"
-            )
+        report_commit(self.ctx, info, snap_s, self.say)
         if self.ctx.on_status is not None:
             self.ctx.on_status({"checkpoint_step": info.step})
 

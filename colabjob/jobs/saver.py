@@ -254,16 +254,25 @@ class Checkpointer:
 
     def _committed(self, info: CheckpointInfo, snap_s: float) -> None:
         self.committed_step = info.step
-        stats = info.stats
-        if stats is not None:
-            self.ctx.policy.observe_checkpoint(
-                write_seconds=snap_s + stats.write_seconds,
-                upload_seconds=stats.upload_seconds + stats.commit_seconds,
-                nbytes=stats.nbytes,
-            )
-            self._say(
-                f"checkpoint step {info.step} committed ({stats.nbytes / 1e6:.1f} MB, "
-                f"{snap_s + stats.total_seconds:.1f} s)"
-            )
+        report_commit(self.ctx, info, snap_s, self._say)
         if self._on_commit is not None:
             self._on_commit()
+
+
+def report_commit(
+    ctx: SegmentContext, info: CheckpointInfo, snap_s: float, say: Callable[[str], None]
+) -> None:
+    """Tell the stop policy what a committed checkpoint cost (the snapshot and the write,
+    then upload and commit) so the budget learns real save times, and say so in the log."""
+    stats = info.stats
+    if stats is None:
+        return
+    ctx.policy.observe_checkpoint(
+        write_seconds=snap_s + stats.write_seconds,
+        upload_seconds=stats.upload_seconds + stats.commit_seconds,
+        nbytes=stats.nbytes,
+    )
+    say(
+        f"checkpoint step {info.step} committed ({stats.nbytes / 1e6:.1f} MB, "
+        f"{snap_s + stats.total_seconds:.1f} s)"
+    )
