@@ -38,10 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from colabjob.runner.child import EXIT_DONE, EXIT_PAUSED, EXIT_USAGE, ChildResult, RunRequest
+from colabjob.runner.signals import ForwardedSignals, as_child_signal
 
 __all__ = ["LaunchResult", "Launcher", "free_port", "launch", "main", "rank_env", "rank_path"]
 
-FORWARDED = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGHUP")
 DEFAULT_GRACE = 10.0  # SIGTERM -> SIGKILL for the ranks left after a failure
 DEFAULT_EXIT_GRACE = 120.0  # how long the other ranks may take once one ended normally
 
@@ -115,7 +115,7 @@ class Launcher:
         self.master_port = master_port or free_port(master_addr)
         self.cwd, self.poll, self.watch_parent = cwd, poll, watch_parent
         self.procs: list[subprocess.Popen[bytes]] = []
-        self._previous: dict[int, Any] = {}
+        self._signals = ForwardedSignals(self._forward)
 
     @property
     def nproc(self) -> int:
@@ -130,20 +130,7 @@ class Launcher:
                     os.kill(p.pid, signum)
 
     def _forward(self, signum: int, frame: object) -> None:
-        self.send(signal.SIGTERM if signum == getattr(signal, "SIGHUP", None) else signum)
-
-    def _install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for name in FORWARDED:
-            signum = getattr(signal, name, None)
-            if signum is not None:
-                self._previous[signum] = signal.signal(signum, self._forward)
-
-    def _restore(self) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-        self._previous.clear()
+        self.send(as_child_signal(signum))
 
     # -- running ----------------------------------------------------------------------------
     def start(self) -> None:
@@ -179,7 +166,7 @@ class Launcher:
         threading.Thread(target=watch, name="colabjob-launch-parent", daemon=True).start()
 
     def run(self) -> LaunchResult:
-        self._install()
+        self._signals.install()
         try:
             self.start()
             return self._wait()
@@ -188,7 +175,7 @@ class Launcher:
                 if p.poll() is None:
                     p.kill()
                     p.wait()
-            self._restore()
+            self._signals.restore()
 
     def _wait(self) -> LaunchResult:
         now = time.monotonic

@@ -44,6 +44,7 @@ from colabjob.runner.child import (
 from colabjob.runner.clock import SYSTEM_CLOCK, Clock
 from colabjob.runner.lease import Lease, read_lease
 from colabjob.runner.record import JobRecord, read_record, update_record
+from colabjob.runner.signals import ForwardedSignals, as_child_signal
 from colabjob.runner.states import JobEvent, JobState, StopReason
 
 if TYPE_CHECKING:
@@ -64,10 +65,8 @@ __all__ = [
     "supervise",
 ]
 
-FORWARDED_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1", "SIGHUP")
 DEFAULT_RETRIES = 2
 DEFAULT_BACKOFF = 5.0  # seconds before the first retry; doubles each time
-_SIGHUP = getattr(signal, "SIGHUP", None)  # the terminal went away: stop like SIGTERM
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,7 +111,7 @@ class Supervisor:
         self.env = env
         self.stopping = threading.Event()
         self._child: subprocess.Popen[bytes] | None = None
-        self._previous: dict[int, Any] = {}
+        self._signals = ForwardedSignals(self._forward)
         self._pids: set[int] = set()
 
     # -- signals --------------------------------------------------------------------------------
@@ -121,20 +120,7 @@ class Supervisor:
         child = self._child
         if child is not None and child.poll() is None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(child.pid, signal.SIGTERM if signum == _SIGHUP else signum)
-
-    def _install(self) -> None:
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for name in FORWARDED_SIGNALS:
-            signum = getattr(signal, name, None)
-            if signum is not None:
-                self._previous[signum] = signal.signal(signum, self._forward)
-
-    def _restore(self) -> None:
-        for signum, previous in self._previous.items():
-            signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
-        self._previous.clear()
+                os.kill(child.pid, as_child_signal(signum))
 
     # -- one attempt ----------------------------------------------------------------------------
     def _attempt(self, workdir: Path, attempt: int) -> tuple[ChildResult | None, int]:
@@ -164,7 +150,7 @@ class Supervisor:
 
     def run(self) -> SupervisorResult:
         crashes: list[str] = []
-        self._install()
+        self._signals.install()
         try:
             with tempfile.TemporaryDirectory(prefix="colabjob-supervisor-") as tmp:
                 attempt = 0
@@ -213,7 +199,7 @@ class Supervisor:
                             crashes=tuple(crashes),
                         )
         finally:
-            self._restore()
+            self._signals.restore()
 
     def _final_code(self, code: int) -> int:
         """A segment stopped by ``colabjob stop --cancel`` leaves nothing to resume: 0."""
