@@ -253,6 +253,20 @@ def run_trainer(
     return outcome
 
 
+def load_pretrained_data(spec: JobSpec) -> tuple[Any, Any]:
+    """The tokenizer of a pretrained model (or ``spec.tokenizer``) and the spec's data,
+    tokenized: what the finetune and lora kinds start from."""
+    from colabjob.jobs.datasets import build_dataset
+
+    assert spec.model is not None and spec.data is not None
+    name = spec.tokenizer.name_or_path or spec.model.name_or_path
+    assert name is not None
+    tokenizer = load_tokenizer(
+        name, revision=spec.model.revision, trust=spec.model.trust_remote_code
+    )
+    return tokenizer, build_dataset(spec.data, tokenizer)
+
+
 def load_tokenizer(name: str, *, revision: str | None = None, trust: bool = False) -> Any:
     """A tokenizer by path or hub name, with a pad token (EOS when it has none)."""
     from transformers import AutoTokenizer

@@ -18,6 +18,7 @@ import colabjob
 from colabjob.errors import JobMovedError, JobStateError
 from colabjob.jobs.context import SegmentOutcome
 from colabjob.jobs.data import make_loader
+from colabjob.jobs.demo import StepBudget
 from colabjob.jobs.session import Session
 from colabjob.runner.budget import AnyOf, StopBeforeDeadline
 from colabjob.runner.lease import read_lease
@@ -176,29 +177,6 @@ def test_open_segment_records_the_outcome_it_is_given(url: str) -> None:
     assert lease is not None and lease[0].released
 
 
-class StopAfterSteps:
-    """A step count as a ``StopPolicy`` (counts every observed step)."""
-
-    emergency = False
-
-    def __init__(self, steps: int) -> None:
-        self.steps, self.seen = steps, 0
-
-    def observe_step(self, seconds: float) -> None:
-        self.seen += 1
-
-    def observe_checkpoint(
-        self, *, write_seconds: float, upload_seconds: float, nbytes: int
-    ) -> None:
-        pass
-
-    def should_stop(self) -> str | None:
-        return "budget" if self.seen >= self.steps else None
-
-    def checkpoint_due(self) -> bool:
-        return False
-
-
 class Recorder:
     def __init__(self) -> None:
         self.updates: list[tuple[int, int | None, dict[str, Any]]] = []
@@ -217,7 +195,7 @@ def test_an_extra_stop_policy_and_the_progress_sink(url: str) -> None:
     opts = SegmentOptions(
         platform="local", budget="2h", session_started_at=clock.time(), every_minutes=10,
         every_steps=4, max_steps=100, log_every_steps=2, clock=clock, progress=sink,
-        stop_policy=StopAfterSteps(6), tensorboard=False,
+        stop_policy=StepBudget(6), tensorboard=False,
     )  # fmt: skip
     with open_segment(url, opts) as seg, Session(seg.context) as s:
         _train(s, clock=clock, step_seconds=2.0)

@@ -13,11 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from colabjob.jobs.datasets import build_dataset
 from colabjob.jobs.defaults import DeviceCaps
 from colabjob.jobs.hf_job import (
     load_model,
-    load_tokenizer,
+    load_pretrained_data,
     plan_training,
     run_trainer,
     weights_dtype,
@@ -32,12 +31,7 @@ def run(spec: JobSpec, ctx: SegmentContext) -> SegmentOutcome:
     from transformers import set_seed
 
     assert spec.model is not None and spec.data is not None
-    name = spec.tokenizer.name_or_path or spec.model.name_or_path
-    assert name is not None
-    tokenizer = load_tokenizer(
-        name, revision=spec.model.revision, trust=spec.model.trust_remote_code
-    )
-    dataset = build_dataset(spec.data, tokenizer)
+    tokenizer, dataset = load_pretrained_data(spec)
     set_seed(spec.training.seed)
     model = load_model(spec, weights_dtype(spec, "fp32", frozen_base=False))
     plan = plan_training(spec, ctx, model, caps=DeviceCaps.detect())

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from colabjob.errors import ConfigError
-from colabjob.jobs.datasets import build_dataset
 from colabjob.jobs.defaults import DeviceCaps, choose_precision
 from colabjob.jobs.hf_job import (
     load_model,
-    load_tokenizer,
+    load_pretrained_data,
     plan_training,
     run_trainer,
     weights_dtype,
@@ -75,12 +74,7 @@ def run(spec: JobSpec, ctx: SegmentContext) -> SegmentOutcome:
     from transformers import set_seed
 
     assert spec.model is not None and spec.data is not None
-    name = spec.tokenizer.name_or_path or spec.model.name_or_path
-    assert name is not None
-    tokenizer = load_tokenizer(
-        name, revision=spec.model.revision, trust=spec.model.trust_remote_code
-    )
-    dataset = build_dataset(spec.data, tokenizer)
+    tokenizer, dataset = load_pretrained_data(spec)
     caps = DeviceCaps.detect()
     precision, _ = choose_precision(spec.training.precision, caps)
     set_seed(spec.training.seed)
