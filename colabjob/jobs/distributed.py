@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sized
@@ -170,6 +171,10 @@ def init_distributed(
 def shutdown_distributed() -> None:
     """Leave the process group (and its control group), if this process is in one."""
     if in_process_group():
+        # Free unreachable cycles now: one holding a DistributedDataParallel (a Session that
+        # tracked it, say) otherwise lives until interpreter finalization, and gloo aborts
+        # the process when its last reference goes then (about 1 exit in 15, measured).
+        gc.collect()
         # Leave together: a rank that tears gloo down while a peer is still using the
         # connection makes the peer's gloo thread abort the process ("terminate called
         # without an active exception").

@@ -208,6 +208,34 @@ def test_unwrap_model_strips_wrappers() -> None:
     assert unwrap_model(inner) is inner and unwrap_model(None) is None
 
 
+def test_leaving_the_group_frees_a_ddp_held_in_a_cycle_first(tmp_path: Path) -> None:
+    """A DistributedDataParallel kept alive only by a reference cycle (a Session that
+    tracked it) must go before the group does: left to interpreter finalization, gloo
+    aborted about one exit in fifteen ("terminate called without an active exception")."""
+    import gc
+    import weakref
+
+    import torch.distributed as dist
+
+    from colabjob.jobs.distributed import in_process_group, shutdown_distributed
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    gc.disable()  # only shutdown_distributed may collect the cycle
+    try:
+        holder: dict[str, Any] = {"ddp": nn.parallel.DistributedDataParallel(nn.Linear(2, 2))}
+        holder["self"] = holder
+        alive = weakref.ref(holder["ddp"])
+        del holder
+        assert alive() is not None  # unreachable, but not yet collected
+        shutdown_distributed()
+        assert alive() is None and not in_process_group()
+    finally:
+        gc.enable()
+        if in_process_group():
+            dist.destroy_process_group()
+
+
 # ---- the launcher (children without torch: fast) ---------------------------------------------
 
 ENV_DUMP = (
