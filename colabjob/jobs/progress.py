@@ -111,3 +111,16 @@ class FanOut:
                 close_progress(sink)
             except Exception as e:
                 log.warning("closing progress sink %s failed: %s", type(sink).__name__, e)
+
+
+def progress_row(entry: Mapping[str, Any], policy: Any, every_steps: int | None) -> dict[str, Any]:
+    """A metrics history entry as a ``ProgressSink`` row: without its step, plus the
+    session's deadline and next checkpoint (from the stop policy's ``status()``, when it
+    has one, and the step interval)."""
+    shown = {k: v for k, v in entry.items() if k != "step"}
+    status = getattr(policy, "status", None)
+    if callable(status):
+        shown.update({k: v for k, v in status().items() if k in STATUS_KEYS and v is not None})
+    if every_steps is not None:
+        shown["next_checkpoint_step"] = (int(entry["step"]) // every_steps + 1) * every_steps
+    return shown

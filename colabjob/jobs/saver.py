@@ -23,7 +23,6 @@ import dataclasses
 import logging
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +30,6 @@ import torch
 
 from colabjob.errors import ResumeError, StaleEpochError
 from colabjob.jobs.context import SegmentContext
-from colabjob.jobs.data import Geometry
 from colabjob.jobs.distributed import Coordinator
 from colabjob.jobs.formats import deep_cpu_copy, read_json
 from colabjob.jobs.rng import capture_rng, derive_seed, seed_everything
@@ -41,11 +39,11 @@ from colabjob.jobs.state import (
     RankState,
     Restored,
     Snapshot,
-    Stateful,
     restore,
     snapshot,
     write_snapshot,
 )
+from colabjob.jobs.tracking import Tracked
 
 if TYPE_CHECKING:
     from colabjob.storage.checkpoints import CheckpointInfo, PendingCommit
@@ -53,21 +51,6 @@ if TYPE_CHECKING:
 __all__ = ["Checkpointer", "Tracked"]
 
 log = logging.getLogger("colabjob.jobs.session")
-
-
-@dataclass(kw_only=True)
-class Tracked:
-    """The live objects of a session (set once by ``Session.track``)."""
-
-    model: torch.nn.Module | None = None
-    optimizer: torch.optim.Optimizer | None = None
-    scheduler: Stateful | None = None
-    scaler: Stateful | None = None
-    loader: Any = None
-    extras: dict[str, Stateful] = field(default_factory=dict)
-    optional: dict[str, Stateful] = field(default_factory=dict)
-    trainable_only: bool | None = None
-    geometry: Geometry | None = None
 
 
 class Checkpointer:

@@ -42,13 +42,14 @@ import torch
 from colabjob.errors import CheckpointError, ConfigError
 from colabjob.jobs.context import SegmentContext, SegmentOutcome
 from colabjob.jobs.data import Geometry
-from colabjob.jobs.distributed import Coordinator, check_loader, unwrap_model
+from colabjob.jobs.distributed import Coordinator
 from colabjob.jobs.metrics import MetricsLog
 from colabjob.jobs.policy import expect_checkpoint
-from colabjob.jobs.progress import STATUS_KEYS, format_metric_line
+from colabjob.jobs.progress import format_metric_line, progress_row
 from colabjob.jobs.saver import Checkpointer
 from colabjob.jobs.sizing import checkpoint_nbytes
 from colabjob.jobs.state import Counters, Snapshot, Stateful
+from colabjob.jobs.tracking import batch_len, build_tracked, release_loader
 
 if TYPE_CHECKING:
     from colabjob.storage.checkpoints import CheckpointInfo, PendingCommit
@@ -123,34 +124,20 @@ class Session:
         """
         if self._tracked:
             raise ConfigError("Session.track() was already called; call it once per session")
-        if not isinstance(grad_accum, int) or grad_accum < 1:
-            raise ConfigError(f"grad_accum must be a positive int, got {grad_accum!r}")
-        if loader is not None and not (
-            callable(getattr(loader, "state_dict", None))
-            and callable(getattr(loader, "load_state_dict", None))
-        ):
-            raise ConfigError(
-                f"the loader ({type(loader).__name__}) cannot report its position",
-                hint="build it with colabjob.jobs.data.make_loader(dataset, batch_size=..., "
-                "seed=...), which resumes at the exact sample",
-            )
-        both = set(extras or {}) & set(optional or {})
-        if both:
-            raise ConfigError(f"{sorted(both)} passed both as extras and as optional")
-        size = batch_size if batch_size is not None else getattr(loader, "batch_size", None)
-        if loader is not None and size is None:
-            raise ConfigError("cannot tell the loader's batch size; pass track(batch_size=...)")
-        if world_size is None:
-            world_size = self._world
-        if self._sync is not None:
-            check_loader(loader, grad_accum=grad_accum, world_size=world_size)
-        t = self._saver.tracked
-        t.model, t.optimizer, t.scheduler, t.scaler = model, optimizer, scheduler, scaler
-        t.model = unwrap_model(model)  # a DDP model is saved without its "module." prefix
-        t.loader, t.trainable_only = loader, trainable_only
-        t.extras, t.optional = dict(extras or {}), dict(optional or {})
-        if size is not None:
-            t.geometry = Geometry(batch_size=size, grad_accum=grad_accum, world_size=world_size)
+        self._saver.tracked = build_tracked(
+            model=model,
+            optimizer=optimizer,
+            scheduler=scheduler,
+            scaler=scaler,
+            loader=loader,
+            grad_accum=grad_accum,
+            batch_size=batch_size,
+            world_size=self._world if world_size is None else world_size,
+            distributed=self._sync is not None,
+            extras=extras,
+            optional=optional,
+            trainable_only=trainable_only,
+        )
         self._loader, self._optimizer, self._grad_accum = loader, optimizer, grad_accum
         self._tracked = True
         info = self.restore()
@@ -335,18 +322,8 @@ class Session:
         return reason
 
     def _batch_len(self) -> int:
-        """Samples in the last batch: the first dimension of its first tensor."""
-        b = self._batch
-        kind = type(b)
-        if kind is dict or (kind is not list and kind is not tuple and isinstance(b, Mapping)):
-            b = next(iter(b.values()), None)
-        elif (kind is list or kind is tuple) and b and isinstance(b[0], torch.Tensor):
-            b = b[0]
-        if isinstance(b, torch.Tensor):
-            return int(b.shape[0]) if b.dim() else 1
-        if type(b) is list or type(b) is tuple:
-            return len(b)
-        return self.geometry.batch_size if self.geometry is not None else 0
+        geometry = self._saver.tracked.geometry
+        return batch_len(self._batch, geometry.batch_size if geometry is not None else 0)
 
     # ---- metrics ---------------------------------------------------------------------------
 
@@ -357,20 +334,11 @@ class Session:
         entry = self._metrics.close_window(entry)
         progress = self.ctx.progress
         if progress is not None:
-            progress.update(self._step, self._max_steps, self._progress_metrics(entry))
+            progress.update(
+                self._step, self._max_steps, progress_row(entry, self._policy, self._every)
+            )
         elif self.ctx.log is not None:
             self.ctx.log(format_metric_line(entry))
-
-    def _progress_metrics(self, entry: dict[str, Any]) -> dict[str, Any]:
-        """The row for ``ctx.progress``: the metrics plus the session's deadline and next
-        checkpoint (from the policy's status, when it has one)."""
-        shown = {k: v for k, v in entry.items() if k != "step"}
-        status = getattr(self._policy, "status", None)
-        if callable(status):
-            shown.update({k: v for k, v in status().items() if k in STATUS_KEYS and v is not None})
-        if self._every is not None:
-            shown["next_checkpoint_step"] = (self._step // self._every + 1) * self._every
-        return shown
 
     @property
     def metrics(self) -> list[dict[str, Any]]:
@@ -480,18 +448,8 @@ class Session:
         return self._outcome
 
     def _release_loader(self) -> None:
-        """Stop the loader's worker processes now. The loader keeps its last iterator (for
-        ``state_dict()``); left to the garbage collector, torch's shutdown of a suspended
-        multi-worker iterator waits out a 5 s join per worker, wherever the collection runs."""
         batches, self._batches = self._batches, None
-        shutdown = getattr(getattr(self._loader, "_iterator", None), "_shutdown_workers", None)
-        try:
-            if batches is not None:
-                batches.close()
-            if callable(shutdown):
-                shutdown()
-        except Exception as e:  # cleanup only: never mask the segment's outcome
-            log.debug("releasing the loader failed: %s", e)
+        release_loader(self._loader, batches)
 
     def __enter__(self) -> Session:
         return self

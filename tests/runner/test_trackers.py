@@ -101,6 +101,35 @@ def test_tensorboard_files_reach_a_remote_store() -> None:
     assert len(keys) == 1 and "tfevents" in keys[0]
 
 
+def test_tensorboard_rows_wait_for_the_upload_interval_then_all_go_up(tmp_path: Path) -> None:
+    """The training loop only queues rows; each upload writes every queued row (the steps
+    in order, each once) and copies the event file to the job's storage."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from colabjob.runner.trackers import TensorBoardSink
+
+    now = [0.0]
+    store = open_store(str(tmp_path / "job"))
+    sink = TensorBoardSink(store, upload_every=60.0, monotonic=lambda: now[0])
+    try:
+        for step in range(1, 6):
+            now[0] += 10.0
+            sink.update(step, 10, {"loss": 1.0 / step, "deadline": 123.0})
+        assert list(store.list("tensorboard")) == []  # 50 s: nothing written or uploaded yet
+        now[0] += 10.0
+        sink.update(6, 10, {"loss": 1.0 / 6})  # 60 s: the upload is due
+        (key,) = list(store.list("tensorboard"))
+        copy = tmp_path / "copy"
+        copy.mkdir()
+        (copy / key.rsplit("/", 1)[-1]).write_bytes(store.read_bytes(key))
+        acc = EventAccumulator(str(copy))
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+        assert acc.Tags()["scalars"] == ["train/loss"]  # session keys are not metrics
+    finally:
+        sink.close()
+
+
 WANDB_STAND_IN = '''
 """A stand-in for the wandb package: records the calls colabjob makes."""
 CALLS = []
