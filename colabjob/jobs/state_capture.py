@@ -1,0 +1,208 @@
+"""Capturing training state: copy it to CPU memory, then write it as plain files.
+
+``snapshot(...)`` runs on the training thread at an optimizer-step boundary and returns a
+``Snapshot`` of detached CPU clones (model tensors, with tied ones recorded as aliases
+instead of stored twice; optimizer, scheduler and scaler state; the RNGs; the loader
+position; extra objects' states; metrics, meta and library versions), so the loop can go on
+at once. ``write_snapshot(snapshot, directory)`` turns it into the files of
+``colabjob.jobs.state_format`` and may run on a background thread: it only reads the
+snapshot's own copies. ``state.json`` is written last.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import os
+import platform
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors
+import torch
+from safetensors.torch import save_file
+
+from colabjob.errors import CheckpointError
+from colabjob.jobs.formats import atomic_write, deep_cpu_copy, encode, write_json
+from colabjob.jobs.geometry import Geometry
+from colabjob.jobs.rng import capture_rng
+from colabjob.jobs.state_format import (
+    FORMAT,
+    METRICS_FILE,
+    MODEL_FILE,
+    OPTIMIZER_FILE,
+    STATE_FILE,
+    TENSORS_FILE,
+    Counters,
+    Snapshot,
+    Stateful,
+    model_keys,
+)
+
+__all__ = ["snapshot", "write_snapshot"]
+
+
+def _versions() -> dict[str, str]:
+    out = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "safetensors": safetensors.__version__,
+    }
+    try:
+        out["colabjob"] = importlib.metadata.version("colabjob")
+    except importlib.metadata.PackageNotFoundError:
+        out["colabjob"] = "unknown"
+    for name in ("transformers", "peft", "accelerate", "torchdata", "datasets"):
+        if name in sys.modules:
+            out[name] = str(getattr(sys.modules[name], "__version__", "unknown"))
+    return out
+
+
+def _capture_model(
+    model: torch.nn.Module, trainable_only: bool
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """CPU clones of the model tensors; a key whose tensor is an exact alias of an earlier
+    one (tied embeddings) is recorded in the alias map instead of stored twice."""
+    state = model.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[tuple[Any, ...], str] = {}
+    for key in model_keys(model, trainable_only):
+        t = state[key]
+        if not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"model state {key!r} is a {type(t).__name__}, not a tensor")
+        ident = (
+            t.device,
+            t.untyped_storage().data_ptr(),
+            t.storage_offset(),
+            tuple(t.shape),
+            t.stride(),
+            t.dtype,
+        )
+        if t.numel() and ident in seen:
+            aliases[key] = seen[ident]
+            continue
+        seen[ident] = key
+        tensors[key] = t.detach().to("cpu", copy=True).contiguous()
+    return tensors, aliases
+
+
+def snapshot(
+    *,
+    counters: Counters,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Stateful | None = None,
+    scaler: Stateful | None = None,
+    loader: Stateful | None = None,
+    geometry: Geometry | None = None,
+    extras: Mapping[str, Stateful] | None = None,
+    metrics: Sequence[Mapping[str, Any]] = (),
+    meta: Mapping[str, Any] | None = None,
+    trainable_only: bool | None = None,
+    capture_rngs: bool = True,
+) -> Snapshot:
+    """Copy the training state to CPU memory; call it right after an optimizer step.
+
+    ``trainable_only=None`` saves only trainable parameters (and buffers) when some
+    parameter has ``requires_grad=False``. Raises ``CheckpointError`` mid-accumulation.
+    """
+    if not counters.at_optimizer_boundary:
+        raise CheckpointError(
+            f"snapshot at micro-step {counters.micro_step} of a gradient-accumulation window",
+            hint="checkpoint only after optimizer.step(); accumulated gradients are not saved",
+        )
+    for name in extras or {}:
+        if not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
+            raise CheckpointError(f"extra state name {name!r}: use letters, digits, '_', '-', '.'")
+    model_state, aliases, partial = None, dict[str, str](), False
+    if model is not None:
+        partial = (
+            any(not p.requires_grad for p in model.parameters())
+            if trainable_only is None
+            else trainable_only
+        )
+        model_state, aliases = _capture_model(model, partial)
+    opt = None
+    if optimizer is not None or scheduler is not None or scaler is not None:
+        opt = {
+            "optimizer": deep_cpu_copy(optimizer.state_dict()) if optimizer is not None else None,
+            "scheduler": deep_cpu_copy(scheduler.state_dict()) if scheduler is not None else None,
+            "scaler": deep_cpu_copy(scaler.state_dict()) if scaler is not None else None,
+        }
+    return Snapshot(
+        counters=counters,
+        model=model_state,
+        model_aliases=aliases,
+        trainable_only=partial,
+        optimizer=opt,
+        rng=capture_rng() if capture_rngs else None,
+        data=deep_cpu_copy(loader.state_dict()) if loader is not None else None,
+        geometry=geometry,
+        extras={k: deep_cpu_copy(v.state_dict()) for k, v in (extras or {}).items()},
+        metrics=tuple(copy.deepcopy(dict(m)) for m in metrics),
+        meta=copy.deepcopy(dict(meta or {})),
+        versions=_versions(),
+    )
+
+
+def write_snapshot(snap: Snapshot, directory: str | os.PathLike[str]) -> dict[str, Path]:
+    """Write ``snap`` as files in ``directory`` (created if needed); ``state.json`` last.
+
+    Returns ``{file name: path}`` for the files written. Thread-safe with respect to the
+    training loop: it only reads the snapshot's own copies.
+    """
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    model = snap.model
+    if model is not None:
+        files[MODEL_FILE] = atomic_write(
+            root / MODEL_FILE, lambda p: save_file(model, p, metadata={"format": "pt"})
+        )
+    if snap.optimizer is not None:
+        opt = snap.optimizer
+        files[OPTIMIZER_FILE] = atomic_write(root / OPTIMIZER_FILE, lambda p: torch.save(opt, p))
+    tensors: dict[str, torch.Tensor] = {}
+    doc: dict[str, Any] = {
+        "format": FORMAT,
+        "counters": snap.counters.to_dict(),
+        "geometry": snap.geometry.to_dict() if snap.geometry else None,
+        "model": None
+        if model is None
+        else {
+            "trainable_only": snap.trainable_only,
+            "keys": sorted(model),
+            "aliases": snap.model_aliases,
+        },
+        "optimizer": None
+        if snap.optimizer is None
+        else {k: v is not None for k, v in snap.optimizer.items()},
+        "rng": None,
+        "data": encode(snap.data, "data", tensors),
+        "extras": {k: encode(v, f"extras/{k}", tensors) for k, v in snap.extras.items()},
+        "meta": snap.meta,
+        "versions": snap.versions,
+    }
+    if snap.rng is not None:
+        doc["rng"] = snap.rng.plain()
+        tensors.update({f"rng/{k}": v for k, v in snap.rng.tensors().items()})
+    if snap.ranks:
+        doc["world_size"] = 1 + len(snap.ranks)
+        doc["ranks"] = {}
+        for r, rank in enumerate(snap.ranks, start=1):
+            doc["ranks"][str(r)] = {
+                "rng": None if rank.rng is None else rank.rng.plain(),
+                "data": encode(rank.data, f"ranks/{r}/data", tensors),
+            }
+            if rank.rng is not None:
+                tensors.update({f"ranks/{r}/rng/{k}": v for k, v in rank.rng.tensors().items()})
+    if tensors:
+        files[TENSORS_FILE] = atomic_write(root / TENSORS_FILE, lambda p: save_file(tensors, p))
+    files[METRICS_FILE] = write_json(root / METRICS_FILE, list(snap.metrics))
+    files[STATE_FILE] = write_json(root / STATE_FILE, doc)
+    return files

@@ -1,0 +1,315 @@
+"""The runner-side resources of one segment, opened and closed in a fixed order.
+
+``SegmentRun`` is what ``colabjob.runner.segment.open_segment`` drives. Opening: create or
+load ``job.json``, refuse a job that was moved elsewhere (``JobMovedError``) or is finished,
+acquire the lease (a live holder raises ``LeaseHeldError`` before anything changes), move the
+record to RUNNING with a new ``Segment``, start the watchdog (budget, signals, preemption
+notice, stop requests, an optional extra policy) and the lease heartbeat, start the experiment
+trackers (``runner.trackers``) and build the ``SegmentContext`` with a ``CheckpointStore``
+fenced by the lease epoch and timed on the runner's clock. Closing (``finish``): stop the
+heartbeat, the watchdog and the trackers, close the segment with its stop reason and the job
+state (COMPLETED when the job finished, SUSPENDED after a budget/signal/preemption/stop-request
+stop, CANCELLED after ``colabjob stop --cancel``, FAILED with the error on an exception), then
+release the lease and run ``store.flush()`` (the Drive push) last. A runner that lost its lease
+leaves the record to the new holder. Under ``--nproc N`` or torchrun, opening first joins the
+process group; only rank 0 does all of the above, the other ranks get a context without
+record, lease or trackers (``colabjob.jobs.distributed``), and closing leaves the group it
+joined.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from colabjob.errors import (
+    AlreadyExistsError,
+    JobStateError,
+    LeaseLostError,
+    StaleEpochError,
+)
+from colabjob.jobs.context import SegmentContext, SegmentOutcome
+from colabjob.jobs.distributed import in_process_group, init_distributed, shutdown_distributed
+from colabjob.jobs.progress import FanOut, LogLines, close_progress
+from colabjob.runner.budget import DEFAULT_MARGIN
+from colabjob.runner.lease import Heartbeat, Lease
+from colabjob.runner.lease_info import Holder
+from colabjob.runner.options import SegmentOptions
+from colabjob.runner.platforms import describe_platform
+from colabjob.runner.record import JobRecord, Segment, create_record, read_record, update_record
+from colabjob.runner.states import JobEvent, JobState, StopReason
+from colabjob.runner.trackers import WANDB_ID_KEY, new_wandb_id, require_trackers, trackers_for
+from colabjob.runner.transfer import check_not_moved
+from colabjob.runner.watchdog import Watchdog, watchdog_for
+from colabjob.storage.checkpoints import CheckpointStore
+
+if TYPE_CHECKING:
+    from colabjob.jobs.progress import ProgressSink
+    from colabjob.storage.store import Store
+
+__all__ = ["SegmentRun"]
+
+log = logging.getLogger("colabjob.runner.segment")  # the logger's name from before the split
+
+
+class SegmentRun:
+    """The runner-side resources of one segment, opened and closed in a fixed order."""
+
+    def __init__(
+        self,
+        store: Store,
+        opts: SegmentOptions,
+        *,
+        config: Mapping[str, Any],
+        config_hash: str | None = None,
+    ) -> None:
+        self.store, self.opts, self.clock = store, opts, opts.clock
+        self.config, self.config_hash = dict(config), config_hash
+        self.lease: Lease | None = None
+        self.heartbeat: Heartbeat | None = None
+        self.watchdog: Watchdog | None = None
+        self.trackers: list[ProgressSink] = []
+        self.status: dict[str, Any] = {}
+        self.own_group = False  # open() joined the process group (--nproc): finish() leaves
+        # events go to the log, else to the display
+        self.say = opts.log or (opts.progress.event if opts.progress is not None else None)
+
+    # -- opening --------------------------------------------------------------------------
+    def open(self) -> SegmentContext:
+        self.own_group = not in_process_group()
+        if not init_distributed().is_main:  # the group of --nproc / torchrun, if any
+            return self._open_follower()
+        require_trackers(tensorboard=self._tensorboard, wandb=bool(self.opts.wandb))
+        record = self._load_or_create_record()
+        check_not_moved(self.store, record)
+        if record.state in (JobState.COMPLETED, JobState.CANCELLED):
+            raise JobStateError(
+                f"job {record.job_id} at {self.store.url} is {record.state.value} "
+                f"(last step {record.last_step})",
+                hint="start a new job under another URL to train again",
+            )
+        opts = self.opts
+        platform = describe_platform(
+            platform=opts.platform,
+            budget=opts.budget,
+            session_started_at=opts.session_started_at,
+            clock=self.clock,
+        )
+        holder = Holder.here(platform=platform.name, session_id=opts.session_id)
+        lease = Lease(self.store, holder=holder, ttl=opts.lease_ttl, clock=self.clock)
+        lease.acquire(force=opts.force)
+        self.lease = lease
+        staging = None if opts.staging_dir is None else Path(opts.staging_dir)
+        try:
+            record = update_record(self.store, self._begin, clock=self.clock)
+            every = opts.every_minutes
+            self.watchdog = watchdog_for(
+                platform,
+                store=self.store,
+                epoch=lease.epoch,
+                clock=self.clock,
+                margin=DEFAULT_MARGIN if opts.margin is None else opts.margin,
+                checkpoint_every=None if every is None else every * 60.0,
+                step_guess=opts.step_guess,
+                save_guess=opts.save_guess,
+                stop_poll_seconds=opts.stop_poll_seconds,
+                extra=opts.stop_policy,
+            ).start()
+            watchdog = self.watchdog
+            self.heartbeat = lease.start_heartbeat(
+                status=lambda: {**watchdog.status(), **self.status},
+                on_lost=watchdog.lease_lost,
+            )
+            self.trackers = trackers_for(
+                self.store,
+                tensorboard=self._tensorboard,
+                wandb=bool(opts.wandb),
+                wandb_id=record.extras.get(WANDB_ID_KEY),
+                wandb_project=opts.wandb_project,
+                job_name=record.job_id,
+                config=record.config,
+                local_dir=staging,
+                monotonic=self.clock.monotonic,
+                say=self.say,
+            )
+        except BaseException as e:
+            self.finish(None, e)
+            raise
+        self._log(f"{platform.describe(self.clock.time())}; lease epoch {lease.epoch}")
+        return SegmentContext(
+            store=self.store,
+            checkpoints=CheckpointStore(
+                self.store,
+                keep=2 if opts.keep is None else opts.keep,
+                fence=lease.current_epoch,
+                clock=self.clock.time,
+                timer=self.clock.monotonic,  # save costs on the clock that times the steps
+                staging_dir=staging,
+            ),
+            policy=watchdog,
+            epoch=lease.epoch,
+            config_hash=self.config_hash if self.config_hash is not None else record.config_hash,
+            on_status=self.status.update,
+            log=self.say,
+            progress=self._progress(),
+            **self._loop_settings(staging),
+        )
+
+    def _loop_settings(self, staging: Path | None) -> dict[str, Any]:
+        """The context settings every rank shares."""
+        opts = self.opts
+        return {
+            "staging_dir": staging,
+            "allow_geometry_change": opts.allow_geometry_change,
+            "every_steps": opts.every_steps,
+            "max_steps": opts.max_steps,
+            "log_every_steps": opts.log_every_steps or 10,
+            "monotonic": self.clock.monotonic,
+        }
+
+    @property
+    def _tensorboard(self) -> bool | Literal["auto"]:
+        return "auto" if self.opts.tensorboard is None else self.opts.tensorboard
+
+    def _progress(self) -> ProgressSink | None:
+        """The display (or, with trackers and no display, log lines) plus the trackers."""
+        sinks: list[ProgressSink] = []
+        if self.opts.progress is not None:
+            sinks.append(self.opts.progress)
+        elif self.trackers and self.opts.log is not None and self.opts.log_metrics:
+            sinks.append(LogLines(self.opts.log))  # metric lines as without trackers
+        sinks += self.trackers
+        if len(sinks) <= 1:
+            return sinks[0] if sinks else None
+        return FanOut(*sinks)
+
+    def _open_follower(self) -> SegmentContext:
+        """Ranks other than 0 hold no record, lease or trackers and never commit (their
+        store's fence refuses it); they watch signals only: rank 0's budget, notices and
+        stop requests reach them through the Session's agreement at every step."""
+        opts = self.opts
+        self.watchdog = Watchdog(clock=self.clock).start()
+        staging = None if opts.staging_dir is None else Path(opts.staging_dir)
+        return SegmentContext(
+            store=self.store,
+            checkpoints=CheckpointStore(
+                self.store, fence=lambda: 2**62, clock=self.clock.time, staging_dir=staging
+            ),
+            policy=self.watchdog,
+            config_hash=self.config_hash or "",
+            **self._loop_settings(staging),
+        )
+
+    def _load_or_create_record(self) -> JobRecord:
+        got = read_record(self.store)
+        if got is not None:
+            return got[0]
+        job_id = self.store.url.rstrip("/").rsplit("/", 1)[-1] or "job"
+        try:
+            return create_record(self.store, job_id=job_id, config=self.config, clock=self.clock)
+        except AlreadyExistsError:  # another runner created it meanwhile
+            got = read_record(self.store)
+            assert got is not None
+            return got[0]
+
+    def _begin(self, record: JobRecord) -> JobRecord:
+        assert self.lease is not None and self.lease.info is not None
+        if record.state is JobState.CREATED:
+            record = record.apply(JobEvent.START)
+        else:
+            if record.state is JobState.RUNNING:  # its runner vanished; we took the lease over
+                record = record.apply(JobEvent.EXPIRE)
+            record = record.apply(JobEvent.RESUME)
+        holder = self.lease.holder
+        segment = Segment(
+            session_id=holder.session_id,
+            platform=holder.platform,
+            host=holder.host,
+            started_at=self.clock.time(),
+            first_step=record.last_step or 0,
+            epoch=self.lease.epoch,
+        )
+        if self.opts.wandb and not record.extras.get(WANDB_ID_KEY):
+            record = record.with_extras(**{WANDB_ID_KEY: new_wandb_id()})  # one run per job
+        return record.begin_segment(segment).with_epoch(self.lease.epoch)
+
+    # -- closing --------------------------------------------------------------------------
+    def finish(self, outcome: SegmentOutcome | None, error: BaseException | None = None) -> None:
+        """Close the segment in the record, release the lease, flush the store."""
+        lease = self.lease
+        try:
+            lost = isinstance(error, (StaleEpochError, LeaseLostError)) or (
+                self.heartbeat is not None and self.heartbeat.lost is not None
+            )
+            cancel = self.watchdog is not None and self.watchdog.cancel_requested
+            self._shutdown()
+            if lease is not None and not lost:
+                update_record(
+                    self.store,
+                    lambda r: self._end(r, outcome, error, cancel=cancel),
+                    clock=self.clock,
+                )
+            elif lost:
+                self._log("this runner lost the job's lease; the record is left to the new holder")
+        finally:
+            try:
+                if lease is not None:
+                    lease.release()
+            finally:
+                self.store.flush()
+                if self.own_group:
+                    shutdown_distributed()
+
+    def _shutdown(self) -> None:
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+        if self.watchdog is not None:
+            self.watchdog.close()
+        trackers, self.trackers = self.trackers, []
+        for sink in trackers:  # the last TensorBoard copy goes up before the Drive flush
+            try:
+                close_progress(sink)
+            except Exception as e:
+                self._log(f"closing {type(sink).__name__} failed: {e}")
+
+    def _end(
+        self,
+        record: JobRecord,
+        outcome: SegmentOutcome | None,
+        error: BaseException | None,
+        *,
+        cancel: bool,
+    ) -> JobRecord:
+        assert self.lease is not None
+        seg = record.current_segment
+        if record.epoch > self.lease.epoch or seg is None or seg.epoch != self.lease.epoch:
+            return record  # a newer runner owns the job now
+        if outcome is None:
+            reason = StopReason.SIGNAL if isinstance(error, KeyboardInterrupt) else StopReason.CRASH
+            message = f"{type(error).__name__}: {error}" if error is not None else None
+            first, last = seg.first_step, None
+        else:
+            reason, message = StopReason(outcome.stop_reason), outcome.error
+            first, last = outcome.first_step, outcome.last_step
+        record = record.end_segment(
+            ended_at=self.clock.time(), last_step=last, stop_reason=reason, error=message
+        )
+        closed = dataclasses.replace(record.history[-1], first_step=first)
+        record = dataclasses.replace(record, history=(*record.history[:-1], closed))
+        if reason is StopReason.COMPLETED:
+            event = JobEvent.COMPLETE
+        elif reason is StopReason.CRASH:
+            event = JobEvent.FAIL
+        elif cancel and reason is StopReason.STOP_REQUEST:
+            event = JobEvent.CANCEL
+        else:
+            event = JobEvent.SUSPEND
+        return record.apply(event)
+
+    def _log(self, message: str) -> None:
+        log.info("%s", message)
+        if self.say is not None:
+            self.say(message)
