@@ -50,7 +50,10 @@ def dataset() -> torch.utils.data.TensorDataset:
     )
 
 
-def model_and_optimizer() -> tuple[nn.Module, torch.optim.Optimizer]:
+Shared = tuple[nn.Module, torch.optim.Optimizer]
+
+
+def model_and_optimizer() -> Shared:
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(DIM, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)
@@ -71,8 +74,8 @@ def plain_loader(data: torch.utils.data.Dataset) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(data, batch_size=BATCH, shuffle=True, generator=g)
 
 
-def bare(loader: torch.utils.data.DataLoader) -> Iterator[None]:
-    model, opt = model_and_optimizer()
+def bare(loader: torch.utils.data.DataLoader, shared: Shared) -> Iterator[None]:
+    model, opt = shared
     while True:
         for x, y in loader:
             loss = train_step(model, opt, x, y)
@@ -83,8 +86,8 @@ def bare(loader: torch.utils.data.DataLoader) -> Iterator[None]:
 IN_STEP: list[float] = []  # seconds spent inside s.step(), per call, in the session loop
 
 
-def session(stack: ExitStack) -> Iterator[None]:
-    model, opt = model_and_optimizer()
+def session(stack: ExitStack, shared: Shared) -> Iterator[None]:
+    model, opt = shared
     url = f"memory://overhead-{uuid.uuid4().hex}"
     s = stack.enter_context(colabjob.session(url, every_minutes=None, log=None, platform="local"))
     s.track(model=model, optimizer=opt, loader=make_loader(dataset(), batch_size=BATCH, seed=0))
@@ -111,12 +114,13 @@ def step_call_cost() -> float:
 def main() -> None:
     torch.set_num_threads(1)
     data = dataset()
+    shared = model_and_optimizer()  # one model for all loops: equal memory placement
     with ExitStack() as stack:
         loops = {
-            "bare": bare(plain_loader(data)),
-            "bare_twin": bare(plain_loader(data)),
-            "bare_resumable": bare(make_loader(data, batch_size=BATCH, seed=0)),
-            "session": session(stack),
+            "bare": bare(plain_loader(data), shared),
+            "bare_twin": bare(plain_loader(data), shared),
+            "bare_resumable": bare(make_loader(data, batch_size=BATCH, seed=0), shared),
+            "session": session(stack, shared),
         }
         names = list(loops)
         rounds: list[dict[str, float]] = []

@@ -19,7 +19,6 @@ so a wall-clock jump mid-session cannot move them.
 
 from __future__ import annotations
 
-import bisect
 import math
 from collections import deque
 from dataclasses import dataclass
@@ -126,27 +125,33 @@ class AnyOf(Policy):
 
 
 class StepTimes:
-    """Recent step durations after a warm-up, with a cheap running quantile."""
+    """Recent step durations after a warm-up. ``add`` is an append (it runs at every step);
+    ``quantile`` sorts the window when it changed; ``upper_bound`` is a cheap figure at
+    least as large as any quantile of the window, for deciding that no exact one is needed."""
 
     def __init__(self, *, warmup: int = 1, window: int = 256) -> None:
         if warmup < 0 or window < 1:
             raise ConfigError(f"need warmup >= 0 and window >= 1, got {warmup} and {window}")
         self.warmup, self.seen = warmup, 0
         self._recent: deque[float] = deque(maxlen=window)
-        self._sorted: list[float] = []
+        self._sorted: list[float] = []  # the window when last sorted (kept while stale)
+        self._stale = False
+        self._high = 0.0  # the longest step added since that sort
         self.warmup_max = 0.0
 
     def add(self, seconds: float) -> None:
-        seconds = max(0.0, float(seconds))
+        seconds = float(seconds)
+        if seconds < 0.0:
+            seconds = 0.0
         self.seen += 1
         if self.seen <= self.warmup:
-            self.warmup_max = max(self.warmup_max, seconds)
+            if seconds > self.warmup_max:
+                self.warmup_max = seconds
             return
-        if len(self._recent) == self._recent.maxlen:
-            old = self._recent.popleft()
-            del self._sorted[bisect.bisect_left(self._sorted, old)]
         self._recent.append(seconds)
-        bisect.insort(self._sorted, seconds)
+        self._stale = True
+        if seconds > self._high:
+            self._high = seconds
 
     @property
     def measured(self) -> int:
@@ -154,10 +159,20 @@ class StepTimes:
 
     def quantile(self, q: float) -> float | None:
         """Nearest-rank quantile of the measured steps; None before any."""
-        if not self._sorted:
+        if not self._recent:
             return None
-        rank = min(len(self._sorted), max(1, math.ceil(q * len(self._sorted))))
-        return self._sorted[rank - 1]
+        if self._stale:
+            self._sorted, self._stale, self._high = sorted(self._recent), False, 0.0
+        ranked = self._sorted
+        rank = min(len(ranked), max(1, math.ceil(q * len(ranked))))
+        return ranked[rank - 1]
+
+    def upper_bound(self) -> float | None:
+        """At least the window's longest step (the window now is part of the one last
+        sorted plus the steps added since); None before any."""
+        if not self._recent:
+            return None
+        return max(self._sorted[-1], self._high) if self._sorted else self._high
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -217,6 +232,7 @@ class StopBeforeDeadline(Policy):
             None if deadline is None else clock.monotonic() + (deadline - clock.time())
         )
         self.steps = StepTimes(warmup=warmup_steps, window=window)
+        self.observe_step = self.steps.add  # type: ignore[method-assign]  # hot path: no frame
         self.default_step_seconds = default_step_seconds
         self.default_save_seconds = default_save_seconds
         self.guess_write_bps = guess_write_bytes_per_second
@@ -229,7 +245,7 @@ class StopBeforeDeadline(Policy):
         """Tell the size of the coming checkpoint before the first one is measured."""
         self.expected_nbytes = int(nbytes)
 
-    def observe_step(self, seconds: float) -> None:
+    def observe_step(self, seconds: float) -> None:  # replaced by steps.add per instance
         self.steps.add(seconds)
 
     def observe_checkpoint(
@@ -283,7 +299,13 @@ class StopBeforeDeadline(Policy):
         )
 
     def should_stop(self) -> str | None:
-        if not self._stopped:
+        if not self._stopped and self._deadline_mono is not None:
+            bound = self.steps.upper_bound()
+            if bound is not None:  # far from the deadline even for the longest step: go on
+                write, upload = self.save_estimate()
+                left = self._deadline_mono - self.clock.monotonic()
+                if left - (bound + write + upload + self.margin) > 0:
+                    return None
             p = self.predict()
             self._stopped = p is not None and p.stop
         return StopReason.BUDGET.value if self._stopped else None

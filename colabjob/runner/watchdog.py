@@ -124,6 +124,11 @@ class Watchdog:
         preemption_wait_seconds: float = 60.0,
     ) -> None:
         self.policy, self.clock, self.store = policy, clock, store
+        # The per-step calls go straight to the policy: no forwarding frame on the hot path
+        # (the Session calls them at every step boundary).
+        quiet = Policy()
+        self.observe_step: Callable[[float], None] = (policy or quiet).observe_step
+        self.checkpoint_due: Callable[[], bool] = (policy or quiet).checkpoint_due
         self.stop_poll_seconds = float(stop_poll_seconds)
         self.signals = [n for n in (_signum(s) for s in signals) if n is not None]
         self.preemption = preemption
@@ -173,10 +178,6 @@ class Watchdog:
         self.trigger(StopReason.STOP_REQUEST, message)
 
     # -- StopPolicy ---------------------------------------------------------------------------
-    def observe_step(self, seconds: float) -> None:
-        if self.policy is not None:
-            self.policy.observe_step(seconds)
-
     def observe_checkpoint(
         self, *, write_seconds: float, upload_seconds: float, nbytes: int
     ) -> None:
@@ -201,9 +202,6 @@ class Watchdog:
                 )
         reason = self.reason if self.event.is_set() else None
         return reason.value if reason is not None else None
-
-    def checkpoint_due(self) -> bool:
-        return self.policy.checkpoint_due() if self.policy is not None else False
 
     def status(self) -> dict[str, Any]:
         status = self.policy.status() if isinstance(self.policy, Policy) else {}

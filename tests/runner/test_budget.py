@@ -116,6 +116,37 @@ def test_save_estimate_scales_the_slowest_recent_save() -> None:
     assert policy.predict() is None and policy.should_stop() is None
 
 
+def test_the_cheap_bound_never_changes_a_stop_decision() -> None:
+    """should_stop skips the exact p95 while even the longest recent step fits; over random
+    step times (spikes included), a sliding window and status reads that sort in between,
+    its verdict at every step is the exact rule's, and the bound is never below the p95."""
+    rng = random.Random(7)
+    for trial in range(20):
+        clock = FakeClock()
+        deadline = clock.time() + 400
+        policy, shadow = (
+            StopBeforeDeadline(deadline, clock=clock, margin=10, warmup_steps=1, window=16)
+            for _ in range(2)
+        )  # the shadow gives the exact rule (predict sorts its window at every step)
+        for p in (policy, shadow):
+            p.observe_checkpoint(write_seconds=3, upload_seconds=2, nbytes=100)
+        while True:
+            step = rng.choice([0.5, 1.0, 1.5]) if rng.random() > 0.05 else rng.uniform(5, 30)
+            clock.advance(step)
+            policy.observe_step(step)
+            shadow.observe_step(step)
+            if rng.random() < 0.1:
+                policy.status()  # sorts the window between steps
+            q, bound = shadow.steps.quantile(0.95), policy.steps.upper_bound()
+            assert q is None or (bound is not None and bound >= q), trial
+            exact = shadow.predict()
+            assert exact is not None
+            verdict = policy.should_stop()
+            assert (verdict == "budget") == exact.stop, (trial, exact)
+            if verdict:
+                break
+
+
 def test_p95_nearest_rank_after_warmup() -> None:
     times = StepTimes(warmup=2, window=100)
     for s in [50.0, 40.0] + [1.0] * 95 + [3.0] * 5:
