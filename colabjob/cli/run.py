@@ -8,7 +8,7 @@ runs the first segment under the supervisor (a child process, retried from the l
 checkpoint if it crashes). ``resume`` needs only the job URL: the spec comes from the job
 record; ``--set`` may change what does not break an exact resume (``diff_for_resume``),
 anything else only with ``--force-config``. ``--nproc N`` (a session flag, not saved with
-the job) runs a python-kind job as N torch.distributed processes on this machine
+the job) runs the job as N torch.distributed processes on this machine
 (``colabjob.runner.launch``; rank 0 commits). Both exit 0 when the job completed, 75 when
 the segment stopped in time to resume in the next session, 1 when it failed, 2 on a usage,
 config or lease error.
@@ -112,13 +112,15 @@ def _add_nproc(p: argparse.ArgumentParser) -> None:
         "--nproc",
         default="1",
         metavar="N",
-        help="training processes on this machine (torch.distributed; 'auto': one per GPU); "
-        "kind python only. Resuming on another N keeps the global sample order when "
-        "batch_size * grad_accum * N stays the same (needs --allow-geometry-change)",
+        help="training processes on this machine (torch.distributed DDP; 'auto': one per "
+        "GPU), every kind; training.batch_size is per process. Resuming on the same N is "
+        "exact; on another N it keeps the global sample order when batch_size * grad_accum "
+        "* N stays the same (needs --allow-geometry-change; numbers then differ in floating "
+        "point)",
     )
 
 
-def _nproc(value: str, spec: dict[str, Any], url: str) -> int:
+def _nproc(value: str, url: str) -> int:
     """``--nproc``: a count, or ``auto`` (the GPUs torch sees, at least 1)."""
     if value == "auto":
         import torch
@@ -131,13 +133,6 @@ def _nproc(value: str, spec: dict[str, Any], url: str) -> int:
             n = 0
         if n < 1:
             raise ConfigError(f"--nproc must be a positive number or 'auto', got {value!r}")
-    kind = (spec.get("job") or {}).get("kind")
-    if n > 1 and kind != "python":
-        raise ConfigError(
-            f"--nproc {n}: several processes are supported for kind 'python' (the Session "
-            f"API with DistributedDataParallel), not {kind!r}",
-            hint="drop --nproc, or write the loop as a python-kind job",
-        )
     if n > 1 and url.startswith("memory://"):
         raise ConfigError("--nproc needs storage every process can reach, not memory://")
     return n
@@ -159,7 +154,7 @@ def _request(
         progress=args.progress,
         debug=bool(getattr(args, "debug", False)),
         force=force,
-        nproc=_nproc(str(getattr(args, "nproc", "1")), spec, url),
+        nproc=_nproc(str(getattr(args, "nproc", "1")), url),
     )
 
 

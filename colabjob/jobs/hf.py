@@ -18,7 +18,15 @@ user's) keep their behaviour. With it, ``trainer.train()``:
   as the very last thing before the first resumed step.
 
 On CPU an interrupted run ends bit-identical to an uninterrupted one. ``trainer.colabjob_outcome``
-is the ``SegmentOutcome`` after ``train()``. Single process only (``world_size == 1``).
+is the ``SegmentOutcome`` after ``train()``.
+
+Several processes (``colabjob start --nproc N``, or torchrun; DDP through accelerate as
+usual) reuse the Session's distributed pieces: the train loader is
+``make_distributed_loader`` (each rank its share of one global order, never re-sharded),
+every optimizer step agrees on stop and save over all ranks, a checkpoint gathers every
+rank's RNGs and loader position to rank 0, which alone commits (the others wait for a final
+commit's result), and a resume loads the checkpoint rank 0 chose on every rank, each with
+its own RNGs. The same world size resumes bit-identically on CPU.
 """
 
 from __future__ import annotations
@@ -26,16 +34,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import warnings
 from typing import Any
 
-import torch
 from transformers import Trainer
 
 from colabjob.errors import ConfigError, ResumeError
 from colabjob.jobs.context import SegmentContext, SegmentOutcome
-from colabjob.jobs.data import Geometry, ResumableLoader, make_loader
+from colabjob.jobs.data import Geometry, ResumableLoader
+from colabjob.jobs.distributed import in_process_group
 from colabjob.jobs.formats import read_json
 from colabjob.jobs.hf_callback import (
     ColabJobCallback,
@@ -44,6 +51,8 @@ from colabjob.jobs.hf_callback import (
     metric_rows,
     remaining_batches,
 )
+from colabjob.jobs.hf_data import align_epoch, train_loader
+from colabjob.jobs.saver import gather_rank_states, seed_missing_rank, send_rank_state
 from colabjob.jobs.state import STATE_FILE, Counters, restore, snapshot
 
 __all__ = ["ColabJobTrainer", "ResumableTrainerMixin", "make_resumable"]
@@ -95,9 +104,9 @@ class ResumableTrainerMixin:
                 hint="colabjob resumes from the newest checkpoint committed to the job's "
                 "storage; call trainer.train() without it",
             )
-        self._colabjob_check_args()
         run = self._colabjob
-        run.reset()
+        run.reset()  # joins the process group's coordination, if any
+        self._colabjob_check_args()
         try:
             run.begin()
             saved_bs = run.hf_meta.get("train_batch_size")
@@ -126,12 +135,18 @@ class ResumableTrainerMixin:
 
     def _colabjob_check_args(self: Any) -> None:
         args = self.args
-        if args.world_size > 1:
+        if args.world_size > 1 and (
+            self._colabjob.world_size != args.world_size
+            or self.is_deepspeed_enabled
+            or self.is_fsdp_enabled
+        ):
             raise ConfigError(
-                f"colabjob's HF integration runs one process; this run has world_size "
-                f"{args.world_size}",
-                hint="run on one GPU (Colab, Kaggle), or use the Session API with your own "
-                "distributed loop",
+                f"colabjob's HF integration runs several processes as plain data parallel "
+                f"(DDP) in the process group it joined; this run has world_size "
+                f"{args.world_size} (process group: {in_process_group()}), DeepSpeed "
+                f"{self.is_deepspeed_enabled}, FSDP {self.is_fsdp_enabled}",
+                hint="start the processes with `colabjob start/resume --nproc N` (or torchrun) "
+                "and leave DeepSpeed/FSDP off",
             )
         if args.load_best_model_at_end:
             warnings.warn(
@@ -154,7 +169,10 @@ class ResumableTrainerMixin:
         run.committer.reap(final=True)
         step = int(self.state.global_step)
         reason = run.stop_reason or "completed"
-        if step > 0 and run.committer.committed_step != step:
+        need = step > 0 and run.committer.committed_step != step
+        if run.sync is not None:
+            need = run.sync.main_says(need)  # rank 0 commits; the others send their state
+        if need:
             self._colabjob_save(final=True)
         run.outcome = SegmentOutcome(
             stop_reason=reason,
@@ -168,44 +186,14 @@ class ResumableTrainerMixin:
     # ---- data ------------------------------------------------------------------------------
 
     def get_train_dataloader(self: Any) -> Any:
-        if self.train_dataset is None:
-            raise ValueError("Trainer: training requires a train_dataset.")
-        dataset, collator = self.train_dataset, self.data_collator
-        try:
-            import datasets
-
-            is_hf_table = isinstance(dataset, datasets.Dataset)
-        except ImportError:  # pragma: no cover - datasets is a dependency of the dev setup
-            is_hf_table = False
-        if is_hf_table:
-            dataset = self._remove_unused_columns(dataset, description="Training")
-        else:
-            collator = self._get_collator_with_removed_columns(collator, description="Training")
-        args = self.args
-        iterable = isinstance(dataset, torch.utils.data.IterableDataset)
-        pin = bool(args.dataloader_pin_memory) and torch.cuda.is_available()
-        extra: dict[str, Any] = {"pin_memory": pin}
-        if args.dataloader_num_workers > 0:
-            extra["prefetch_factor"] = args.dataloader_prefetch_factor
-            extra["multiprocessing_context"] = args.dataloader_multiprocessing_context
-        loader = make_loader(
-            dataset,
-            batch_size=self._train_batch_size,
-            seed=args.data_seed if args.data_seed is not None else args.seed,
-            shuffle=False if iterable else args.train_sampling_strategy != "sequential",
-            num_workers=args.dataloader_num_workers,
-            drop_last=args.dataloader_drop_last,
-            collate_fn=collator,
-            **extra,
-        )
-        self._colabjob.loader = loader
+        self._colabjob.loader = loader = train_loader(self, self._colabjob.world_size)
         return loader
 
     def get_batch_samples(self: Any, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
         batches, n_items = super().get_batch_samples(epoch_iterator, num_batches, device)  # type: ignore[misc]
         run = self._colabjob
         run.batches_in_epoch += len(batches)
-        run.samples += sum(batch_len(b) for b in batches)
+        run.samples += sum(batch_len(b) for b in batches) * run.world_size  # equal batches
         return batches, n_items
 
     # ---- resume ----------------------------------------------------------------------------
@@ -238,6 +226,7 @@ class ResumableTrainerMixin:
         return Geometry(
             batch_size=int(self._train_batch_size),
             grad_accum=int(self.args.gradient_accumulation_steps),
+            world_size=self._colabjob.world_size,
         )
 
     def _run_epoch(self: Any, **kwargs: Any) -> Any:
@@ -248,11 +237,13 @@ class ResumableTrainerMixin:
             self._colabjob_restore(loader)
         if run.stop_reason is None and run.first_step == self.state.global_step:
             run.stop_reason = run.ctx.policy.should_stop()
+            if run.sync is not None:  # no rank may start a step the others skip
+                run.stop_reason = run.sync.agree(run.stop_reason, save=False)[0]
         if run.stop_reason is not None or self.state.global_step >= self.state.max_steps:
             self.control.should_training_stop = True  # nothing to do in this segment
             return None
         if isinstance(loader, ResumableLoader) and not loader.is_iterable:
-            self._colabjob_align_epoch(loader, kwargs)
+            align_epoch(run, loader, kwargs, int(self.args.gradient_accumulation_steps))
         else:  # a stream: its length is unknown, HF's epoch counter is the epoch
             run.epoch_index, run.epoch_batches, run.batches_in_epoch = int(kwargs["epoch"]), 0, 0
         if int(kwargs["epoch"]) != run.epoch_index:
@@ -276,24 +267,6 @@ class ResumableTrainerMixin:
             run.empty_epoch = run.batches_in_epoch == before
         return result
 
-    def _colabjob_align_epoch(self: Any, loader: ResumableLoader, kwargs: dict[str, Any]) -> None:
-        """Start HF's epoch where the loader stands: a spent epoch moves on to the next one;
-        a resumed one is handed over as the batches it has left (GA windows line up)."""
-        run = self._colabjob
-        left = remaining_batches(loader)
-        if left == 0:  # every batch of this epoch was yielded: move to the next epoch
-            for _ in loader:
-                pass
-            left = remaining_batches(loader)
-        assert left is not None
-        total = int(kwargs["steps_in_epoch"])
-        run.epoch_batches, run.batches_in_epoch = total, total - left
-        if 0 < left < total:
-            kwargs["steps_in_epoch"] = left
-            ga = int(self.args.gradient_accumulation_steps)
-            kwargs["num_update_steps_per_epoch"] = max(math.ceil(left / ga), 1)
-        run.epoch_index = int(loader.state_dict()["epoch"])
-
     def _colabjob_restore(self: Any, loader: Any) -> None:
         run = self._colabjob
         assert run.resume_dir is not None
@@ -310,7 +283,10 @@ class ResumableTrainerMixin:
             geometry=self._colabjob_geometry(),
             allow_geometry_change=run.ctx.allow_geometry_change,
             restore_rngs=True,  # last: nothing may draw from the RNGs before the next step
+            rank=run.rank,
         )
+        if run.rank and not got.rng_found:  # a rank the checkpoint's run did not have
+            seed_missing_rank(int(self.args.seed), run.rank, got, run.committer.say)
         hf = got.meta.get("hf") or {}
         self._tr_loss.fill_(float(hf.get("tr_loss", 0.0)))
         self._globalstep_last_logged = int(hf.get("last_logged", self.state.global_step))
@@ -323,7 +299,7 @@ class ResumableTrainerMixin:
         if run.committer.committed_step == self.state.global_step:
             return
         final = bool(self.control.should_training_stop)
-        if not final and run.committer.busy:
+        if not final and run.busy:
             run.save_due = True  # one commit in flight: this one waits for a later boundary
             return
         self._colabjob_save(final=final)
@@ -332,19 +308,28 @@ class ResumableTrainerMixin:
     def _colabjob_save(self: Any, *, final: bool) -> None:
         run = self._colabjob
         t0 = run.ctx.monotonic()
-        self.store_flos()
+        self.store_flos()  # a collective with several processes: every rank is here
+        step = int(self.state.global_step)
+        loader = run.loader
+        tr_loss = self._tr_loss
+        if run.sync is not None:  # the mean HF logs, the same on every resumed rank
+            tr_loss = self.accelerator.gather(tr_loss.detach().reshape(1)).mean()
+            if run.rank != 0:
+                send_rank_state(run.sync, loader)
+                run.committer.follow(step, final=final)
+                run.save_due = False
+                return
         for cb in [*self.callback_handler.callbacks, self.control]:
             if hasattr(cb, "state") and callable(cb.state) and self.state.stateful_callbacks:
                 name = type(cb).__name__
                 if name in self.state.stateful_callbacks:
                     self.state.stateful_callbacks[name] = cb.state()
         state_json = json.dumps(dataclasses.asdict(self.state), sort_keys=True).encode()
-        loader = run.loader
         left = remaining_batches(loader) if loader is not None else None
         epoch_index = run.epoch_index + (1 if left == 0 else 0)
         hf = {
             "epoch_index": epoch_index,
-            "tr_loss": float(self._tr_loss.item()),
+            "tr_loss": float(tr_loss.item()),
             "last_logged": int(self._globalstep_last_logged),
             "train_batch_size": int(self._train_batch_size),
         }
@@ -365,8 +350,9 @@ class ResumableTrainerMixin:
             metrics=metric_rows(self.state.log_history),
             meta={"hf": hf},
         )
+        if run.sync is not None:
+            snap = gather_rank_states(run.sync, snap)
         snap_s = run.ctx.monotonic() - t0
-        step = int(self.state.global_step)
         extra = {TRAINER_STATE_FILE: state_json}
         meta = {**run.extra_meta, "epoch": epoch_index, "hf": True}
         if final:

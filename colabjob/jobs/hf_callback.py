@@ -6,8 +6,10 @@ hand-over of a resumed epoch to the Trainer), the stop reason. ``ColabJobCallbac
 the stop policy into ``control.should_training_stop`` / ``should_save`` at every optimizer
 step, measures step time for the budget, pushes status and (for the built-in kinds)
 forwards HF's log rows to ``ctx.progress`` (or as lines to ``ctx.log``), and tells the
-policy the expected checkpoint size (``expect_checkpoint``) for its save guess. The mixin
-that uses both is ``colabjob.jobs.hf``.
+policy the expected checkpoint size (``expect_checkpoint``) for its save guess. With several
+processes (``HFRun.sync``, a ``Coordinator``) rank 0 picks the checkpoint every rank resumes
+from, and at every optimizer step one ``Coordinator.agree`` all-reduce makes every rank take
+the same stop and save decision. The mixin that uses both is ``colabjob.jobs.hf``.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from transformers import TrainerCallback
 from colabjob.errors import ResumeError
 from colabjob.jobs.context import SegmentContext, SegmentOutcome
 from colabjob.jobs.data import ResumableLoader
+from colabjob.jobs.distributed import Coordinator, DistributedResumableSampler
 from colabjob.jobs.formats import read_json
 from colabjob.jobs.hf_commit import Committer
 from colabjob.jobs.policy import expect_checkpoint
 from colabjob.jobs.progress import STATUS_KEYS, format_metric_line
+from colabjob.jobs.saver import fetch_agreed
 from colabjob.jobs.sizing import checkpoint_nbytes
 from colabjob.jobs.state import STATE_FILE
 
@@ -46,7 +50,12 @@ class HFRun:
         self.reset()
 
     def reset(self) -> None:
-        """Forget the previous ``train()`` call (the newest committed step stays known)."""
+        """Forget the previous ``train()`` call (the newest committed step stays known) and
+        find the process group this one runs in (every rank calls this at the same time)."""
+        self.sync = Coordinator.current()  # None: a single process
+        self.rank = 0 if self.sync is None else self.sync.rank
+        self.world_size = 1 if self.sync is None else self.sync.world_size
+        self.committer.sync = self.sync
         self.tmp: tempfile.TemporaryDirectory[str] | None = None
         self.resume_dir: Path | None = None
         self.hf_meta: dict[str, Any] = {}
@@ -59,6 +68,7 @@ class HFRun:
         self.samples = 0
         self.stop_reason: str | None = None
         self.save_due = False
+        self.agreed_busy = False  # several processes: rank 0's commit was uploading
         self.empty_epoch = False
         self.t_last = 0.0
         self.next_status = 0.0
@@ -67,7 +77,7 @@ class HFRun:
 
     def begin(self) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="colabjob-hf-", dir=self.ctx.staging_dir)
-        info = self.ctx.checkpoints.fetch_latest(self.tmp.name)
+        info = fetch_agreed(self.ctx.checkpoints, self.sync, self.tmp.name)
         if info is None:
             self.committer.say(f"no checkpoint in {self.ctx.store.url}: starting from step 0")
             return
@@ -86,6 +96,11 @@ class HFRun:
         self.committer.committed_step = info.step
         self.committer.say(f"resuming from checkpoint step {info.step}")
 
+    @property
+    def busy(self) -> bool:
+        """A background commit is uploading (as agreed at this step, with several ranks)."""
+        return self.agreed_busy if self.sync is not None else self.committer.busy
+
     def cleanup(self) -> None:
         if self.tmp is not None:
             self.tmp.cleanup()
@@ -93,11 +108,15 @@ class HFRun:
 
 
 def remaining_batches(loader: ResumableLoader) -> int | None:
-    """Batches left in the loader's current epoch (None for iterable data)."""
+    """Batches left in the loader's current epoch (None for iterable data); this rank's,
+    for a distributed loader (its position counts global samples)."""
     sampler = loader.state_dict().get("sampler")
     if sampler is None or loader.batch_size is None:
         return None
     left = int(sampler["size"]) - int(sampler["offset"])
+    shard = loader.resumable_sampler
+    if isinstance(shard, DistributedResumableSampler):
+        return left // shard.global_batch * shard.grad_accum
     bs = int(loader.batch_size)
     return left // bs if loader.drop_last else math.ceil(left / bs)
 
@@ -154,17 +173,21 @@ class ColabJobCallback(TrainerCallback):
         reason = ctx.policy.should_stop()
         if step >= state.max_steps or (ctx.max_steps is not None and step >= ctx.max_steps):
             reason = "completed"  # the job is done, whatever else asked for a stop
-        if reason is not None:
-            run.stop_reason = reason
-            control.should_training_stop = True
-            control.should_save = True
-        elif (
+        if reason is None and (
             (ctx.every_steps is not None and step % ctx.every_steps == 0)
             or ctx.policy.checkpoint_due()
             or run.committer.retry_due
         ):
             run.save_due = True
-        if run.save_due and not run.committer.busy:
+        if run.sync is not None:  # every rank stops / saves at the same step
+            reason, run.save_due, run.agreed_busy, _ = run.sync.agree(
+                reason, save=run.save_due, busy=run.committer.busy
+            )
+        if reason is not None:
+            run.stop_reason = reason
+            control.should_training_stop = True
+            control.should_save = True
+        if run.save_due and not run.busy:
             control.should_save = True
         if ctx.on_status is not None and now >= run.next_status:
             run.next_status = now + STATUS_EVERY

@@ -6,7 +6,9 @@ background (``save_async``, one in flight; the training loop only paid for the s
 synchronously for the final checkpoint of a segment. It reports each commit's cost to the
 stop policy (so the budget predicts the next save), keeps the newest committed step and pushes
 status to the heartbeat. A failed background commit is logged and retried at the next save;
-a fenced-out one (another runner took the lease) is raised at once.
+a fenced-out one (another runner took the lease) is raised at once. With several processes
+(a ``Coordinator``) only rank 0 commits; the other ranks ``follow`` each save, and a final
+commit's result is broadcast, so no rank returns before the final checkpoint is committed.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from colabjob.errors import StaleEpochError
+from colabjob.errors import CheckpointError, StaleEpochError
 from colabjob.jobs.context import SegmentContext
+from colabjob.jobs.distributed import Coordinator
 from colabjob.jobs.saver import report_commit
 from colabjob.jobs.state import Snapshot, write_snapshot
 
@@ -34,8 +37,9 @@ __all__ = ["Committer"]
 class Committer:
     """Commits snapshots of one segment; see the module docstring."""
 
-    def __init__(self, ctx: SegmentContext) -> None:
+    def __init__(self, ctx: SegmentContext, sync: Coordinator | None = None) -> None:
         self.ctx = ctx
+        self.sync = sync
         self.committed_step: int | None = None
         self._pending: PendingCommit[CheckpointInfo] | None = None
         self._pending_snap_s = 0.0
@@ -94,11 +98,28 @@ class Committer:
         meta: Mapping[str, Any] | None = None,
     ) -> CheckpointInfo:
         """Commit now and return the committed checkpoint (after the background one)."""
-        self.reap(final=True)
-        writer = self._writer(snap, dict(extra or {}))
-        info = self.ctx.checkpoints.save(step, writer, **self._kwargs(snap, meta or {}))
+        try:
+            self.reap(final=True)
+            writer = self._writer(snap, dict(extra or {}))
+            info = self.ctx.checkpoints.save(step, writer, **self._kwargs(snap, meta or {}))
+        except BaseException as e:
+            if self.sync is not None:  # the other ranks wait for this commit's result
+                self.sync.broadcast(f"{type(e).__name__}: {e}")
+            raise
+        if self.sync is not None:
+            self.sync.broadcast(None)
         self._committed(info, snap_seconds)
         return info
+
+    def follow(self, step: int, *, final: bool) -> None:
+        """A rank other than 0, at rank 0's save of ``step`` (after sending its state): it
+        counts the step as committed (rank 0 commits it or fails the run); for a final save
+        it first waits for rank 0's commit and raises if that failed."""
+        if final and self.sync is not None:
+            error = self.sync.broadcast(None)
+            if error is not None:
+                raise CheckpointError(f"rank 0 could not commit step {step}: {error}")
+        self.committed_step = step
 
     def reap(self, *, final: bool = False, block: bool = True) -> None:
         """Collect the background commit (waiting unless ``block=False`` and it is still

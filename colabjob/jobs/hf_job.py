@@ -7,6 +7,8 @@ micro-batch is recorded in every checkpoint and reused on resume), build the dat
 (``jobs.hf``) for one segment and, once the job completes, commit the final artifact under
 the job root's ``final/`` with the same manifest-last protocol as checkpoints
 (``final/ckpt/<step>-<uid>/``: a directory ``from_pretrained`` loads; ``fetch_final`` gets it).
+With several processes every rank trains (``training.batch_size`` is per process) and rank 0
+alone commits the final artifact.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from colabjob.jobs.defaults import (
     resource_line,
     search_micro_batch,
 )
+from colabjob.jobs.distributed import World
 
 if TYPE_CHECKING:
     from colabjob.config import JobSpec
@@ -248,7 +251,7 @@ def run_trainer(
         outcome = trainer.colabjob_outcome
         assert outcome is not None
         say(ctx, resource_line(out))
-        if outcome.completed:
+        if outcome.completed and World.current().is_main:
             commit_final(ctx, outcome.last_step, lambda d: save_final(trainer.model, d))
     return outcome
 

@@ -46,9 +46,17 @@ from colabjob.jobs.state import (
 from colabjob.jobs.tracking import Tracked
 
 if TYPE_CHECKING:
-    from colabjob.storage.checkpoints import CheckpointInfo, PendingCommit
+    from colabjob.storage.checkpoints import CheckpointInfo, CheckpointStore, PendingCommit
 
-__all__ = ["Checkpointer", "Tracked"]
+__all__ = [
+    "Checkpointer",
+    "Tracked",
+    "fetch_agreed",
+    "gather_rank_states",
+    "report_commit",
+    "seed_missing_rank",
+    "send_rank_state",
+]
 
 log = logging.getLogger("colabjob.jobs.session")
 
@@ -102,35 +110,13 @@ class Checkpointer:
                 rank=self.rank,
             )
         if self.rank and not got.rng_found:  # a rank the checkpoint's run did not have
-            base = int(getattr(t.loader, "seed", 0) or 0)
-            seed_everything(derive_seed(base, "rank", self.rank, "step", got.counters.step))
-            self._say(
-                f"rank {self.rank}: checkpoint step {info.step} was written by "
-                f"{got.world_size} process(es); RNGs seeded from (seed, rank, step)"
-            )
+            seed_missing_rank(int(getattr(t.loader, "seed", 0) or 0), self.rank, got, self._say)
         self.committed_step = info.step
         return info, got
 
     def _fetch(self, tmp: str) -> CheckpointInfo | None:
-        """The newest checkpoint, downloaded into ``tmp``; with several processes rank 0
-        chooses it (and quarantines bad ones) and the others download the same one."""
-        checkpoints, sync = self.ctx.checkpoints, self.sync
-        if sync is None:
-            return checkpoints.fetch_latest(tmp)
-        if sync.rank == 0:
-            try:
-                info = checkpoints.fetch_latest(tmp)
-            except BaseException as e:
-                sync.broadcast(("error", f"{type(e).__name__}: {e}"))
-                raise
-            sync.broadcast(("ok", info))
-            return info
-        status, payload = sync.broadcast(None)
-        if status == "error":
-            raise ResumeError(f"rank 0 could not load the newest checkpoint: {payload}")
-        if payload is not None:
-            checkpoints.fetch(payload, tmp)
-        return payload
+        """The newest checkpoint, downloaded into ``tmp`` (see ``fetch_agreed``)."""
+        return fetch_agreed(self.ctx.checkpoints, self.sync, tmp)
 
     # -- save ---------------------------------------------------------------------------------
     def snapshot(
@@ -148,8 +134,7 @@ class Checkpointer:
         t0 = mono()
         sync = self.sync
         if sync is not None and sync.rank != 0:
-            data = deep_cpu_copy(t.loader.state_dict()) if t.loader is not None else None
-            sync.gather(RankState(rng=capture_rng(), data=data))
+            send_rank_state(sync, t.loader)
             return Snapshot(counters=counters), mono() - t0
         snap = snapshot(
             counters=counters,
@@ -165,8 +150,7 @@ class Checkpointer:
             trainable_only=t.trainable_only,
         )
         if sync is not None:
-            ranks = sync.gather(None) or []
-            snap = dataclasses.replace(snap, ranks=tuple(ranks[1:]))
+            snap = gather_rank_states(sync, snap)
         return snap, mono() - t0
 
     @property
@@ -240,6 +224,52 @@ class Checkpointer:
         report_commit(self.ctx, info, snap_s, self._say)
         if self._on_commit is not None:
             self._on_commit()
+
+
+def fetch_agreed(
+    checkpoints: CheckpointStore, sync: Coordinator | None, tmp: str
+) -> CheckpointInfo | None:
+    """The newest checkpoint, downloaded into ``tmp``; with several processes rank 0
+    chooses it (and quarantines bad ones) and the others download the same one."""
+    if sync is None:
+        return checkpoints.fetch_latest(tmp)
+    if sync.rank == 0:
+        try:
+            info = checkpoints.fetch_latest(tmp)
+        except BaseException as e:
+            sync.broadcast(("error", f"{type(e).__name__}: {e}"))
+            raise
+        sync.broadcast(("ok", info))
+        return info
+    status, payload = sync.broadcast(None)
+    if status == "error":
+        raise ResumeError(f"rank 0 could not load the newest checkpoint: {payload}")
+    if payload is not None:
+        checkpoints.fetch(payload, tmp)
+    return payload
+
+
+def seed_missing_rank(base: int, rank: int, got: Restored, say: Callable[[str], None]) -> None:
+    """A rank the checkpoint holds no RNGs for (it was written by fewer processes): seed
+    its RNGs from ``(base, rank, step)``, so the run is still deterministic."""
+    seed_everything(derive_seed(base, "rank", rank, "step", got.counters.step))
+    say(
+        f"rank {rank}: checkpoint step {got.counters.step} was written by "
+        f"{got.world_size} process(es); RNGs seeded from (seed, rank, step)"
+    )
+
+
+def send_rank_state(sync: Coordinator, loader: Any) -> None:
+    """A rank other than 0: its RNGs and loader position go to rank 0's snapshot (every
+    rank calls this or ``gather_rank_states`` at the same step)."""
+    data = deep_cpu_copy(loader.state_dict()) if loader is not None else None
+    sync.gather(RankState(rng=capture_rng(), data=data))
+
+
+def gather_rank_states(sync: Coordinator, snap: Snapshot) -> Snapshot:
+    """Rank 0: ``snap`` with the RNGs and loader position of every other rank."""
+    ranks = sync.gather(None) or []
+    return dataclasses.replace(snap, ranks=tuple(ranks[1:]))
 
 
 def report_commit(

@@ -11,6 +11,8 @@
 
 All of them commit through ``ctx.checkpoints`` (manifest last, fenced by the lease), stop on
 ``ctx.policy`` and resume the data position exactly; none uses HF ``checkpoint-N`` folders.
+Each runs on several processes too (``--nproc N``): the Trainer-based kinds as DDP through
+``colabjob.jobs.hf`` (rank 0 commits), ``python`` through the user's ``Session`` loop.
 Each kind module is imported only when its kind runs (transformers and peft load lazily).
 """
 

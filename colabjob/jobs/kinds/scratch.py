@@ -4,7 +4,8 @@ The config is ``model.architecture`` (a ``model_type``, e.g. ``gpt2``; GPT-2 whe
 gives only ``model.config``) or the config at ``model.name_or_path`` (weights are not
 loaded), with ``model.config`` overrides. The tokenizer is ``tokenizer.name_or_path``, the
 one at ``model.name_or_path``, or a byte-level BPE trained on the job's data before step 0
-(``tokenizer.train``) and kept in the job's storage so every session uses the same one.
+(``tokenizer.train``) and kept in the job's storage so every session uses the same one
+(with several processes rank 0 trains or loads it first, the others then load it).
 Unless given, ``vocab_size`` is the tokenizer's and the position limit covers
 ``data.seq_len``. Weights are initialised from ``training.seed``; checkpoints hold the whole
 model; the final artifact (``final/``) is the model and tokenizer via ``save_pretrained``.
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from colabjob.errors import ConfigError
 from colabjob.jobs.datasets import build_dataset, iter_texts
 from colabjob.jobs.defaults import DeviceCaps
+from colabjob.jobs.distributed import Coordinator
 from colabjob.jobs.hf_job import load_tokenizer, plan_training, run_trainer, say
 from colabjob.jobs.tokenize import load_or_train_tokenizer
 
@@ -69,12 +71,24 @@ def build_tokenizer(spec: JobSpec, ctx: SegmentContext) -> Any:
     assert spec.model is not None and spec.data is not None
     tok_spec = spec.tokenizer
     if tok_spec.train is not None:
-        tokenizer, trained = load_or_train_tokenizer(
-            ctx.store,
-            iter_texts(spec.data),
-            vocab_size=tok_spec.train.vocab_size,
-            min_frequency=tok_spec.train.min_frequency,
-        )
+        sync = Coordinator.current()
+        if sync is not None and sync.rank != 0:  # rank 0 stores it first; then the same one
+            error = sync.broadcast(None)
+            if error is not None:
+                raise ConfigError(f"rank 0 could not make the job's tokenizer: {error}")
+        try:
+            tokenizer, trained = load_or_train_tokenizer(
+                ctx.store,
+                iter_texts(spec.data),
+                vocab_size=tok_spec.train.vocab_size,
+                min_frequency=tok_spec.train.min_frequency,
+            )
+        except BaseException as e:
+            if sync is not None and sync.rank == 0:
+                sync.broadcast(f"{type(e).__name__}: {e}")
+            raise
+        if sync is not None and sync.rank == 0:
+            sync.broadcast(None)
         say(ctx, f"tokenizer: byte-level BPE, {len(tokenizer)} tokens "
                  f"({'trained on the data' if trained else 'the job’s stored one'})")
         return tokenizer
