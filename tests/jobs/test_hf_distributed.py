@@ -5,8 +5,9 @@ A stop that only rank 1 decides (its policy says ``signal`` after step 3; rank 0
 stops) stops both ranks at step 3 with one committed checkpoint holding both ranks' RNGs and
 loader positions; resumed on 2 ranks the job ends bit-identical to an uninterrupted 2-rank
 run. The 2-rank scratch checkpoint resumes on 1 process with ``allow_geometry_change`` and
-continues the global sample order. ``colabjob start --nproc 2`` runs a scratch job to
-completion.
+continues the global sample order. A user's Trainer script with ``colabjob.hf.resumable``
+(``hf_resumable_child.py``) stops on both ranks when rank 1 alone gets SIGUSR1 and resumes
+bit-identical. ``colabjob start --nproc 2`` runs a scratch job to completion.
 
 As a script (``python -m tests.jobs.test_hf_distributed KIND DATA MODEL OUT STORE:STOP ...``,
 one per rank) it runs each segment in order (``STOP`` ``-`` for none) with a hand-built
@@ -179,6 +180,48 @@ def test_lora_on_two_ranks_resumes_bit_identical(
 ) -> None:
     doc = _stop_and_resume(tmp_path, "lora", assets)
     assert all("lora_" in k for k in doc["model"]["keys"])  # the adapters only, unwrapped
+
+
+def _launch_resumable(tmp: Path, url: Path, assets: dict[str, Path], signal_after: int,
+                      name: str) -> list[dict[str, Any]]:
+    """Each rank's outcome of one 2-rank launch of a user's script using ``resumable()``."""
+    out = tmp / name
+    cmd = [sys.executable, "-m", "tests.jobs.hf_resumable_child", str(url),
+           str(assets["model"]), str(assets["data"]), str(out), str(signal_after)]
+    got = launch(cmd, nproc=2, env=ENV, cwd=REPO, timeout=LAUNCH_TIMEOUT)
+    assert got.exit_code == 0, got
+    return [json.loads((tmp / f"{name}.rank{r}.json").read_text()) for r in range(2)]
+
+
+@pytest.mark.slow
+def test_resumable_script_on_two_ranks_stops_together_and_resumes_bit_identical(
+    assets: dict[str, Path], tmp_path: Path
+) -> None:
+    """A user's Trainer script plus ``resumable()`` under a torchrun-style launch: SIGUSR1
+    to rank 1 alone stops both ranks at one step with one final checkpoint (the job is
+    SUSPENDED); resumed on 2 ranks it ends bit-identical to an uninterrupted 2-rank run."""
+    from colabjob.jobs.demo import compare_final_weights
+    from colabjob.runner.record import load_record
+    from colabjob.runner.states import JobState, StopReason
+
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    whole = _launch_resumable(tmp_path, straight, assets, 0, "a")
+    assert all(o["completed"] and o["last_step"] == 6 for o in whole)
+    first = _launch_resumable(tmp_path, split, assets, 3, "b")
+    stopped = {o["last_step"] for o in first}
+    assert len(stopped) == 1 and stopped <= {3, 4}  # the same step on both ranks
+    assert all(o["stop_reason"] == "signal" for o in first)
+    step = stopped.pop()
+    assert CheckpointStore(open_store(str(split))).latest().step == step  # type: ignore[union-attr]
+    record = load_record(open_store(str(split)))
+    assert record.state is JobState.SUSPENDED
+    assert record.history[-1].stop_reason is StopReason.SIGNAL
+    _, doc, weights = _latest(split)
+    assert doc["world_size"] == 2 and set(doc["ranks"]) == {"1"}  # rank 0: top level
+    assert not any(k.startswith("module.") for k in weights)
+    rest = _launch_resumable(tmp_path, split, assets, 0, "c")
+    assert all((o["first_step"], o["last_step"], o["completed"]) == (step, 6, True) for o in rest)
+    assert compare_final_weights(straight, split)
 
 
 CLI_SPEC = """
