@@ -215,3 +215,34 @@ def assert_same_model(a: nn.Module, b: nn.Module) -> None:
     assert sa.keys() == sb.keys()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), f"{k}: max |dw| = {(sa[k] - sb[k]).abs().max()}"
+
+
+def train_tiny(
+    s: Any,
+    *,
+    clock: Any = None,
+    step_seconds: float = 60.0,
+    model: nn.Module | None = None,
+    opt: torch.optim.Optimizer | None = None,
+    after: Callable[[Any], None] | None = None,
+) -> None:
+    """A Session loop over ``TinyNet`` (or ``model``, with AdamW or ``opt``) and 24
+    ``NoisyDataset`` samples (batch 4): with a fake ``clock`` each step "takes"
+    ``step_seconds``; ``after(s)`` runs before each ``s.step()``."""
+    from colabjob.jobs.data import make_loader
+
+    torch.manual_seed(0)
+    model = TinyNet() if model is None else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2) if opt is None else opt
+    s.track(model=model, optimizer=opt, loader=make_loader(NoisyDataset(24), batch_size=4, seed=1))
+    for batch in s.batches():
+        loss = torch.nn.functional.cross_entropy(model(batch["x"]), batch["y"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if clock is not None:
+            clock.advance(step_seconds)
+        if after is not None:
+            after(s)
+        if s.step(loss=loss.item()):
+            break

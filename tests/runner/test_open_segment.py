@@ -17,7 +17,6 @@ import torch
 import colabjob
 from colabjob.errors import JobMovedError, JobStateError
 from colabjob.jobs.context import SegmentOutcome
-from colabjob.jobs.data import make_loader
 from colabjob.jobs.demo import StepBudget
 from colabjob.jobs.session import Session
 from colabjob.runner.budget import AnyOf, StopBeforeDeadline
@@ -29,7 +28,7 @@ from colabjob.runner.transfer import MovedMarker, mark_moved
 from colabjob.runner.watchdog import Watchdog
 from colabjob.storage import open_store
 from tests.fakes import FakeClock
-from tests.jobs.helpers import NoisyDataset, TinyNet
+from tests.jobs.helpers import train_tiny
 
 
 @pytest.fixture
@@ -48,30 +47,8 @@ def _budget(s: Session) -> StopBeforeDeadline:
     return policy
 
 
-def _train(
-    s: Session,
-    *,
-    clock: FakeClock | None = None,
-    step_seconds: float = 1.0,
-    model: torch.nn.Module | None = None,
-    opt: torch.optim.Optimizer | None = None,
-    after: Any = None,
-) -> None:
-    torch.manual_seed(0)
-    model = model or TinyNet()
-    opt = opt or torch.optim.AdamW(model.parameters(), lr=1e-2)
-    s.track(model=model, optimizer=opt, loader=make_loader(NoisyDataset(24), batch_size=4, seed=1))
-    for batch in s.batches():
-        loss = torch.nn.functional.cross_entropy(model(batch["x"]), batch["y"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if clock is not None:
-            clock.advance(step_seconds)
-        if after is not None:
-            after(s)
-        if s.step(loss=loss.item()):
-            break
+def _train(s: Session, *, step_seconds: float = 1.0, **kw: Any) -> None:
+    train_tiny(s, step_seconds=step_seconds, **kw)
 
 
 # ---- the budget's guesses in a session ----------------------------------------------------------

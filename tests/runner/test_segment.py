@@ -17,13 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 import colabjob
 from colabjob.config import config_hash, spec_from_text
 from colabjob.errors import JobStateError, LeaseHeldError, StaleEpochError
 from colabjob.jobs.context import SegmentContext, SegmentOutcome
-from colabjob.jobs.data import make_loader
 from colabjob.jobs.session import Session
 from colabjob.runner.lease import Holder, Lease, read_lease
 from colabjob.runner.record import JobRecord, load_record
@@ -33,7 +31,7 @@ from colabjob.runner.watchdog import Watchdog, request_stop
 from colabjob.storage import open_store
 from colabjob.storage.checkpoints import CheckpointStore
 from tests.fakes import FakeClock
-from tests.jobs.helpers import NoisyDataset, TinyNet
+from tests.jobs.helpers import TinyNet, train_tiny
 
 REPO = Path(__file__).resolve().parents[2]
 WAIT = 60.0  # bound for a child process to get somewhere; never a deadline under test
@@ -42,24 +40,6 @@ WAIT = 60.0  # bound for a child process to get somewhere; never a deadline unde
 @pytest.fixture
 def url() -> str:
     return f"memory://segment-{uuid.uuid4().hex}"
-
-
-def _train(s: Session, *, clock: FakeClock | None = None, after: Any = None) -> None:
-    torch.manual_seed(0)
-    model = TinyNet()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    s.track(model=model, optimizer=opt, loader=make_loader(NoisyDataset(24), batch_size=4, seed=1))
-    for batch in s.batches():
-        loss = torch.nn.functional.cross_entropy(model(batch["x"]), batch["y"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if clock is not None:
-            clock.advance(60.0)  # each step "takes" a minute
-        if after is not None:
-            after(s)
-        if s.step(loss=loss.item()):
-            break
 
 
 def _session(url: str, clock: FakeClock, **kw: Any) -> Any:
@@ -71,7 +51,7 @@ def test_history_has_one_segment_per_session_with_its_stop_reason(url: str) -> N
     clock = FakeClock()
     store = open_store(url)
     with _session(url, clock, budget="1h", every_steps=10) as s:  # stops on the budget
-        _train(s, clock=clock)
+        train_tiny(s, clock=clock)
     first = load_record(store)
     assert first.state is JobState.SUSPENDED and s.outcome.stop_reason == "budget"
     assert clock.time() < first.history[0].started_at + 3600  # stopped before the deadline
@@ -85,11 +65,11 @@ def test_history_has_one_segment_per_session_with_its_stop_reason(url: str) -> N
             assert isinstance(policy, Watchdog) and policy.check_stop_request()
 
     with _session(url, clock) as s:
-        _train(s, after=ask_to_stop)
+        train_tiny(s, after=ask_to_stop)
     assert s.outcome.stop_reason == "stop_request" and s.outcome.last_step == budget_step + 4
 
     with _session(url, clock, max_steps=budget_step + 6) as s:
-        _train(s)
+        train_tiny(s)
     record = load_record(store)
     assert record.state is JobState.COMPLETED
     assert [seg.stop_reason for seg in record.history] == [
@@ -118,7 +98,7 @@ def test_a_second_live_session_is_refused(url: str) -> None:
             pass
         assert "already running on" in str(info.value) and "--force" in str(info.value)
         assert load_record(open_store(url)) == before  # the refused session changed nothing
-        _train(s)
+        train_tiny(s)
     assert load_record(open_store(url)).state is JobState.COMPLETED
 
 
@@ -149,7 +129,7 @@ def test_an_exception_fails_the_job_and_a_resume_continues(url: str) -> None:
             raise ValueError("bad batch")
 
     with pytest.raises(ValueError, match="bad batch"), _session(url, clock, every_steps=2) as s:
-        _train(s, after=boom)
+        train_tiny(s, after=boom)
     record = load_record(open_store(url))
     assert record.state is JobState.FAILED
     seg = record.history[-1]
@@ -159,7 +139,7 @@ def test_an_exception_fails_the_job_and_a_resume_continues(url: str) -> None:
     assert lease is not None and lease[0].released
 
     with _session(url, clock, max_steps=5) as s:
-        _train(s)
+        train_tiny(s)
         assert s.first_step == 2
     assert load_record(open_store(url)).state is JobState.COMPLETED
 
@@ -174,7 +154,7 @@ def test_a_cancel_request_cancels_the_job(url: str) -> None:
             assert s.ctx.policy.check_stop_request()  # type: ignore[attr-defined]
 
     with _session(url, clock) as s:
-        _train(s, after=cancel)
+        train_tiny(s, after=cancel)
     assert load_record(store).state is JobState.CANCELLED
     assert CheckpointStore(store).latest().step == 3  # type: ignore[union-attr]
 
@@ -189,7 +169,7 @@ def test_the_store_is_flushed_after_the_lease_is_released(url: str) -> None:
 
     store.flush = flush  # type: ignore[method-assign]
     with colabjob.session(store, platform="local", max_steps=1, log=None) as s:
-        _train(s)
+        train_tiny(s)
     assert seen == [True]
 
 
@@ -212,7 +192,7 @@ def test_run_segment_builds_the_context_from_the_spec(url: str, monkeypatch: Any
     def fake_kind(spec: Any, ctx: SegmentContext) -> SegmentOutcome:
         seen.append(ctx)
         with Session(ctx) as s:
-            _train(s)
+            train_tiny(s)
         assert s.outcome is not None
         return s.outcome
 

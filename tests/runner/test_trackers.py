@@ -16,35 +16,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 import colabjob
 from colabjob.errors import ConfigError
-from colabjob.jobs.data import make_loader
 from colabjob.jobs.session import Session
 from colabjob.runner.record import load_record
 from colabjob.runner.trackers import WANDB_ID_KEY
 from colabjob.storage import open_store
 from colabjob.storage.checkpoints import CheckpointStore
 from tests.fakes import FakeClock
-from tests.jobs.helpers import NoisyDataset, TinyNet
+from tests.jobs.helpers import train_tiny
 
 
 def _train(s: Session, clock: FakeClock, *, crash_at: int | None = None) -> None:
-    torch.manual_seed(0)
-    model = TinyNet()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    s.track(model=model, optimizer=opt, loader=make_loader(NoisyDataset(24), batch_size=4, seed=1))
-    for batch in s.batches():
-        loss = torch.nn.functional.cross_entropy(model(batch["x"]), batch["y"])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        clock.advance(60.0)  # each step "takes" a minute
+    """``train_tiny`` with each step "taking" a minute, crashing before step ``crash_at``."""
+
+    def crash(s: Session) -> None:
         if crash_at is not None and s.global_step + 1 == crash_at:
             raise RuntimeError("the VM went away")
-        if s.step(loss=loss.item()):
-            break
+
+    train_tiny(s, clock=clock, after=crash)
 
 
 def _session(job: Path, clock: FakeClock, **kw: Any) -> Any:
