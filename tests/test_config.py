@@ -584,7 +584,7 @@ def test_public_api() -> None:
     import colabjob.config
 
     assert set(colabjob.config.__all__) == {
-        "DEFAULT_LR", "KINDS", "LORA_TARGET_MODULES", "SAFE_TO_CHANGE", "BudgetSpec",
+        "DEFAULT_LR", "DEFAULT_MARGIN", "KINDS", "LORA_TARGET_MODULES", "SAFE_TO_CHANGE", "BudgetSpec",
         "CheckpointSpec", "DataSpec", "JobSection", "JobSpec", "LoggingSpec", "LoraSpec",
         "ModelSpec",
         "TokenizerSpec", "TokenizerTrainSpec", "TrainingSpec", "apply_overrides",

@@ -10,6 +10,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
+from colabjob.config.schema import DEFAULT_MARGIN
 from colabjob.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -65,7 +66,9 @@ def add_session_flags(p: argparse.ArgumentParser) -> None:
         metavar="WHEN",
         help="when this session began (ISO 8601, epoch seconds, or '3h ago')",
     )
-    g.add_argument("--margin", help="time kept free after the final save (default 5m)")
+    g.add_argument(
+        "--margin", help=f"time kept free after the final save (default {DEFAULT_MARGIN})"
+    )
     g.add_argument(
         "--allow-geometry-change",
         action="store_true",

@@ -135,11 +135,14 @@ def _nproc(value: str, url: str) -> int:
             raise ConfigError(f"--nproc must be a positive number or 'auto', got {value!r}")
     if n > 1 and url.startswith("memory://"):
         raise ConfigError("--nproc needs storage every process can reach, not memory://")
+    from colabjob.runner.launch import check_nproc
+
+    check_nproc(n)  # before the job's storage is written or any process starts
     return n
 
 
 def _request(
-    args: argparse.Namespace, url: str, spec: dict[str, Any], *, force: bool = False
+    args: argparse.Namespace, url: str, spec: dict[str, Any], *, nproc: int, force: bool = False
 ) -> RunRequest:
     from colabjob.runner.supervisor import RunRequest
 
@@ -154,7 +157,7 @@ def _request(
         progress=args.progress,
         debug=bool(getattr(args, "debug", False)),
         force=force,
-        nproc=_nproc(str(getattr(args, "nproc", "1")), url),
+        nproc=nproc,
     )
 
 
@@ -172,6 +175,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     if url is None:
         url = default_job_url(spec.job.name)
         note(f"colabjob: job.storage not set; the job lives at {url}")
+    nproc = _nproc(str(args.nproc), url)
     existing = _existing_store(url)  # opens no local root that is not there yet
     got = read_record(existing) if existing is not None else None
     if existing is not None and got is not None:
@@ -182,7 +186,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         )
     preflight(spec)  # before the job's storage is opened for writing (or created)
     store = existing if existing is not None else open_store(url)
-    return run_request(_request(args, store.url, spec.to_dict()), args)
+    return run_request(_request(args, store.url, spec.to_dict(), nproc=nproc), args)
 
 
 def _existing_store(url: str) -> Store | None:
@@ -210,6 +214,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     check_session_flags(args)
     store, record = open_job(args.job)
     check_not_moved(store, record)
+    nproc = _nproc(str(args.nproc), store.url)  # before the lease is watched or the spec saved
     if record.state is JobState.COMPLETED:
         note(f"colabjob: job {record.job_id} is already completed (step {record.last_step})")
         return EXIT_DONE
@@ -240,7 +245,9 @@ def cmd_resume(args: argparse.Namespace) -> int:
         note(f"colabjob: changed {line}")
     if changes:  # the snapshot is what the next plain `resume` runs
         _save_snapshot(store, new.to_dict())
-    return run_request(_request(args, store.url, new.to_dict(), force=args.force), args)
+    return run_request(
+        _request(args, store.url, new.to_dict(), nproc=nproc, force=args.force), args
+    )
 
 
 def _save_snapshot(store: Store, config: dict[str, Any]) -> None:

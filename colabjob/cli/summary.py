@@ -14,6 +14,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from colabjob.config.schema import DEFAULT_MARGIN
 from colabjob.errors import ColabJobError, CorruptCheckpointError, ObjectNotFoundError
 from colabjob.runner.lease import LeaseObserver
 from colabjob.runner.platforms import PRESETS, describe_platform
@@ -109,7 +110,7 @@ def session_length(record: JobRecord) -> tuple[float | None, str | None]:
     if label is None and budget.get("platform") not in (None, "auto"):
         label = str(budget["platform"])
     try:
-        margin = parse_duration(budget.get("margin") or "5m", what="margin")
+        margin = parse_duration(budget.get("margin") or DEFAULT_MARGIN, what="margin")
         if budget.get("limit"):
             seconds = parse_budget(budget["limit"])
         elif label is not None and (label in PRESETS or label.split("-")[0] in PRESETS):

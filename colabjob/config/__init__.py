@@ -18,6 +18,7 @@ from colabjob.config.loader import (
 from colabjob.config.lora_targets import LORA_TARGET_MODULES, resolve_target_modules
 from colabjob.config.resume import SAFE_TO_CHANGE, config_hash, diff_for_resume, exactness_fields
 from colabjob.config.schema import (
+    DEFAULT_MARGIN,
     KINDS,
     BudgetSpec,
     CheckpointSpec,
@@ -34,6 +35,7 @@ from colabjob.config.templates import render_template
 
 __all__ = [
     "DEFAULT_LR",
+    "DEFAULT_MARGIN",
     "KINDS",
     "LORA_TARGET_MODULES",
     "SAFE_TO_CHANGE",

@@ -28,6 +28,9 @@ from colabjob.errors import ConfigError
 
 # Setting one of these with --set drops the other unless it is set too.
 _EXCLUSIVE: tuple[tuple[str, str], ...] = (("training.max_steps", "training.epochs"),)
+# A spec is a few levels deep; far deeper nesting is a broken or hostile file, and copying,
+# validating or hashing it would recurse past Python's stack limit.
+MAX_DEPTH = 64
 
 
 class _StrictLoader(yaml.SafeLoader):
@@ -59,10 +62,42 @@ _StrictLoader.add_constructor(
 )
 
 
+def _too_deep(what: str) -> ConfigError:
+    # one line, no hint: the message says what to do
+    return ConfigError(f"{what} nests more than {MAX_DEPTH} levels deep; flatten it")
+
+
+def _depth_at_most(data: Any, limit: int) -> bool:
+    """Whether lists and mappings in ``data`` nest at most ``limit`` levels (no recursion)."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, (dict, list)):
+            continue
+        if depth > limit:
+            return False
+        children = node.values() if isinstance(node, dict) else node
+        stack.extend((child, depth + 1) for child in children)
+    return True
+
+
+def _load_yaml(text: str, loader: type[yaml.SafeLoader], what: str) -> Any:
+    """``text`` parsed with ``loader``; too deep a nesting is a ``ConfigError``. PyYAML
+    composes nodes recursively, so a few thousand ``[`` exhaust the stack before any
+    check of ours could run on the result."""
+    try:
+        data = yaml.load(text, Loader=loader)
+    except RecursionError:
+        raise _too_deep(what) from None
+    if not _depth_at_most(data, MAX_DEPTH):
+        raise _too_deep(what)
+    return data
+
+
 def parse_yaml(text: str) -> dict[str, Any]:
     """The top-level mapping of a YAML job spec (empty text: an empty mapping)."""
     try:
-        data = yaml.load(text, Loader=_StrictLoader)
+        data = _load_yaml(text, _StrictLoader, "the spec")
     except yaml.YAMLError as e:
         raise ConfigError(
             f"not valid YAML: {e}", hint="check the indentation and quoting near that line"
@@ -79,7 +114,7 @@ def parse_yaml(text: str) -> dict[str, Any]:
 
 def _parse_value(text: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        return _load_yaml(text, yaml.SafeLoader, "a --set value")
     except yaml.YAMLError:
         return text
 

@@ -334,6 +334,11 @@ class CheckpointSpec(Section):
             )
 
 
+#: The one default of ``budget.margin``, ``--margin`` and ``colabjob.session(margin=...)``:
+#: time kept free after the final commit for estimation error (the runner parses it).
+DEFAULT_MARGIN = "5m"
+
+
 @dataclass(frozen=True, kw_only=True)
 class BudgetSpec(Section):
     """``budget``: how long a session may run and how early to stop before its end."""
@@ -346,7 +351,7 @@ class BudgetSpec(Section):
     }
     platform: Platform = "auto"
     limit: str | None = None
-    margin: str = "5m"
+    margin: str = DEFAULT_MARGIN
     session_started_at: str | None = None
 
     def _check(self) -> None:

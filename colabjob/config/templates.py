@@ -5,7 +5,7 @@ JobSpec (the tests check), and each states the defaults it leaves out.
 
 from __future__ import annotations
 
-from colabjob.config.schema import KINDS
+from colabjob.config.schema import DEFAULT_MARGIN, KINDS
 from colabjob.errors import ConfigError
 
 _HEADER = """\
@@ -113,7 +113,7 @@ budget:
   platform: auto                    # auto | colab(-free) | colab-pro(+) | kaggle(-tpu) | slurm
                                     # | gce | local
   limit: null                       # session length, e.g. 11h30m (null: the platform's)
-  margin: 5m                        # stop this long before the predicted end
+  margin: {margin:<28}# stop this long before the predicted end
   session_started_at: null          # ISO time; null: estimated (VM uptime on Colab)
 """
 
@@ -178,7 +178,7 @@ def render_template(kind: str, *, name: str | None = None) -> str:
         parts.append(_LORA)
     final = "  final_artifact: adapter           # adapter | merged (base weights + adapters)\n"
     parts.append(_CHECKPOINT.format(final=final if kind == "lora" else ""))
-    parts.append(_BUDGET)
+    parts.append(_BUDGET.format(margin=DEFAULT_MARGIN))
     return "".join(parts)
 
 

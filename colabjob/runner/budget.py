@@ -24,13 +24,15 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from colabjob.config.schema import DEFAULT_MARGIN
 from colabjob.errors import ConfigError
 from colabjob.jobs.policy import StopPolicy
 from colabjob.runner.clock import SYSTEM_CLOCK, Clock
 from colabjob.runner.platforms import PlatformInfo, parse_duration
 from colabjob.runner.states import StopReason
 
-DEFAULT_MARGIN = 180.0  # seconds kept free after the final commit for estimation error
+# DEFAULT_MARGIN (the spec's ``budget.margin`` default, "5m") is defined once, in config.
+_DEFAULT_MARGIN_S = parse_duration(DEFAULT_MARGIN, what="margin")
 FALLBACK_SAVE_SECONDS = 300.0  # the save guess when neither a size nor a guess is known
 
 
@@ -207,7 +209,7 @@ class StopBeforeDeadline(Policy):
         deadline: float | None,
         *,
         clock: Clock = SYSTEM_CLOCK,
-        margin: float = DEFAULT_MARGIN,
+        margin: float = _DEFAULT_MARGIN_S,
         default_step_seconds: float = 0.0,
         warmup_steps: int = 1,
         window: int = 256,

@@ -18,6 +18,12 @@ As a module it is the supervisor's child for ``colabjob start/resume --nproc N``
 takes its place, so the supervisor sees the real error. ``python -m colabjob.runner.launch
 --nproc N -- CMD ...`` launches any command (e.g. a script using ``colabjob.session()``).
 One machine only: across machines use torchrun; the library side is the same.
+
+Every entry point (``launch``, ``Launcher.start``, this module's ``main`` and the CLI's
+``--nproc``) refuses more ranks than the machine can run (``check_nproc``: one per visible
+GPU with CUDA, else one per CPU core this process may use) before anything starts: each
+rank costs a Python process with torch loaded, and an unbounded count once exhausted a
+machine's memory.
 """
 
 from __future__ import annotations
@@ -37,10 +43,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from colabjob.errors import ConfigError
 from colabjob.runner.child import EXIT_DONE, EXIT_PAUSED, EXIT_USAGE, ChildResult, RunRequest
 from colabjob.runner.signals import ForwardedSignals, as_child_signal
 
-__all__ = ["LaunchResult", "Launcher", "free_port", "launch", "main", "rank_env", "rank_path"]
+__all__ = [
+    "LaunchResult",
+    "Launcher",
+    "check_nproc",
+    "cpu_cores",
+    "free_port",
+    "launch",
+    "main",
+    "nproc_limit",
+    "rank_env",
+    "rank_path",
+]
 
 DEFAULT_GRACE = 10.0  # SIGTERM -> SIGKILL for the ranks left after a failure
 DEFAULT_EXIT_GRACE = 120.0  # how long the other ranks may take once one ended normally
@@ -54,6 +72,38 @@ class LaunchResult:
     returncodes: tuple[int, ...]
     failed_rank: int | None = None
     timed_out: bool = False
+
+
+def cpu_cores() -> int:
+    """CPU cores this process may run on (its affinity mask: a container's or SLURM's share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no affinity API (macOS)
+        return os.cpu_count() or 1
+
+
+def nproc_limit() -> tuple[int, str]:
+    """The most ranks this machine runs, and what sets it: one per visible GPU with CUDA
+    (nccl gives each rank its own), else one per CPU core."""
+    import torch  # only asked for more than one rank, where the ranks load it anyway
+
+    if torch.cuda.is_available():
+        gpus = torch.cuda.device_count()
+        return gpus, f"{gpus} visible GPU{'' if gpus == 1 else 's'}"
+    cores = cpu_cores()
+    return cores, f"{cores} CPU core{'' if cores == 1 else 's'} (no CUDA GPU)"
+
+
+def check_nproc(nproc: int) -> None:
+    """Refuse (``ConfigError``, exit 2) more ranks than ``nproc_limit()`` allows; one rank
+    is always allowed and needs no torch import."""
+    if nproc <= 1:
+        return
+    limit, what = nproc_limit()
+    if nproc > limit:
+        raise ConfigError(
+            f"--nproc {nproc} is more than this machine's {what}: use --nproc {limit} or fewer"
+        )
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -134,6 +184,7 @@ class Launcher:
 
     # -- running ----------------------------------------------------------------------------
     def start(self) -> None:
+        check_nproc(self.nproc)  # before the first process: a library caller is bounded too
         for rank, cmd in enumerate(self.commands):
             env = rank_env(
                 self.env,
@@ -229,6 +280,7 @@ def launch(
     """Run ``command`` (or ``command(rank)``) as ``nproc`` ranks; see ``Launcher``."""
     if nproc < 1:
         raise ValueError(f"nproc must be >= 1, got {nproc}")
+    check_nproc(nproc)
     commands = [command(r) if callable(command) else command for r in range(nproc)]
     return Launcher(commands, **kwargs).run()
 
@@ -296,6 +348,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = command[1:]
     if args.nproc < 1 or not command:
         p.print_usage(sys.stderr)
+        return EXIT_USAGE
+    try:
+        check_nproc(args.nproc)  # before _child_commands writes a request file per rank
+    except ConfigError as e:
+        print(f"colabjob: error: {e}", file=sys.stderr, flush=True)
         return EXIT_USAGE
     if command[0] != "child":
         return launch(command, nproc=args.nproc).exit_code

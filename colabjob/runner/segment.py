@@ -120,7 +120,7 @@ def session(
     """Run one segment of the job at ``url`` around a plain PyTorch loop; yields a Session.
 
     ``budget`` (``"11h30m"``, ``"colab-pro"``), ``platform`` and ``session_started_at``
-    override detection; the loop is told to stop ``margin`` (default 3 min) before the
+    override detection; the loop is told to stop ``margin`` (default 5 min) before the
     predicted end, with the final checkpoint committed. ``step_guess``/``save_guess``
     (seconds or ``"2m"``) replace the stop rule's guesses until a step / a checkpoint is
     measured (by default: none for the first step, the checkpoint's size at guessed

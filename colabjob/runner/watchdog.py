@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from colabjob.errors import StorageError
 from colabjob.jobs.policy import StopPolicy, expect_checkpoint
-from colabjob.runner.budget import AnyOf, Policy, budget_for
+from colabjob.runner.budget import DEFAULT_MARGIN, AnyOf, Policy, budget_for
 from colabjob.runner.clock import SYSTEM_CLOCK, Clock
 from colabjob.runner.lease import read_lease
 from colabjob.runner.platforms import PlatformInfo, metadata_get
@@ -334,7 +334,7 @@ def watchdog_for(
     store: Store | None = None,
     epoch: int | Callable[[], int] | None = None,
     clock: Clock = SYSTEM_CLOCK,
-    margin: float | str = 180.0,
+    margin: float | str = DEFAULT_MARGIN,
     checkpoint_every: float | str | None = None,
     checkpoint_nbytes: int | None = None,
     step_guess: float | str | None = None,
