@@ -10,6 +10,7 @@ to do next. Lower-level exceptions are chained with ``raise ... from e``.
     │   ├── DriveNotMountedError     /content/drive is not mounted
     │   ├── BucketNotFoundError      gs:// bucket missing or unreachable
     │   ├── StoragePermissionError   403 / read-only path
+    │   │   └── CredentialsError     no or unusable cloud credentials           (exit 2)
     │   ├── StorageFullError         disk full / quota exceeded
     │   ├── ObjectNotFoundError      a path that should exist does not
     │   ├── TransientStorageError    retried; raised only once retries are spent
@@ -71,6 +72,13 @@ class BucketNotFoundError(StorageError):
 
 class StoragePermissionError(StorageError):
     pass
+
+
+class CredentialsError(StoragePermissionError, ConfigError):
+    """No cloud credentials (Application Default Credentials) or an unusable credentials
+    file: the user must authenticate, not retry."""
+
+    exit_code = 2
 
 
 class StorageFullError(StorageError):

@@ -1,8 +1,9 @@
 """The ``colabjob`` command: a thin layer over the library, one module per command group.
 
 ``run`` (init, start, resume, demo, handoff), ``control`` (stop, watchdog), ``info``
-(status, ls, logs, plot, gc). Each command returns an exit code: 0 done, 75 paused (resume
-in the next session), 1 failed, 2 usage/config/lease error. Errors print one line and a
+(status, ls, logs, plot, gc), ``repair`` (rebuild job.json from a checkpoint). Each command
+returns an exit code: 0 done, 75 paused (resume in the next session), 1 failed, 2
+usage/config/lease error. Errors print one line and a
 hint (``ColabJobError.__str__``), never a traceback unless ``--debug``. Only argparse is
 imported up front; each command imports what it needs, so ``status`` and ``ls`` never load
 torch and answer in well under a second.
@@ -33,6 +34,7 @@ quick start:
 def build_parser() -> argparse.ArgumentParser:
     import colabjob.cli.control as control
     import colabjob.cli.info as info
+    import colabjob.cli.repair as repair
     import colabjob.cli.run as run
     from colabjob import __version__
 
@@ -52,9 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"colabjob {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (run, info, control):
+    for module in (run, info, control, repair):
         module.add_parsers(sub, common)
     return parser
+
+
+def quiet_warnings() -> None:
+    """A quarantined checkpoint is reported once, by its log line; its
+    ``CorruptCheckpointWarning`` (for library callers) would print it a second time as a
+    raw ``warnings`` line with a source path."""
+    import warnings
+
+    from colabjob.storage.catalog import CorruptCheckpointWarning
+
+    warnings.filterwarnings("ignore", category=CorruptCheckpointWarning)
 
 
 def _fail(message: str) -> None:
@@ -69,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     debug = bool(getattr(args, "debug", False))
+    quiet_warnings()
     if debug:
         import logging
 

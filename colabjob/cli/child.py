@@ -24,6 +24,9 @@ def run_with_display(request: RunRequest, _progress: Any = None) -> Any:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from colabjob.cli import quiet_warnings
+
+    quiet_warnings()  # a quarantine is reported once, by its log line
     args = list(sys.argv[1:] if argv is None else argv)
     return child_main(args, runner=run_with_display)
 

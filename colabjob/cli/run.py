@@ -64,6 +64,7 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
         action="store_true",
         help="accept --set changes that make the resumed run differ from an uninterrupted one",
     )
+    _add_resume_choice(p)
     add_session_flags(p)
     _add_nproc(p)
     p.set_defaults(func=cmd_resume)
@@ -141,6 +142,43 @@ def _nproc(value: str, url: str) -> int:
     return n
 
 
+def _add_resume_choice(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("which checkpoint (default: the newest valid one)")
+    x = g.add_mutually_exclusive_group()
+    x.add_argument(
+        "--from-step",
+        type=int,
+        metavar="N",
+        help="resume from the checkpoint of step N; newer checkpoints are set aside "
+        "(quarantined, files kept), so later resumes continue from this line",
+    )
+    x.add_argument(
+        "--checkpoint",
+        metavar="ID",
+        help="resume from the checkpoint ID (its directory under ckpt/, or its uid); "
+        "newer ones are set aside as with --from-step",
+    )
+    x.add_argument(
+        "--from-scratch",
+        action="store_true",
+        help="start over at step 0 on purpose (every checkpoint is set aside, not deleted)",
+    )
+
+
+def _resume_choice(args: argparse.Namespace, store: Store) -> None:
+    """A checkpoint chosen by hand must exist: exit 2 listing the available ones."""
+    from colabjob.storage.checkpoints import CheckpointStore
+    from colabjob.storage.selection import ResumeChoice, find_checkpoint
+
+    choice = ResumeChoice(step=args.from_step, checkpoint=args.checkpoint)
+    if choice.explicit:
+        info = find_checkpoint(CheckpointStore(store), choice)
+        note(
+            f"colabjob: resuming from checkpoint step {info.step} ({info.dirname}); newer "
+            "checkpoints will be set aside (quarantined, files kept)"
+        )
+
+
 def _request(
     args: argparse.Namespace, url: str, spec: dict[str, Any], *, nproc: int, force: bool = False
 ) -> RunRequest:
@@ -158,6 +196,9 @@ def _request(
         debug=bool(getattr(args, "debug", False)),
         force=force,
         nproc=nproc,
+        from_step=getattr(args, "from_step", None),
+        from_checkpoint=getattr(args, "checkpoint", None),
+        from_scratch=bool(getattr(args, "from_scratch", False)),
     )
 
 
@@ -243,6 +284,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     changes = diff_for_resume(old, new, force=args.force_config)
     for line in changes:
         note(f"colabjob: changed {line}")
+    _resume_choice(args, store)
     if changes:  # the snapshot is what the next plain `resume` runs
         _save_snapshot(store, new.to_dict())
     return run_request(

@@ -23,6 +23,7 @@ from colabjob.jobs.policy import STOP_REASONS, NeverStop, StopPolicy
 if TYPE_CHECKING:
     from colabjob.jobs.progress import ProgressSink
     from colabjob.storage.checkpoints import CheckpointStore
+    from colabjob.storage.selection import ResumeChoice
     from colabjob.storage.store import Store
 
 __all__ = ["OUTCOME_REASONS", "SegmentContext", "SegmentOutcome"]
@@ -42,7 +43,10 @@ class SegmentContext:
     policy (the runner passes its clock, so a fake clock drives the budget in tests).
     ``progress``, when given, receives the metrics of every log interval (with the session's
     deadline and next checkpoint) instead of ``log`` getting them as lines; ``log`` still
-    gets the events.
+    gets the events. ``resume`` picks the checkpoint to resume from (default: the newest
+    valid one; see ``colabjob.storage.selection``); ``committed_step`` is the newest step
+    the job's record says was committed: with no valid checkpoint left and this > 0, the
+    segment refuses to start over (``NoCheckpointError``) unless ``resume.scratch``.
     """
 
     store: Store
@@ -59,6 +63,8 @@ class SegmentContext:
     log: Callable[[str], None] | None = None
     monotonic: Callable[[], float] = time.monotonic
     progress: ProgressSink | None = None
+    resume: ResumeChoice | None = None
+    committed_step: int = 0
 
     def __post_init__(self) -> None:
         if self.every_steps is not None and self.every_steps < 1:

@@ -212,7 +212,8 @@ class ResumableTrainerMixin:
             max_steps, num_update_steps_per_epoch, num_train_epochs, rdir, trial
         )
         if run.resume_dir is not None:
-            got = restore(run.resume_dir, model=self.model, restore_rngs=False)
+            with run.loading():
+                got = restore(run.resume_dir, model=self.model, restore_rngs=False)
             run.samples = got.counters.samples_seen
             if got.counters.step != self.state.global_step:
                 raise ResumeError(
@@ -274,17 +275,18 @@ class ResumableTrainerMixin:
         saved_scaler = bool((read_json(run.resume_dir / STATE_FILE).get("optimizer") or {}).get(
             "scaler"
         ))
-        got = restore(
-            run.resume_dir,
-            optimizer=self.optimizer,
-            scheduler=self.lr_scheduler,
-            scaler=scaler if saved_scaler else None,
-            loader=loader if isinstance(loader, ResumableLoader) else None,
-            geometry=self._colabjob_geometry(),
-            allow_geometry_change=run.ctx.allow_geometry_change,
-            restore_rngs=True,  # last: nothing may draw from the RNGs before the next step
-            rank=run.rank,
-        )
+        with run.loading():
+            got = restore(
+                run.resume_dir,
+                optimizer=self.optimizer,
+                scheduler=self.lr_scheduler,
+                scaler=scaler if saved_scaler else None,
+                loader=loader if isinstance(loader, ResumableLoader) else None,
+                geometry=self._colabjob_geometry(),
+                allow_geometry_change=run.ctx.allow_geometry_change,
+                restore_rngs=True,  # last: nothing may draw from the RNGs before the next step
+                rank=run.rank,
+            )
         if run.rank and not got.rng_found:  # a rank the checkpoint's run did not have
             seed_missing_rank(int(self.args.seed), run.rank, got, run.committer.say)
         hf = got.meta.get("hf") or {}

@@ -14,15 +14,17 @@ the same stop and save decision. The mixin that uses both is ``colabjob.jobs.hf`
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import TrainerCallback
 
-from colabjob.errors import ResumeError
+from colabjob.errors import CorruptCheckpointError, ResumeError, UnsafeCheckpointError
 from colabjob.jobs.context import SegmentContext, SegmentOutcome
 from colabjob.jobs.data import ResumableLoader
 from colabjob.jobs.distributed import Coordinator, DistributedResumableSampler
@@ -30,9 +32,13 @@ from colabjob.jobs.formats import read_json
 from colabjob.jobs.hf_commit import Committer
 from colabjob.jobs.policy import expect_checkpoint
 from colabjob.jobs.progress import STATUS_KEYS, format_metric_line
-from colabjob.jobs.saver import fetch_agreed
+from colabjob.jobs.saver import fetch_agreed, refuse_silent_restart
 from colabjob.jobs.sizing import checkpoint_nbytes
 from colabjob.jobs.state import STATE_FILE
+from colabjob.storage.selection import set_aside_unloadable
+
+if TYPE_CHECKING:
+    from colabjob.storage.checkpoints import CheckpointInfo
 
 __all__ = ["ColabJobCallback", "HFRun", "batch_len", "metric_rows", "remaining_batches"]
 
@@ -58,6 +64,7 @@ class HFRun:
         self.committer.sync = self.sync
         self.tmp: tempfile.TemporaryDirectory[str] | None = None
         self.resume_dir: Path | None = None
+        self.resume_info: CheckpointInfo | None = None  # the checkpoint resume_dir holds
         self.hf_meta: dict[str, Any] = {}
         self.pending_restore = False
         self.loader: ResumableLoader | None = None
@@ -77,8 +84,10 @@ class HFRun:
 
     def begin(self) -> None:
         self.tmp = tempfile.TemporaryDirectory(prefix="colabjob-hf-", dir=self.ctx.staging_dir)
-        info = fetch_agreed(self.ctx.checkpoints, self.sync, self.tmp.name)
+        info = fetch_agreed(self.ctx.checkpoints, self.sync, self.tmp.name, self.ctx.resume)
+        self.resume_info = info
         if info is None:
+            refuse_silent_restart(self.ctx)
             self.committer.say(f"no checkpoint in {self.ctx.store.url}: starting from step 0")
             return
         doc = read_json(Path(self.tmp.name) / STATE_FILE)
@@ -100,6 +109,28 @@ class HFRun:
     def busy(self) -> bool:
         """A background commit is uploading (as agreed at this step, with several ranks)."""
         return self.agreed_busy if self.sync is not None else self.committer.busy
+
+    @contextlib.contextmanager
+    def loading(self) -> Iterator[None]:
+        """Around a load from ``resume_dir``: a checkpoint whose content does not load is
+        quarantined (by rank 0) and the segment fails with a retryable error. The Trainer
+        has already taken that checkpoint's trainer state, so the fallback to the previous
+        valid checkpoint is the supervisor's retry (a fresh process), not this one."""
+        try:
+            yield
+        except (CorruptCheckpointError, UnsafeCheckpointError) as e:
+            info = self.resume_info
+            if info is None:
+                raise
+            if self.rank == 0:
+                set_aside_unloadable(self.ctx.checkpoints, info, e)
+            if self.ctx.resume is not None and self.ctx.resume.explicit:
+                raise
+            raise CorruptCheckpointError(
+                f"checkpoint step {info.step} does not load ({e.args[0]}); it was quarantined",
+                hint=f"the retry resumes from the previous valid checkpoint "
+                f"(colabjob resume {self.ctx.store.url})",
+            ) from e
 
     def cleanup(self) -> None:
         if self.tmp is not None:

@@ -2,13 +2,16 @@
 
 A ``Checkpointer`` holds the objects a session tracks (``Tracked``) and moves their state
 through ``ctx.checkpoints``: ``restore()`` fetches the newest committed checkpoint (every
-byte verified) and loads it; ``snapshot()`` copies the state to CPU memory on the training
-thread, the only part the loop waits for; ``start()`` hands the write and the upload to the
-``CheckpointStore``'s background thread (one commit in flight); ``commit()`` does both
-synchronously for a final checkpoint. ``reap()`` collects a finished background commit,
-feeds its measured costs to the stop policy, and decides what a failure means: a fenced-out
-commit (``StaleEpochError``: another runner owns the job) is raised, any other failure of a
-periodic checkpoint is logged and retried at the next boundary, a final one is raised.
+byte verified) and loads it, quarantining one that does not load and falling back to the
+previous one (``ctx.resume`` may choose one by hand; a job whose record shows committed
+progress never starts over silently when none is left); ``snapshot()`` copies the state
+to CPU memory on the training thread, the only part the loop waits for; ``start()`` hands
+the write and the upload to the ``CheckpointStore``'s background thread (one commit in
+flight); ``commit()`` does both synchronously for a final checkpoint. ``reap()`` collects
+a finished background commit, feeds its measured costs to the stop policy, and decides what
+a failure means: a fenced-out commit (``StaleEpochError``: another runner owns the job) is
+raised, any other failure of a periodic checkpoint is logged and retried at the next
+boundary, a final one is raised.
 
 With a ``Coordinator`` (several processes) rank 0 picks the checkpoint to restore and every
 rank loads it (its own RNGs and loader position; a rank the checkpoint has none for seeds
@@ -28,7 +31,14 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from colabjob.errors import ResumeError, StaleEpochError
+from colabjob.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    NoCheckpointError,
+    ResumeError,
+    StaleEpochError,
+    UnsafeCheckpointError,
+)
 from colabjob.jobs.context import SegmentContext
 from colabjob.jobs.distributed import Coordinator
 from colabjob.jobs.formats import deep_cpu_copy, read_json
@@ -44,6 +54,14 @@ from colabjob.jobs.state import (
     write_snapshot,
 )
 from colabjob.jobs.tracking import Tracked
+from colabjob.storage.selection import (
+    ResumeChoice,
+    fetch_choice,
+    nothing_left,
+    quarantined_ids,
+    set_aside_unloadable,
+    supersede,
+)
 
 if TYPE_CHECKING:
     from colabjob.storage.checkpoints import CheckpointInfo, CheckpointStore, PendingCommit
@@ -51,8 +69,10 @@ if TYPE_CHECKING:
 __all__ = [
     "Checkpointer",
     "Tracked",
+    "agree_on_load",
     "fetch_agreed",
     "gather_rank_states",
+    "refuse_silent_restart",
     "report_commit",
     "seed_missing_rank",
     "send_rank_state",
@@ -83,40 +103,76 @@ class Checkpointer:
 
     # -- restore ------------------------------------------------------------------------------
     def restore(self) -> tuple[CheckpointInfo, Restored] | None:
-        """Load the newest committed checkpoint into the tracked objects (RNGs last)."""
-        ctx, t = self.ctx, self.tracked
+        """Load the newest committed checkpoint into the tracked objects (RNGs last).
+
+        One that verifies but does not load (``CorruptCheckpointError``,
+        ``UnsafeCheckpointError``: its content, not a changed model or config) is
+        quarantined and the previous one is tried, in this process; ``restore()`` checks
+        every file before it changes an object. A checkpoint chosen by hand is not replaced
+        by another; checkpoints newer than it are set aside once it loaded."""
+        ctx = self.ctx
         if ctx.staging_dir is not None:
             Path(ctx.staging_dir).mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="colabjob-restore-", dir=ctx.staging_dir) as tmp:
-            info = self._fetch(tmp)
-            if info is None:
-                return None
-            saved_hash = str(info.manifest.get("config_hash") or "")
-            if ctx.config_hash and saved_hash and saved_hash != ctx.config_hash:
-                log.warning("checkpoint step %d was written with another config", info.step)
-            saved_extras = set((read_json(Path(tmp) / STATE_FILE) or {}).get("extras") or {})
-            for name in sorted(set(t.optional) - saved_extras):
-                self._say(f"checkpoint step {info.step} holds no {name!r} (optional): kept fresh")
-            got = restore(
-                tmp,
-                model=t.model,
-                optimizer=t.optimizer,
-                scheduler=t.scheduler,
-                scaler=t.scaler,
-                loader=t.loader,
-                geometry=t.geometry,
-                allow_geometry_change=ctx.allow_geometry_change,
-                extras={**t.extras, **{k: v for k, v in t.optional.items() if k in saved_extras}},
-                rank=self.rank,
-            )
+        explicit = ctx.resume is not None and ctx.resume.explicit
+        while True:
+            with tempfile.TemporaryDirectory(prefix="colabjob-restore-", dir=ctx.staging_dir) as d:
+                info = self._fetch(d)
+                if info is None:
+                    refuse_silent_restart(ctx)
+                    return None
+                got: Restored | None = None
+                failure: CheckpointError | None = None
+                try:
+                    got = self._load(d, info)
+                except (CorruptCheckpointError, UnsafeCheckpointError) as e:
+                    failure = e
+            failure = agree_on_load(self.sync, failure)
+            if failure is None and got is not None:
+                break
+            failure = failure or CorruptCheckpointError(f"step {info.step} did not load")
+            if self.rank == 0:
+                set_aside_unloadable(ctx.checkpoints, info, failure)
+            if explicit:  # chosen by hand: never load another one instead (nor on a retry)
+                raise NoCheckpointError(
+                    f"the chosen checkpoint step {info.step} ({info.dirname}) does not load: "
+                    f"{failure.args[0]}; it was quarantined",
+                    hint=f"choose another one (colabjob resume {ctx.store.url} --from-step N), "
+                    "or resume without a choice to use the newest valid checkpoint",
+                ) from failure
+        if explicit and self.rank == 0:
+            supersede(ctx.checkpoints, info, f"resumed from step {info.step} by hand")
         if self.rank and not got.rng_found:  # a rank the checkpoint's run did not have
-            seed_missing_rank(int(getattr(t.loader, "seed", 0) or 0), self.rank, got, self._say)
+            seed = int(getattr(self.tracked.loader, "seed", 0) or 0)
+            seed_missing_rank(seed, self.rank, got, self._say)
         self.committed_step = info.step
         return info, got
 
+    def _load(self, tmp: str, info: CheckpointInfo) -> Restored:
+        """Load the checkpoint downloaded into ``tmp`` into the tracked objects; every file
+        is checked before an object changes (``colabjob.jobs.state.restore``)."""
+        ctx, t = self.ctx, self.tracked
+        saved_hash = str(info.manifest.get("config_hash") or "")
+        if ctx.config_hash and saved_hash and saved_hash != ctx.config_hash:
+            log.warning("checkpoint step %d was written with another config", info.step)
+        saved_extras = set((read_json(Path(tmp) / STATE_FILE) or {}).get("extras") or {})
+        for name in sorted(set(t.optional) - saved_extras):
+            self._say(f"checkpoint step {info.step} holds no {name!r} (optional): kept fresh")
+        return restore(
+            tmp,
+            model=t.model,
+            optimizer=t.optimizer,
+            scheduler=t.scheduler,
+            scaler=t.scaler,
+            loader=t.loader,
+            geometry=t.geometry,
+            allow_geometry_change=ctx.allow_geometry_change,
+            extras={**t.extras, **{k: v for k, v in t.optional.items() if k in saved_extras}},
+            rank=self.rank,
+        )
+
     def _fetch(self, tmp: str) -> CheckpointInfo | None:
-        """The newest checkpoint, downloaded into ``tmp`` (see ``fetch_agreed``)."""
-        return fetch_agreed(self.ctx.checkpoints, self.sync, tmp)
+        """The checkpoint to resume from, downloaded into ``tmp`` (see ``fetch_agreed``)."""
+        return fetch_agreed(self.ctx.checkpoints, self.sync, tmp, self.ctx.resume)
 
     # -- save ---------------------------------------------------------------------------------
     def snapshot(
@@ -227,15 +283,19 @@ class Checkpointer:
 
 
 def fetch_agreed(
-    checkpoints: CheckpointStore, sync: Coordinator | None, tmp: str
+    checkpoints: CheckpointStore,
+    sync: Coordinator | None,
+    tmp: str,
+    choice: ResumeChoice | None = None,
 ) -> CheckpointInfo | None:
-    """The newest checkpoint, downloaded into ``tmp``; with several processes rank 0
-    chooses it (and quarantines bad ones) and the others download the same one."""
+    """The checkpoint to resume from (the newest, or ``choice``), downloaded into ``tmp``;
+    with several processes rank 0 chooses it (and quarantines bad ones) and the others
+    download the same one."""
     if sync is None:
-        return checkpoints.fetch_latest(tmp)
+        return fetch_choice(checkpoints, tmp, choice)
     if sync.rank == 0:
         try:
-            info = checkpoints.fetch_latest(tmp)
+            info = fetch_choice(checkpoints, tmp, choice)
         except BaseException as e:
             sync.broadcast(("error", f"{type(e).__name__}: {e}"))
             raise
@@ -247,6 +307,33 @@ def fetch_agreed(
     if payload is not None:
         checkpoints.fetch(payload, tmp)
     return payload
+
+
+def agree_on_load(
+    sync: Coordinator | None, failure: CheckpointError | None
+) -> CheckpointError | None:
+    """Whether the checkpoint loaded everywhere: with several processes, the first rank's
+    failure (as rank 0 sees it) on every rank, so they all fall back together."""
+    if sync is None:
+        return failure
+    failures = sync.gather(None if failure is None else str(failure.args[0]))
+    first = next((f for f in failures or () if f is not None), None)
+    if sync.rank == 0:
+        sync.broadcast(first)
+    else:
+        first = sync.broadcast(None)
+    if first is None:
+        return None
+    return failure or CorruptCheckpointError(f"another rank could not load it: {first}")
+
+
+def refuse_silent_restart(ctx: SegmentContext) -> None:
+    """No checkpoint to resume from: fine for a new job or ``--from-scratch``; a job whose
+    record shows committed progress raises ``NoCheckpointError`` instead of retraining."""
+    scratch = ctx.resume is not None and ctx.resume.scratch
+    if ctx.committed_step > 0 and not scratch:
+        quarantined = quarantined_ids(ctx.checkpoints)
+        raise nothing_left(str(ctx.store.url), ctx.committed_step, quarantined)
 
 
 def seed_missing_rank(base: int, rank: int, got: Restored, say: Callable[[str], None]) -> None:

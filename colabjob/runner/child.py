@@ -33,6 +33,7 @@ from colabjob.errors import (
     UnsafeCheckpointError,
 )
 from colabjob.runner.states import StopReason
+from colabjob.storage.selection import ResumeChoice
 
 if TYPE_CHECKING:
     from colabjob.jobs.context import SegmentOutcome
@@ -60,9 +61,26 @@ class RunRequest:
     progress: str = "auto"
     debug: bool = False
     nproc: int = 1  # > 1: the supervisor runs it through colabjob.runner.launch
+    from_step: int | None = None  # resume --from-step / --checkpoint / --from-scratch
+    from_checkpoint: str | None = None
+    from_scratch: bool = False
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), default=str)
+
+    def resume_choice(self) -> ResumeChoice | None:
+        if self.from_step is None and self.from_checkpoint is None and not self.from_scratch:
+            return None
+        return ResumeChoice(
+            step=self.from_step, checkpoint=self.from_checkpoint, scratch=self.from_scratch
+        )
+
+    def for_retry(self) -> RunRequest:
+        """A retry after a crash resumes from the newest checkpoint: the choice of the first
+        attempt was applied (newer checkpoints set aside, or all of them for a fresh start)."""
+        return dataclasses.replace(
+            self, from_step=None, from_checkpoint=None, from_scratch=False
+        )
 
     @classmethod
     def from_json(cls, text: str) -> RunRequest:
@@ -156,6 +174,7 @@ def run_in_process(
         force=request.force,
         allow_geometry_change=request.allow_geometry_change,
         session_id=request.session_id,
+        resume=request.resume_choice(),
         log=log,
         progress=progress,
     )

@@ -156,7 +156,13 @@ class VmSpec:
     labels: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _need(_PROJECT, self.project, "project id", "e.g. my-project-123 (6-30 characters)")
+        _need(
+            _PROJECT,
+            self.project,
+            "project id: GCP project ids are 6-30 characters of lowercase letters, digits "
+            "and hyphens, start with a letter and do not end with a hyphen",
+            "e.g. my-project-123; `gcloud projects list` shows yours",
+        )
         _need(_ZONE, self.zone, "zone", "e.g. us-central1-a (`gcloud compute zones list`)")
         _need(
             _MACHINE,

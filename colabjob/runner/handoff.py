@@ -29,6 +29,7 @@ from colabjob.errors import (
     AlreadyExistsError,
     BucketNotFoundError,
     ConfigError,
+    CredentialsError,
     HandoffError,
     JobNotPausedError,
     JobStateError,
@@ -280,7 +281,7 @@ def _destination(src: Store, to: str | None) -> tuple[Store, bool]:
         )
     try:
         dst = open_store(to)
-    except BucketNotFoundError:
+    except (BucketNotFoundError, CredentialsError):  # already say what to do
         raise
     except StorageError as e:
         raise BucketNotFoundError(

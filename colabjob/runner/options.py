@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from colabjob.config import JobSpec
     from colabjob.jobs.policy import StopPolicy
     from colabjob.jobs.progress import ProgressSink
+    from colabjob.storage.selection import ResumeChoice
 
 __all__ = ["SegmentOptions", "with_spec_defaults"]
 
@@ -36,7 +37,8 @@ class SegmentOptions:
     deadline and next checkpoint (the CLI's display); the events (checkpoint committed,
     stop, ...) go to ``log``, or to ``progress.event`` when there is no ``log``. Without
     ``progress`` the metrics go to ``log`` as lines unless ``log_metrics`` is False (the
-    training code prints its own, like HF's printer). ``tensorboard``
+    training code prints its own, like HF's printer). ``resume`` chooses the checkpoint to
+    resume from (``colabjob.storage.selection``). ``tensorboard``
     (``"auto"``: when installed) and ``wandb``: the experiment trackers
     (``colabjob.runner.trackers``).
     """
@@ -66,6 +68,7 @@ class SegmentOptions:
     log_metrics: bool = True
     stop_policy: StopPolicy | None = field(default=None, compare=False)
     session_id: str | None = None
+    resume: ResumeChoice | None = None  # --from-step / --checkpoint / --from-scratch
 
 
 def with_spec_defaults(opts: SegmentOptions, spec: JobSpec) -> SegmentOptions:

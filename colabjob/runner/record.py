@@ -49,6 +49,8 @@ class Segment:
     last_step: int | None = None
     stop_reason: StopReason | None = None
     error: str | None = None
+    checkpoint_step: int | None = None  # the newest step this segment saw committed
+    from_scratch: bool = False  # started over at step 0 on purpose (`resume --from-scratch`)
 
     def __post_init__(self) -> None:
         if not self.session_id:
@@ -109,6 +111,18 @@ class JobRecord:
         steps = [s.last_step for s in self.history if s.last_step is not None]
         return max(steps) if steps else None
 
+    @property
+    def committed_step(self) -> int:
+        """The newest step a segment saw committed since the last deliberate start over
+        (0 if none): with no valid checkpoint left, resuming must not silently retrain."""
+        steps: list[int] = []
+        for seg in self.history:
+            if seg.from_scratch:
+                steps = []
+            if seg.checkpoint_step is not None:
+                steps.append(seg.checkpoint_step)
+        return max(steps, default=0)
+
     # -- changes (pure) ------------------------------------------------------------------
     def apply(self, event: JobEvent) -> JobRecord:
         """This record moved by ``event``; ``InvalidTransitionError`` if not allowed."""
@@ -142,6 +156,7 @@ class JobRecord:
         last_step: int | None,
         stop_reason: StopReason,
         error: str | None = None,
+        checkpoint_step: int | None = None,
     ) -> JobRecord:
         """Close the open segment; ``JobStateError`` if none is open."""
         seg = self.current_segment
@@ -153,6 +168,7 @@ class JobRecord:
             last_step=last_step,
             stop_reason=StopReason(stop_reason),
             error=error,
+            checkpoint_step=seg.checkpoint_step if checkpoint_step is None else checkpoint_step,
         )
         return dataclasses.replace(self, history=(*self.history[:-1], closed))
 
@@ -200,7 +216,8 @@ class JobRecord:
         except (ValueError, KeyError, TypeError) as e:
             raise JobStateError(
                 f"{where} is not a valid job record: {e}",
-                hint="restore it from a backup or recreate the job; checkpoints are untouched",
+                hint="rebuild it from the newest valid checkpoint: colabjob repair JOB_URL "
+                "(checkpoints are untouched)",
             ) from e
 
 

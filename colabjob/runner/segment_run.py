@@ -45,6 +45,7 @@ from colabjob.runner.trackers import WANDB_ID_KEY, new_wandb_id, require_tracker
 from colabjob.runner.transfer import check_not_moved
 from colabjob.runner.watchdog import Watchdog, watchdog_for
 from colabjob.storage.checkpoints import CheckpointStore
+from colabjob.storage.selection import check_resume_point, set_aside_all
 
 if TYPE_CHECKING:
     from colabjob.jobs.progress import ProgressSink
@@ -100,10 +101,16 @@ class SegmentRun:
         )
         holder = Holder.here(platform=platform.name, session_id=opts.session_id)
         lease = Lease(self.store, holder=holder, ttl=opts.lease_ttl, clock=self.clock)
+        checkpoints = self._checkpoints(record, lease)
+        # Before the lease (whose epoch goes into job.json): a refused resume point leaves
+        # the record byte for byte as it was.
+        check_resume_point(checkpoints, record.committed_step, opts.resume)
         lease.acquire(force=opts.force)
         self.lease = lease
         staging = None if opts.staging_dir is None else Path(opts.staging_dir)
         try:
+            if opts.resume is not None and opts.resume.scratch:  # under the lease: it writes
+                set_aside_all(checkpoints)
             record = update_record(self.store, self._begin, clock=self.clock)
             every = opts.every_minutes
             self.watchdog = watchdog_for(
@@ -141,21 +148,31 @@ class SegmentRun:
         self._log(f"{platform.describe(self.clock.time())}; lease epoch {lease.epoch}")
         return SegmentContext(
             store=self.store,
-            checkpoints=CheckpointStore(
-                self.store,
-                keep=2 if opts.keep is None else opts.keep,
-                fence=lease.current_epoch,
-                clock=self.clock.time,
-                timer=self.clock.monotonic,  # save costs on the clock that times the steps
-                staging_dir=staging,
-            ),
+            checkpoints=checkpoints,
             policy=watchdog,
             epoch=lease.epoch,
             config_hash=self.config_hash if self.config_hash is not None else record.config_hash,
             on_status=self.status.update,
             log=self.say,
             progress=self._progress(),
+            committed_step=record.committed_step,
             **self._loop_settings(staging),
+        )
+
+    def _checkpoints(self, record: JobRecord, lease: Lease) -> CheckpointStore:
+        opts = self.opts
+        return CheckpointStore(
+            self.store,
+            keep=2 if opts.keep is None else opts.keep,
+            fence=lease.current_epoch,
+            clock=self.clock.time,
+            timer=self.clock.monotonic,  # save costs on the clock that times the steps
+            staging_dir=None if opts.staging_dir is None else Path(opts.staging_dir),
+            job={
+                "job_id": record.job_id,
+                "config": dict(record.config),
+                "config_hash": record.config_hash,
+            },
         )
 
     def _loop_settings(self, staging: Path | None) -> dict[str, Any]:
@@ -166,6 +183,7 @@ class SegmentRun:
             "allow_geometry_change": opts.allow_geometry_change,
             "every_steps": opts.every_steps,
             "max_steps": opts.max_steps,
+            "resume": opts.resume,
             "log_every_steps": opts.log_every_steps or 10,
             "monotonic": self.clock.monotonic,
         }
@@ -229,8 +247,9 @@ class SegmentRun:
             platform=holder.platform,
             host=holder.host,
             started_at=self.clock.time(),
-            first_step=record.last_step or 0,
+            first_step=0 if self._scratch else record.last_step or 0,
             epoch=self.lease.epoch,
+            from_scratch=self._scratch,
         )
         if self.opts.wandb and not record.extras.get(WANDB_ID_KEY):
             record = record.with_extras(**{WANDB_ID_KEY: new_wandb_id()})  # one run per job
@@ -295,7 +314,11 @@ class SegmentRun:
             reason, message = StopReason(outcome.stop_reason), outcome.error
             first, last = outcome.first_step, outcome.last_step
         record = record.end_segment(
-            ended_at=self.clock.time(), last_step=last, stop_reason=reason, error=message
+            ended_at=self.clock.time(),
+            last_step=last,
+            stop_reason=reason,
+            error=message,
+            checkpoint_step=None if outcome is None else outcome.checkpoint_step,
         )
         closed = dataclasses.replace(record.history[-1], first_step=first)
         record = dataclasses.replace(record, history=(*record.history[:-1], closed))
@@ -308,6 +331,10 @@ class SegmentRun:
         else:
             event = JobEvent.SUSPEND
         return record.apply(event)
+
+    @property
+    def _scratch(self) -> bool:
+        return self.opts.resume is not None and self.opts.resume.scratch
 
     def _log(self, message: str) -> None:
         log.info("%s", message)

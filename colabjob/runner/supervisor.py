@@ -126,7 +126,8 @@ class Supervisor:
     def _attempt(self, workdir: Path, attempt: int) -> tuple[ChildResult | None, int]:
         req_path = workdir / f"request-{attempt}.json"
         res_path = workdir / f"result-{attempt}.json"
-        req_path.write_text(self.request.to_json())
+        request = self.request if attempt == 0 else self.request.for_retry()
+        req_path.write_text(request.to_json())
         cmd = [self.python, "-m", self.child_module, "child", str(req_path), str(res_path)]
         if self.request.nproc > 1:  # N ranks, one result (colabjob.runner.launch)
             launch = ["-m", "colabjob.runner.launch", "--nproc", str(self.request.nproc)]

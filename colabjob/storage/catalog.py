@@ -207,9 +207,11 @@ class Catalog:
             hint="it was quarantined; latest() now returns the previous valid checkpoint",
         )
 
-    def quarantine(self, dirname: str, problem: str) -> bool:
+    def quarantine(self, dirname: str, problem: str, *, message: str | None = None) -> bool:
         """Move the manifest to ``quarantine/<dirname>/`` so the checkpoint is not listed.
-        False if the manifest was already gone (deleted by retention: not corruption)."""
+        False if the manifest was already gone (deleted by retention: not corruption).
+        ``message`` replaces the corruption warning (a checkpoint set aside on purpose is
+        logged, not warned about)."""
         src = f"{CKPT_DIR}/{dirname}/{MANIFEST}"
         if not self.store.exists(src):
             return False
@@ -220,10 +222,16 @@ class Catalog:
             self.store.move(src, f"{base}/{MANIFEST}")
         except ObjectNotFoundError:
             return False
+        if message is not None:
+            log.warning(message)
+            return True
         msg = (
             f"checkpoint {CKPT_DIR}/{dirname} is corrupt ({problem}); quarantined to {base}/, "
             "falling back to the previous valid checkpoint"
         )
+        # One report: the log line (what the CLI shows). Library callers can still catch or
+        # filter the warning; the CLI ignores it (colabjob.cli.quiet_warnings) so it is not
+        # printed a second time as a raw ``warnings`` line.
         log.warning(msg)
         warnings.warn(msg, CorruptCheckpointWarning, stacklevel=4)
         return True

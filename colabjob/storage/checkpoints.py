@@ -65,6 +65,8 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+JOB_META = "job"  # manifest meta key of the job's id and spec (see CheckpointStore.job)
+
 
 class CheckpointStore:
     """Checkpoints of one job under a ``Store``; see the module docstring for the protocol.
@@ -72,7 +74,8 @@ class CheckpointStore:
     ``keep`` >= 2 newest valid checkpoints survive retention. ``fence()`` returns the current
     lease epoch. ``clock`` stamps ``created_at``; ``timer`` measures commit costs.
     ``staging_dir`` (default: the system temp dir) is fast local disk for ``save_async``.
-    ``workers`` threads upload (and hash) files in parallel.
+    ``workers`` threads upload (and hash) files in parallel. ``job`` (the record's
+    ``job_id``, ``config`` and ``config_hash``) goes into every manifest's meta.
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class CheckpointStore:
         staging_dir: str | os.PathLike[str] | None = None,
         workers: int = 4,
         timer: Callable[[], float] = time.perf_counter,
+        job: Mapping[str, Any] | None = None,
     ) -> None:
         if keep < 2:
             raise ConfigError(
@@ -100,6 +104,9 @@ class CheckpointStore:
         self.staging_dir = staging_dir
         self.workers = workers
         self.timer = timer
+        # The job's id and spec, copied into every manifest (meta["job"]) so that
+        # `colabjob repair` can rebuild a lost or corrupt job.json from a checkpoint.
+        self.job = dict(job) if job else None
         self.catalog = Catalog(store, clock=clock, workers=workers, scratch_dir=staging_dir)
         self._serial = threading.Lock()  # one save (sync, or staging + start) at a time
         self._pending: PendingCommit[CheckpointInfo] | None = None
@@ -206,6 +213,8 @@ class CheckpointStore:
         write_s: float,
     ) -> CheckpointInfo:
         meta_d = _checked_meta(step, meta)
+        if self.job is not None:
+            meta_d.setdefault(JOB_META, self.job)
         uid = uuid.uuid4().hex[:12]
         prefix = f"{CKPT_DIR}/{checkpoint_dir(step, uid)}"
         self._check_fence(step, epoch)  # fail fast, before paying for the upload

@@ -172,6 +172,11 @@ class LocalStore(Store):
         return cls(url, retry=retry)
 
     def _make_root(self) -> None:
+        if os.path.isdir(self._root):
+            # An existing root may be read-only (a read-only mount, a shared results dir):
+            # `status`, `ls`, `logs` and `plot` only read. A command that writes fails on its
+            # first write with StoragePermissionError (EROFS/EACCES), before changing anything.
+            return
         try:
             os.makedirs(self._root, exist_ok=True)
         except (FileExistsError, NotADirectoryError) as e:

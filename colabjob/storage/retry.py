@@ -28,6 +28,7 @@ import tenacity
 from colabjob.errors import (
     BucketNotFoundError,
     ColabJobError,
+    CredentialsError,
     ObjectNotFoundError,
     PreconditionFailedError,
     StorageError,
@@ -40,6 +41,7 @@ __all__ = [
     "DEFAULT_POLICY",
     "RetryPolicy",
     "classify",
+    "credentials_error",
     "retrying",
     "transient_retry",
     "translate",
@@ -96,6 +98,24 @@ TRANSIENT_CLASS_NAMES = frozenset(
 )
 
 
+# google-auth: no Application Default Credentials, or a credentials file it cannot use.
+CREDENTIALS_CLASS_NAMES = frozenset({"DefaultCredentialsError", "RefreshError"})
+CREDENTIALS_HINT = (
+    "authenticate this machine: in Colab run `from google.colab import auth; "
+    "auth.authenticate_user()`; elsewhere `gcloud auth application-default login`, or set "
+    "GOOGLE_APPLICATION_CREDENTIALS to a valid service-account JSON key file"
+)
+
+
+def credentials_error(exc: BaseException, *, where: str = "") -> CredentialsError:
+    """The colabjob error for google-auth's "no or unusable credentials" (exit 2)."""
+    first = exc.args[0] if exc.args else ""
+    text = str(first if isinstance(first, str) else exc).splitlines()[0][:200]
+    return CredentialsError(
+        f"no usable Google Cloud credentials{where}: {text}", hint=CREDENTIALS_HINT
+    )
+
+
 def _http_status(exc: BaseException) -> int | None:
     """The HTTP status of a gcsfs ``HttpError`` / google-api-core error / requests error."""
     for attr in ("code", "status_code", "status"):
@@ -142,6 +162,8 @@ def translate(exc: BaseException, *, target: str = "") -> BaseException:
         return exc
     where = f" at {target}" if target else ""
     detail = f"{type(exc).__name__}: {exc}"
+    if _mro_names(exc) & CREDENTIALS_CLASS_NAMES:
+        return credentials_error(exc, where=where)
     status = _http_status(exc)
     code = exc.errno if isinstance(exc, OSError) else None
     text = str(exc).lower()
