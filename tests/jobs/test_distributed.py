@@ -14,6 +14,7 @@ keeps the global sample order; 2 -> 2 split in two launches is bit-identical; an
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -414,6 +415,39 @@ def test_2_to_2_split_is_bit_identical(tmp_path: Path) -> None:
     assert sa == sb == 8 and wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), f"{k}: max |dw| = {(wa[k] - wb[k]).abs().max()}"
+
+
+@pytest.mark.slow
+def test_2_ranks_fall_back_together_past_a_checkpoint_that_does_not_load(tmp_path: Path) -> None:
+    """The newest checkpoint of a 2-process job verifies (its manifest was rewritten to
+    match) but its weights do not parse: rank 0 quarantines it, both ranks load the one
+    before in the same processes, and the run ends bit-identical to a straight one."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    straight, first = _launch(
+        tmp_path, "segments", "--segment", f"{a}:-:0", "--segment", f"{b}:3:0", "--total", "8"
+    )
+    older, newest = CheckpointStore(open_store(b)).list()[-2:]
+    assert (older.step, newest.step) == (2, 3)
+    bad = b"\x00" * 32 + b"not a safetensors file"
+    (b / newest.prefix / "model.safetensors").write_bytes(bad)
+    manifest = b / newest.prefix / "manifest.json"
+    doc = json.loads(manifest.read_bytes())
+    digest = hashlib.sha256(bad).hexdigest()
+    doc["files"]["model.safetensors"] = {"size": len(bad), "sha256": digest}
+    manifest.write_bytes(json.dumps(doc, indent=1, sort_keys=True).encode())
+
+    (second,) = _launch(
+        tmp_path, "segments", "--segment", f"{b}:-:5", "--total", "8", name="resumed"
+    )
+    for r in range(2):
+        assert second[r]["outcome"]["first_step"] == 2
+        assert first[r]["steps"][:2] + second[r]["steps"] == straight[r]["steps"]
+    reason = json.loads((b / "quarantine" / newest.dirname / "reason.json").read_text())
+    assert reason["problem"].startswith("does not load")
+    (sa, wa), (sb, wb) = _weights(a), _weights(b)
+    assert sa == sb == 8
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
 
 
 TRAIN = """
