@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup tools test lint typecheck pytest bench demo clean
+.PHONY: setup tools test lint typecheck pytest gpu-test bench demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,14 @@ pytest: setup tools
 	$(BIN)/pytest -q
 
 test: lint typecheck pytest
+
+# The GPU suite (tests/gpu, a few minutes on one GPU). Without a CUDA device it fails, not
+# passes vacuously: on a GPU machine `make setup` gets the CUDA build of torch from PyPI.
+gpu-test: setup
+	@$(BIN)/python -c "import sys, torch; sys.exit(0) if torch.cuda.is_available() else \
+	  sys.exit(f'make gpu-test: no CUDA device (torch {torch.__version__}, CUDA build: ' \
+	  f'{torch.version.cuda or \"none\"}); run it on a machine with an NVIDIA GPU')"
+	CUBLAS_WORKSPACE_CONFIG=:4096:8 $(BIN)/pytest -m gpu tests/gpu -ra
 
 bench: setup
 	@set -e; for b in benchmarks/*.py; do echo "== $$b"; $(BIN)/python $$b; done
