@@ -13,6 +13,7 @@ to do next. Lower-level exceptions are chained with ``raise ... from e``.
     │   │   └── CredentialsError     no or unusable cloud credentials           (exit 2)
     │   ├── StorageFullError         disk full / quota exceeded
     │   ├── ObjectNotFoundError      a path that should exist does not
+    │   ├── InvalidLeaseError        control/lease.json is damaged          (exit 2)
     │   ├── TransientStorageError    retried; raised only once retries are spent
     │   └── PreconditionFailedError  create-only / compare-and-swap lost the race
     │       └── AlreadyExistsError   create-only target already exists
@@ -30,6 +31,8 @@ to do next. Lower-level exceptions are chained with ``raise ... from e``.
     │   └── GcloudError              gcloud missing, not authenticated or unusable (exit 2)
     └── LeaseHeldError               another live runner holds the job       (exit 2)
         ├── LeaseLostError           this runner's lease was taken over: stop now
+        │   └── StorageLostError     the job's storage (lease, job.json) vanished (exit 1;
+        │                            also a StorageError)
         └── JobNotPausedError        a live runner holds the job: pause it before a handoff
 """
 
@@ -87,6 +90,12 @@ class StorageFullError(StorageError):
 
 class ObjectNotFoundError(StorageError, FileNotFoundError):
     pass
+
+
+class InvalidLeaseError(StorageError):
+    """``control/lease.json`` cannot be parsed or holds values out of bounds."""
+
+    exit_code = 2
 
 
 class TransientStorageError(StorageError):
@@ -161,6 +170,13 @@ class LeaseHeldError(ColabJobError):
 
 class LeaseLostError(LeaseHeldError):
     """Our lease was taken over (or could not be renewed for its TTL): stop; commits are fenced."""
+
+
+class StorageLostError(LeaseLostError, StorageError):
+    """The lease or ``job.json`` vanished while this runner held the job (the job's directory
+    was deleted): stop committing; nothing more may be written there."""
+
+    exit_code = 1
 
 
 class JobNotPausedError(LeaseHeldError):

@@ -19,6 +19,9 @@ When the segment pauses (budget, signal, ...) rather than completes, the code af
 ``train()`` (saving "the final model") must not run: in a script ``train()`` exits the
 process with code 75 ("paused, run me again"); in a notebook (or with
 ``exit_on_pause=False``) it returns and ``trainer.colabjob_outcome.completed`` is False.
+Likewise a usage error (the job's lease held by a live runner, a changed batch geometry)
+exits 2 with the CLI's one-line message in a script, and is raised in a notebook; its hint
+names keyword arguments (``force=True``, ``allow_geometry_change=True``).
 If the job already completed, ``train()`` loads the final weights from the newest
 checkpoint and returns without training, so the rest of the script still works.
 """
@@ -27,7 +30,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 from collections.abc import Callable
 from typing import Any, Literal
@@ -37,6 +39,7 @@ from colabjob.jobs.context import SegmentOutcome
 from colabjob.jobs.hf import ResumableTrainerMixin
 from colabjob.runner.clock import SYSTEM_CLOCK, Clock
 from colabjob.runner.record import read_record
+from colabjob.runner.script_errors import interactive, reported_for_script
 from colabjob.runner.segment import SegmentOptions, open_segment
 from colabjob.runner.states import JobState
 from colabjob.storage.store import Store, open_store
@@ -48,13 +51,6 @@ EXIT_PAUSED = 75  # the CLI's "paused: resume later"
 
 def _print(message: str) -> None:
     print(f"colabjob: {message}", flush=True)
-
-
-def _interactive() -> bool:
-    """Inside IPython/Jupyter/Colab, where exiting would kill nothing useful."""
-    ipython = sys.modules.get("IPython")
-    get = getattr(ipython, "get_ipython", None)
-    return bool(get is not None and get() is not None) or hasattr(sys, "ps1")
 
 
 def _config_of(trainer: Any) -> dict[str, Any]:
@@ -88,7 +84,13 @@ class _SegmentTrainerMixin:
         got = read_record(store)
         if got is not None and got[0].state is JobState.COMPLETED:
             return self._colabjob_load_completed()
-        with open_segment(store, self._colabjob_opts, config=_config_of(self)) as seg:
+        exit_now = self._colabjob_exit
+        if exit_now is None:
+            exit_now = not interactive()
+        with (
+            reported_for_script(exit_on_error=exit_now),  # a held lease: one line, exit 2
+            open_segment(store, self._colabjob_opts, config=_config_of(self)) as seg,
+        ):
             self._colabjob_attach(seg.context)
             try:
                 output = super().train(*args, **kwargs)  # type: ignore[misc]
@@ -96,9 +98,6 @@ class _SegmentTrainerMixin:
                 seg.outcome = self.colabjob_outcome
         outcome: SegmentOutcome = self.colabjob_outcome
         if not outcome.completed:
-            exit_now = self._colabjob_exit
-            if exit_now is None:
-                exit_now = not _interactive()
             log = self._colabjob_opts.log
             if log is not None:
                 log(
@@ -175,8 +174,9 @@ def resumable(
     and/or ``every_minutes`` (in the background), plus a final one when stopping; ``keep``
     newest are kept. ``tensorboard`` / ``wandb``: trackers fed from HF's log rows (see
     ``colabjob.session``); HF's own ``report_to`` keeps working too. ``force`` takes
-    over an expired lease. ``exit_on_pause``: exit with code 75 after a pause (default: yes
-    in a script, no in a notebook). Returns the same trainer object.
+    over an expired lease. ``exit_on_pause``: exit with code 75 after a pause, and with 2
+    (one line on stderr) after a usage error (default: yes in a script, no in a notebook).
+    Returns the same trainer object.
     """
     from transformers import Trainer
 

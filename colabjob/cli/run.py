@@ -221,6 +221,8 @@ def cmd_start(args: argparse.Namespace) -> int:
     got = read_record(existing) if existing is not None else None
     if existing is not None and got is not None:
         check_not_moved(existing, got[0])
+        state = got[0].state.value
+        _check_lease(existing, force=False, why=f"a job already exists there ({state})")
         raise ConfigError(
             f"a job already exists at {existing.url} (state {got[0].state.value})",
             hint=f"continue it with `colabjob resume {existing.url}`, or choose another --storage",
@@ -248,8 +250,7 @@ def _existing_store(url: str) -> Store | None:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from colabjob.config import JobSpec, apply_overrides, diff_for_resume
-    from colabjob.runner.lease import LeaseObserver, held_error
-    from colabjob.runner.states import JobState, LeaseStatus
+    from colabjob.runner.states import JobState
     from colabjob.runner.transfer import check_not_moved
 
     check_session_flags(args)
@@ -263,14 +264,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"job {record.job_id} was cancelled", hint="start a new job to train again"
         )
-    info, status = LeaseObserver(store).poll()
-    if info is not None and status is LeaseStatus.LIVE:
-        if not args.force:
-            raise held_error(store, info, _now())
-        note(
-            f"colabjob: watching the lease of {info.holder.describe()} for up to "
-            f"{info.ttl:.0f}s; it is taken over only if its heartbeat does not move"
-        )
+    _check_lease(store, force=args.force)
     if not isinstance(record.config.get("job"), dict):
         raise ConfigError(
             f"job {record.job_id} has no job spec in its record (it was started from Python "
@@ -304,6 +298,42 @@ def _now() -> float:
     import time
 
     return time.time()
+
+
+def _check_lease(store: Store, *, force: bool, why: str = "") -> None:
+    """Refuse (exit 2, naming the holder) a job whose lease a live runner holds, unless
+    ``force`` (the child then watches the lease for at most our TTL). A holder that died on
+    this machine is not refused: the child takes its lease over at once."""
+    from colabjob.errors import InvalidLeaseError
+    from colabjob.runner.lease import DEFAULT_TTL, LeaseObserver, held_error
+    from colabjob.runner.states import LeaseStatus
+
+    try:
+        info, status = LeaseObserver(store).poll()
+    except InvalidLeaseError:
+        if not force:
+            raise
+        note(
+            f"colabjob: the job's lease file is damaged; watching it for {DEFAULT_TTL:.0f}s: "
+            "it is replaced only if nothing changes it"
+        )
+        return
+    if info is None or status not in (LeaseStatus.LIVE, LeaseStatus.STALE):
+        return
+    if info.holder.gone():
+        note(
+            f"colabjob: the runner that holds the lease (pid {info.holder.pid} on this "
+            "machine) is gone; taking its lease over"
+        )
+        return
+    if why or (status is LeaseStatus.LIVE and not force):  # `start` names any holder
+        raise held_error(store, info, _now(), why=why, watch=DEFAULT_TTL)
+    if status is LeaseStatus.LIVE:
+        note(
+            f"colabjob: watching the lease of {info.holder.describe()} for up to "
+            f"{min(info.ttl, DEFAULT_TTL):.0f}s; it is taken over only if its heartbeat "
+            "does not move"
+        )
 
 
 def run_request(request: RunRequest, args: argparse.Namespace) -> int:

@@ -5,8 +5,9 @@ a few small extra files and commits them through the context's ``CheckpointStore
 background (``save_async``, one in flight; the training loop only paid for the snapshot) or
 synchronously for the final checkpoint of a segment. It reports each commit's cost to the
 stop policy (so the budget predicts the next save), keeps the newest committed step and pushes
-status to the heartbeat. A failed background commit is logged and retried at the next save;
-a fenced-out one (another runner took the lease) is raised at once. With several processes
+status to the heartbeat. A failed background commit is logged and retried at the next save
+(after ``MAX_FAILED_CHECKPOINTS`` in a row the run stops: the storage is failing); a fenced-out
+one (another runner took the lease) is raised at once. With several processes
 (a ``Coordinator``) only rank 0 commits; the other ranks ``follow`` each save, and a final
 commit's result is broadcast, so no rank returns before the final checkpoint is committed.
 """
@@ -21,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from colabjob.errors import CheckpointError, StaleEpochError
+from colabjob.jobs.commit_failures import CommitFailures
 from colabjob.jobs.context import SegmentContext
 from colabjob.jobs.distributed import Coordinator
 from colabjob.jobs.saver import report_commit
@@ -44,6 +46,7 @@ class Committer:
         self._pending: PendingCommit[CheckpointInfo] | None = None
         self._pending_snap_s = 0.0
         self.retry_due = False
+        self.failures = CommitFailures()  # consecutive failed background commits
 
     @property
     def busy(self) -> bool:
@@ -135,8 +138,12 @@ class Committer:
         except Exception as e:
             if final:
                 raise
+            url = self.ctx.store.url  # the storage fails: stop after a few in a row
+            self.failures.failed(e, step=pending.step, saved_step=self.committed_step, url=url)
             self.retry_due = True
             self.say(f"checkpoint of step {pending.step} failed ({e}); retrying at the next one")
+            return
+        self.failures.succeeded()
 
     def _committed(self, info: CheckpointInfo, snap_s: float) -> None:
         self.committed_step = info.step

@@ -39,6 +39,7 @@ from colabjob.errors import (
     StaleEpochError,
     UnsafeCheckpointError,
 )
+from colabjob.jobs.commit_failures import CommitFailures
 from colabjob.jobs.context import SegmentContext
 from colabjob.jobs.distributed import Coordinator
 from colabjob.jobs.formats import deep_cpu_copy, read_json
@@ -98,6 +99,7 @@ class Checkpointer:
         self.tracked = Tracked()
         self.committed_step: int | None = None
         self.pending: PendingCommit[CheckpointInfo] | None = None
+        self.failures = CommitFailures()  # consecutive failed periodic commits
         self._say, self._on_commit = say, on_commit
         self._pending_snap_s = 0.0
 
@@ -260,7 +262,8 @@ class Checkpointer:
 
     def reap(self, *, final: bool = False) -> bool:
         """Collect the background commit, waiting for it. False when a periodic commit
-        failed (log it; the caller retries); raises a fenced-out one, or any when ``final``."""
+        failed (log it; the caller retries); raises a fenced-out one, any when ``final``, and
+        a ``StorageError`` after ``MAX_FAILED_CHECKPOINTS`` failures in a row."""
         pending, self.pending = self.pending, None
         if pending is None:
             return True
@@ -271,8 +274,11 @@ class Checkpointer:
         except Exception as e:
             if final:
                 raise
+            url = self.ctx.store.url  # the storage fails: stop after a few in a row
+            self.failures.failed(e, step=pending.step, saved_step=self.committed_step, url=url)
             self._say(f"checkpoint of step {pending.step} failed ({e}); retrying at the next one")
             return False
+        self.failures.succeeded()
         return True
 
     def _committed(self, info: CheckpointInfo, snap_s: float) -> None:

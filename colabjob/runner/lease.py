@@ -6,7 +6,11 @@ a clean stop. Expiry is judged on the *reader's* monotonic clock (``colabjob.run
 holds the file's content and that judgement; its names are re-exported here). Every takeover
 bumps the fencing epoch (also stored in ``job.json``); a checkpoint commit calls
 ``current_epoch()`` and rejects a manifest carrying an older epoch, so a runner that was paused
-and lost its lease cannot commit over the new one.
+and lost its lease cannot commit over the new one. A holder that provably died on this machine
+(``Holder.gone``: a SIGKILL, an OOM kill, Colab's "Restart runtime") is taken over at once; one
+elsewhere is watched for the TTL, capped at our own. While we hold the lease, a missing lease
+or ``job.json`` (the job's directory was deleted) is a ``StorageLostError``: the fence and the
+heartbeat stop every further write there.
 """
 
 from __future__ import annotations
@@ -19,11 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 from colabjob.errors import (
     AlreadyExistsError,
+    InvalidLeaseError,
     LeaseHeldError,
     LeaseLostError,
     ObjectNotFoundError,
     PreconditionFailedError,
     StorageError,
+    StorageLostError,
 )
 from colabjob.runner.clock import SYSTEM_CLOCK, Clock
 from colabjob.runner.lease_info import (
@@ -36,7 +42,7 @@ from colabjob.runner.lease_info import (
     read_lease,
 )
 from colabjob.runner.platforms import format_duration
-from colabjob.runner.record import read_record, update_record
+from colabjob.runner.record import RECORD_KEY, read_record, update_record
 
 if TYPE_CHECKING:
     from colabjob.storage.store import Store, Version
@@ -82,6 +88,8 @@ class Lease:
         self._info: LeaseInfo | None = None
         self._version: Version | None = None
         self._epoch = 0
+        self._had_record = False  # job.json existed when we took the lease
+        self.took_over: Holder | None = None  # a dead holder of this machine we replaced
 
     # -- state -----------------------------------------------------------------------------
     @property
@@ -98,21 +106,44 @@ class Lease:
         return self._info
 
     def current_epoch(self) -> int:
-        """The epoch in storage now: the fence a checkpoint commit compares its epoch with."""
+        """The epoch in storage now: the fence a checkpoint commit compares its epoch with.
+        ``StorageLostError`` if we took the lease and it (or ``job.json``) is gone."""
         got = read_lease(self.store, self.key)
+        if self._epoch:
+            self._check_present(got is not None)
         return got[0].epoch if got else self._floor_epoch()
+
+    def _check_present(self, lease_present: bool) -> None:
+        missing = [] if lease_present else [self.key]
+        if self._had_record and not self.store.exists(RECORD_KEY):
+            missing.append(RECORD_KEY)
+        if missing:
+            raise StorageLostError(
+                f"the job's storage disappeared: {' and '.join(missing)} vanished from "
+                f"{self.store.url} while this runner held the job (epoch {self._epoch}); "
+                "nothing more is written there",
+                hint="if the job directory was deleted by mistake, restore it (or start a new "
+                "job); a rerun would otherwise start from scratch",
+            )
 
     # -- acquire / renew / release -----------------------------------------------------------
     def acquire(self, *, force: bool = False) -> LeaseInfo:
         """Take the lease; ``LeaseHeldError`` if a live runner holds it.
 
-        A released lease, or one held by our own session, is taken at once. One whose
-        heartbeat looks stale by the holder's clock (or any, with ``force``) is watched for its
-        TTL on our monotonic clock; if it does not change, we take it over and bump the epoch.
+        A released lease, one held by our own session, or one whose holder died on this
+        machine (``Holder.gone``) is taken at once. One whose heartbeat looks stale by the
+        holder's clock (or any, with ``force``) is watched for its TTL (at most ours) on our
+        monotonic clock; if it does not change, we take it over and bump the epoch. A damaged
+        lease file raises ``InvalidLeaseError`` unless ``force``: then it is watched likewise.
         """
         with self._lock:
             for _ in range(5):
-                got = read_lease(self.store, self.key)
+                try:
+                    got = read_lease(self.store, self.key)
+                except InvalidLeaseError:
+                    if not force:
+                        raise
+                    got = self._confirm_damaged()
                 if got is None:
                     try:
                         return self._sync_record(self._write(None, None))
@@ -120,10 +151,10 @@ class Lease:
                         continue
                 info, version = got
                 mine = info.holder.session_id == self.holder.session_id
-                if not (info.released or mine):
+                if not (info.released or mine or self._dead(info)):
                     stale = self.clock.time() - info.heartbeat_at > info.ttl
                     if not (force or stale):
-                        raise held_error(self.store, info, self.clock.time())
+                        raise held_error(self.store, info, self.clock.time(), watch=self.ttl)
                     version = self._confirm_expired(info, version)
                 try:
                     won = self._write(info, version)
@@ -137,11 +168,42 @@ class Lease:
                 f"could not acquire the lease of {self.store.url}: it kept changing"
             )
 
+    def _dead(self, info: LeaseInfo) -> bool:
+        """The holder was a process of this machine that is gone: take over without waiting."""
+        if not info.holder.gone():
+            return False
+        self.took_over = info.holder
+        return True
+
+    def _confirm_damaged(self) -> tuple[LeaseInfo, Version] | None:
+        """``force`` over a damaged lease file: it must stay unchanged for our TTL; then it
+        is replaced as if expired (its epoch unknown: the record's is the floor)."""
+        got = self.store.read_versioned(self.key)
+        if got is None:
+            return None
+        start, version = self.clock.monotonic(), got[1]
+        while (waited := self.clock.monotonic() - start) < self.ttl:
+            self.clock.sleep(min(self.poll_seconds, self.ttl - waited))
+            now = self.store.read_versioned(self.key)
+            if now is None or now[1] != version:
+                raise LeaseHeldError(
+                    f"the damaged lease of {self.store.url} changed while we watched it: a "
+                    "runner may be alive",
+                    hint="wait for it to stop, then resume",
+                )
+        floor = LeaseInfo(
+            holder=self.holder, epoch=0, ttl=self.ttl, acquired_at=0.0, heartbeat_at=0.0
+        )
+        return dataclasses.replace(floor, released=True), version
+
     def _confirm_expired(self, info: LeaseInfo, version: Version) -> Version:
-        """Watch the lease for ``info.ttl`` of our own monotonic time; it must not change."""
+        """Watch the lease for its TTL, at most ours, of our own monotonic time; it must not
+        change. (A live holder beats every TTL/4, so it shows within ours unless its TTL is
+        over four times ours; a damaged file's huge TTL cannot make us wait for ever.)"""
+        watch = min(info.ttl, self.ttl)
         start = self.clock.monotonic()
-        while (waited := self.clock.monotonic() - start) < info.ttl:
-            self.clock.sleep(min(self.poll_seconds, info.ttl - waited))
+        while (waited := self.clock.monotonic() - start) < watch:
+            self.clock.sleep(min(self.poll_seconds, watch - waited))
             got = read_lease(self.store, self.key)
             if got is None or got[1] != version:
                 if got is not None and got[0].released:
@@ -173,6 +235,7 @@ class Lease:
             # no job.json yet: whoever creates it writes the epoch
             with contextlib.suppress(ObjectNotFoundError):
                 update_record(self.store, lambda r: r.with_epoch(info.epoch), clock=self.clock)
+                self._had_record = True
         return info
 
     def _floor_epoch(self) -> int:
@@ -194,14 +257,24 @@ class Lease:
             )
             try:
                 self._version = self.store.replace(self.key, info.to_json(), self._version)
+                if self._had_record:
+                    self._check_present(True)
             except PreconditionFailedError as e:
                 lost, self._info, self._version = self._info, None, None
                 raise self._lost_error(lost) from e
+            except StorageLostError:
+                self._info, self._version = None, None
+                raise
             self._info = info
             return info
 
     def _lost_error(self, mine: LeaseInfo) -> LeaseLostError:
         got = read_lease(self.store, self.key)
+        if got is None:
+            try:
+                self._check_present(False)
+            except StorageLostError as e:
+                return e
         who = f"{got[0].holder.describe()} (epoch {got[0].epoch})" if got else "nobody (deleted)"
         return LeaseLostError(
             f"lost the lease of {self.store.url} (our epoch {mine.epoch}); it is now held by {who}",

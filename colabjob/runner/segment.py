@@ -27,6 +27,7 @@ from colabjob.jobs.session import Session
 from colabjob.runner.clock import SYSTEM_CLOCK, Clock
 from colabjob.runner.lease import DEFAULT_TTL
 from colabjob.runner.options import SegmentOptions, with_spec_defaults
+from colabjob.runner.script_errors import reported_for_script
 from colabjob.runner.segment_run import SegmentRun
 from colabjob.storage.store import Store, open_store
 
@@ -134,8 +135,10 @@ def session(
     ``colabjob.jobs.progress.ProgressSink``) receives the metrics instead of ``log``.
     ``tensorboard`` writes event files into the job's ``tensorboard/`` (``"auto"``: when
     the package is installed); ``wandb=True`` logs to one W&B run per job, resumed every
-    session. A second live session raises ``LeaseHeldError``; the job's record ends
-    SUSPENDED, COMPLETED or FAILED (see module).
+    session. The job's record ends SUSPENDED, COMPLETED or FAILED (see module). A usage
+    error (a second live session's ``LeaseHeldError``, a changed batch geometry) is printed
+    as one line and exits 2 in a script, like the CLI; in a notebook it is raised. Its
+    hint names keyword arguments (``force=True``, ``allow_geometry_change=True``).
     """
     opts = SegmentOptions(
         budget=budget,
@@ -161,7 +164,7 @@ def session(
         log=log,
         progress=progress,
     )
-    with open_segment(url, opts, config=config) as seg:
+    with reported_for_script(), open_segment(url, opts, config=config) as seg:
         s = Session(seg.context)
         try:
             yield s

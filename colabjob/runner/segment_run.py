@@ -10,11 +10,13 @@ fenced by the lease epoch and timed on the runner's clock. Closing (``finish``):
 heartbeat, the watchdog and the trackers, close the segment with its stop reason and the job
 state (COMPLETED when the job finished, SUSPENDED after a budget/signal/preemption/stop-request
 stop, CANCELLED after ``colabjob stop --cancel``, FAILED with the error on an exception), then
-release the lease and run ``store.flush()`` (the Drive push) last. A runner that lost its lease
-leaves the record to the new holder. Under ``--nproc N`` or torchrun, opening first joins the
-process group; only rank 0 does all of the above, the other ranks get a context without
-record, lease or trackers (``colabjob.jobs.distributed``), and closing leaves the group it
-joined.
+release the lease and run ``store.flush()`` (the Drive push) last; the lease is released on
+every way out, even when the record cannot be written (full or read-only storage). A runner
+that lost its lease leaves the record to the new holder; one whose storage vanished (the job
+directory was deleted) writes nothing more there. Under ``--nproc N`` or torchrun, opening
+first joins the process group; only rank 0 does all of the above, the other ranks get a
+context without record, lease or trackers (``colabjob.jobs.distributed``), and closing leaves
+the group it joined.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from colabjob.errors import (
     JobStateError,
     LeaseLostError,
     StaleEpochError,
+    StorageError,
+    StorageLostError,
 )
 from colabjob.jobs.context import SegmentContext, SegmentOutcome
 from colabjob.jobs.distributed import in_process_group, init_distributed, shutdown_distributed
@@ -107,6 +111,12 @@ class SegmentRun:
         check_resume_point(checkpoints, record.committed_step, opts.resume)
         lease.acquire(force=opts.force)
         self.lease = lease
+        if lease.took_over is not None:
+            gone = lease.took_over
+            self._log(
+                f"took over the lease of a dead runner on this machine (pid {gone.pid}, "
+                f"session {gone.session_id}): its process is gone, so no wait"
+            )
         staging = None if opts.staging_dir is None else Path(opts.staging_dir)
         try:
             if opts.resume is not None and opts.resume.scratch:  # under the lease: it writes
@@ -266,21 +276,46 @@ class SegmentRun:
             cancel = self.watchdog is not None and self.watchdog.cancel_requested
             self._shutdown()
             if lease is not None and not lost:
-                update_record(
-                    self.store,
-                    lambda r: self._end(r, outcome, error, cancel=cancel),
-                    clock=self.clock,
-                )
+                self._close_record(outcome, error, cancel=cancel)
+            elif self._storage_lost(error):
+                self._log("the job's storage disappeared; this runner writes nothing more there")
             elif lost:
                 self._log("this runner lost the job's lease; the record is left to the new holder")
         finally:
             try:
                 if lease is not None:
-                    lease.release()
+                    self._release(lease)
             finally:
                 self.store.flush()
                 if self.own_group:
                     shutdown_distributed()
+
+    def _storage_lost(self, error: BaseException | None) -> bool:
+        lost = self.heartbeat.lost if self.heartbeat is not None else None
+        return isinstance(error, StorageLostError) or (lost or "").startswith(
+            "the job's storage disappeared"
+        )
+
+    def _close_record(
+        self, outcome: SegmentOutcome | None, error: BaseException | None, *, cancel: bool
+    ) -> None:
+        """Close the segment in ``job.json``. After an error (full or read-only storage, say)
+        a failure to write it is logged, so the lease is still released and the first error
+        is the one reported."""
+        try:
+            update_record(
+                self.store, lambda r: self._end(r, outcome, error, cancel=cancel), clock=self.clock
+            )
+        except StorageError as e:
+            if error is None:
+                raise
+            self._log(f"could not close the segment in job.json: {e}")
+
+    def _release(self, lease: Lease) -> None:
+        try:
+            lease.release()
+        except StorageError as e:  # the storage is failing; a rerun here takes over at once
+            self._log(f"could not release the job's lease: {e}")
 
     def _shutdown(self) -> None:
         if self.heartbeat is not None:

@@ -354,6 +354,9 @@ class LocalStore(Store):
     def _replace(self, key: str, data: bytes, expected: Version) -> Version:
         path = self._path(key)
         directory = os.path.dirname(path)
+        if not os.path.isfile(path):  # checked first: writing the temp file would recreate
+            # the directories of a job that was deleted
+            raise PreconditionFailedError(f"{self.url_of(key)} no longer exists")
         tmp = write_temp(directory, lambda f: f.write(data))
         try:
             with dir_lock(directory):

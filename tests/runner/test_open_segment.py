@@ -121,16 +121,20 @@ def test_the_save_guess_scales_with_the_expected_checkpoint_bytes(url: str) -> N
 # ---- open_segment, moved jobs, extra policies, progress ------------------------------------------
 
 
-def test_a_moved_job_raises_and_starts_no_segment(url: str) -> None:
+def test_a_moved_job_raises_and_starts_no_segment(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     store = open_store(url)
     create_record(store, job_id="j", config={})
     mark_moved(store, MovedMarker(moved_to="gs://bucket/jobs/j", moved_at=1_700_000_000.0))
     before = load_record(store)
     with (
-        pytest.raises(JobMovedError, match="gs://bucket/jobs/j"),
+        pytest.raises(SystemExit) as info,  # a JobMovedError, reported as the CLI does
         colabjob.session(url, platform="local", log=None),
     ):
         pytest.fail("the body of a moved job's session ran")
+    assert info.value.code == JobMovedError.exit_code == 2
+    assert "gs://bucket/jobs/j" in capsys.readouterr().err
     assert load_record(store) == before and not before.history
     assert read_lease(store) is None
 

@@ -20,7 +20,7 @@ import pytest
 
 import colabjob
 from colabjob.config import config_hash, spec_from_text
-from colabjob.errors import JobStateError, LeaseHeldError, StaleEpochError
+from colabjob.errors import JobStateError, StaleEpochError
 from colabjob.jobs.context import SegmentContext, SegmentOutcome
 from colabjob.jobs.session import Session
 from colabjob.runner.lease import Holder, Lease, read_lease
@@ -90,13 +90,16 @@ def test_history_has_one_segment_per_session_with_its_stop_reason(url: str) -> N
         pass
 
 
-def test_a_second_live_session_is_refused(url: str) -> None:
+def test_a_second_live_session_is_refused(
+    url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     clock = FakeClock()
     with _session(url, clock, max_steps=2) as s:
         before = load_record(open_store(url))
-        with pytest.raises(LeaseHeldError) as info, _session(url, clock):
-            pass
-        assert "already running on" in str(info.value) and "--force" in str(info.value)
+        with pytest.raises(SystemExit) as info, _session(url, clock):
+            pass  # a script: the CLI's message (LeaseHeldError's) and exit 2
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and "already running on" in err and "force=True" in err
         assert load_record(open_store(url)) == before  # the refused session changed nothing
         train_tiny(s)
     assert load_record(open_store(url)).state is JobState.COMPLETED

@@ -287,6 +287,10 @@ def test_replace_of_deleted_object_is_rejected(store: Store) -> None:
     with pytest.raises(PreconditionFailedError):
         store.replace("ctl/rec", b"two", v1)
     assert not store.exists("ctl/rec")
+    assert store.list() == []
+    if "://" not in store.url:  # a local directory: not even an empty one comes back (a
+        # heartbeat after `rm -rf JOB` must not recreate the job's directories)
+        assert not os.path.exists(os.path.join(store.url, "ctl"))
 
 
 def test_version_from_read_matches_version_from_write(store: Store) -> None:
