@@ -205,14 +205,18 @@ def search_micro_batch(
     tried: list[int] = []
     for size in candidates:
         tried.append(size)
+        fits = True
         try:
             try_batch(size)
         except Exception as e:
             if not oom(e):
                 raise
-            cleanup()
-            break
+            fits = False
+        # Outside the ``except``: the exception's traceback holds the failed attempt's frames
+        # (and their tensors) until the block is left, so freeing memory inside it frees nothing.
         cleanup()
+        if not fits:
+            break
         best = size
     if best is None:
         raise ConfigError(

@@ -6,6 +6,7 @@ kinds record the micro-batch in every checkpoint and reuse the recorded one on r
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,28 @@ def test_micro_batch_search_grows_until_oom_and_keeps_the_effective_batch() -> N
     assert (choice.micro_batch, choice.grad_accum) == (8, 6)
     assert choice.effective == 48
     assert search_micro_batch(32, step, start=2).tried == (2, 4, 8, 16)
+
+
+def test_micro_batch_search_frees_the_failed_attempt_before_cleaning_up() -> None:
+    class Activations:  # stands for the tensors a failed forward pass left in its frames
+        pass
+
+    held: list[weakref.ref[Activations]] = []
+    alive_at_cleanup: list[bool] = []
+
+    def step(size: int) -> None:
+        activations = Activations()
+        held.append(weakref.ref(activations))
+        if size > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def cleanup() -> None:
+        alive_at_cleanup.append(held[-1]() is not None)
+
+    choice = search_micro_batch(8, step, cleanup=cleanup)
+    assert choice.micro_batch == 2
+    # the OOM's traceback (which keeps the failed attempt's locals) is gone by cleanup time
+    assert alive_at_cleanup == [False, False, False]
 
 
 def test_micro_batch_search_fits_everything_or_nothing() -> None:
