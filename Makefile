@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup tools test lint typecheck pytest gpu-test bench demo clean
+.PHONY: setup tools test test-fast lint typecheck pytest gpu-test bench demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,11 @@ pytest: setup tools
 	$(BIN)/pytest -q
 
 test: lint typecheck pytest
+
+# The quick tier for the edit-test loop (under 2 minutes): the unmarked tests only. `make test`
+# still runs everything, the slow, emulator and GPU-marked tests included.
+test-fast: setup
+	$(BIN)/pytest -q -m "not slow and not gcs and not gpu"
 
 # The GPU suite (tests/gpu, a few minutes on one GPU). Without a CUDA device it fails, not
 # passes vacuously: on a GPU machine `make setup` gets the CUDA build of torch from PyPI.

@@ -1,9 +1,11 @@
 """Jobs in any state, built directly with ``colabjob.runner.record`` and the checkpoint
-store (no training), for the status/ls/logs/plot tests; and a helper to run the CLI in a
-subprocess the way a user does (non-TTY: plain output)."""
+store (no training), for the status/ls/logs/plot tests; and helpers to run the CLI in a
+subprocess the way a user does (non-TTY: plain output) or in-process (fast, same outputs)."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -40,6 +42,20 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120)
         timeout=timeout,
         cwd=REPO,
     )
+
+
+def run_main(*args: str) -> subprocess.CompletedProcess[str]:
+    """``colabjob.cli.main(ARGS)`` in this process, its stdout/stderr captured (not a TTY),
+    reported like ``run_cli``; argparse's usage exit (``SystemExit``) becomes the returncode."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        from colabjob.cli import main
+
+        try:
+            rc = main(list(args))
+        except SystemExit as e:
+            rc = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(list(args), rc, out.getvalue(), err.getvalue())
 
 
 def metric_rows(first: int, last: int) -> list[dict[str, Any]]:

@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.cli.builders import run_cli
 
 
+@pytest.mark.slow  # ~6 s: four real runner segments in subprocesses
 def test_tiny_demo_runs_through_the_runner(tmp_path: Path) -> None:
     root = tmp_path / "demo"
     out = run_cli("demo", "--size", "tiny", "--dir", str(root), "--progress", "plain", timeout=600)

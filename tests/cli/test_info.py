@@ -1,5 +1,6 @@
-"""``status``, ``ls``, ``logs``, ``plot`` on jobs built directly in every state, run as a user
-runs them (a subprocess, not a TTY): right figures, plain text, no torch, exit codes."""
+"""``status``, ``ls``, ``logs``, ``plot`` on jobs built directly in every state: right figures,
+plain text, no torch, exit codes. The figures are checked in-process (``colabjob.cli.main``,
+output captured, not a TTY: fast); one test runs them as a user does (a subprocess)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from colabjob.runner.states import JobEvent, StopReason
-from tests.cli.builders import hold_lease, make_job, run_cli
+from tests.cli.builders import hold_lease, make_job, run_cli, run_main
 
 S = StopReason
 ANSI = "\x1b["
@@ -45,7 +46,7 @@ EXPECTED = {
 
 @pytest.mark.parametrize("name", list(EXPECTED))
 def test_status_of_each_state(root: Path, name: str) -> None:
-    out = run_cli("status", str(root / name))
+    out = run_main("status", str(root / name))
     assert out.returncode == 0, out.stderr
     state, step = EXPECTED[name]
     assert f"state       {state}" in out.stdout
@@ -54,7 +55,7 @@ def test_status_of_each_state(root: Path, name: str) -> None:
 
 
 def test_status_details_and_eta(root: Path) -> None:
-    out = run_cli("status", str(root / "suspended"), "--json")
+    out = run_main("status", str(root / "suspended"), "--json")
     s = json.loads(out.stdout)
     assert (s["state"], s["step"], s["total"], s["checkpoint_step"]) == ("suspended", 50, 100, 50)
     assert (s["segments"], s["last_stop_reason"]) == (2, "signal")
@@ -62,7 +63,7 @@ def test_status_details_and_eta(root: Path) -> None:
     assert s["steps_per_second"] == pytest.approx(0.25)
     assert s["eta_seconds"] == pytest.approx(200.0)
     assert (s["session_limit"], s["sessions_left"]) == (3300.0, 1)
-    text = run_cli("status", str(root / "failed")).stdout
+    text = run_main("status", str(root / "failed")).stdout
     assert "segments    2 (1 crashed), last stop: crash" in text
     assert "checkpoint  step 25," in text
 
@@ -83,7 +84,7 @@ def test_status_does_not_import_torch(root: Path) -> None:
 
 
 def test_ls_lists_every_job_under_a_root(root: Path) -> None:
-    out = run_cli("ls", str(root))
+    out = run_main("ls", str(root))
     assert out.returncode == 0, out.stderr
     title, header, *lines = out.stdout.strip().splitlines()
     assert title == f"jobs under {root}"
@@ -99,12 +100,12 @@ def test_ls_lists_every_job_under_a_root(root: Path) -> None:
         "suspended": "suspended",
     }
     assert ANSI not in out.stdout
-    jobs = [json.loads(line) for line in run_cli("ls", str(root), "--json").stdout.splitlines()]
+    jobs = [json.loads(line) for line in run_main("ls", str(root), "--json").stdout.splitlines()]
     assert len(jobs) == 7
 
 
 def test_logs_are_jsonl_with_metrics_and_events(root: Path) -> None:
-    out = run_cli("logs", str(root / "completed"))
+    out = run_main("logs", str(root / "completed"))
     assert out.returncode == 0, out.stderr
     items = [json.loads(line) for line in out.stdout.splitlines()]
     rows = [i for i in items if "event" not in i]
@@ -116,7 +117,7 @@ def test_logs_are_jsonl_with_metrics_and_events(root: Path) -> None:
 
 def test_plot_writes_a_png_with_one_marker_per_boundary(root: Path, tmp_path: Path) -> None:
     png = tmp_path / "loss.png"
-    out = run_cli("plot", str(root / "failed"), "-o", str(png))
+    out = run_main("plot", str(root / "failed"), "-o", str(png))
     assert out.returncode == 0, out.stderr
     assert "1 session boundary" in out.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -133,16 +134,16 @@ def test_bad_input_exits_2(root: Path, tmp_path: Path) -> None:
         ("ls", "nope://x"),
         ("frobnicate",),
     ):
-        out = run_cli(*args)
+        out = run_main(*args)
         assert out.returncode == 2, (args, out.stderr)
         assert "Traceback" not in out.stderr
-    out = run_cli("plot", str(root / "created"), "-o", str(tmp_path / "x.png"))
+    out = run_main("plot", str(root / "created"), "-o", str(tmp_path / "x.png"))
     assert out.returncode == 2 and "no committed loss values" in out.stderr
 
 
 def test_logs_export_tensorboard_scalars_once_per_step(root: Path, tmp_path: Path) -> None:
     tb = tmp_path / "tb"
-    out = run_cli("logs", str(root / "failed"), "--tensorboard", str(tb))
+    out = run_main("logs", str(root / "failed"), "--tensorboard", str(tb))
     assert out.returncode == 0, out.stderr
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -152,3 +153,19 @@ def test_logs_export_tensorboard_scalars_once_per_step(root: Path, tmp_path: Pat
     assert [e.step for e in loss] == list(range(1, 26))
     assert loss[0].value == pytest.approx(2.5)
     assert {"train/loss", "train/lr", "train/samples"} <= set(acc.Tags()["scalars"])
+
+
+def test_read_only_commands_as_a_user_runs_them(root: Path) -> None:
+    """The real entry point in a subprocess (not a TTY): same text, plain, real exit codes."""
+    out = run_cli("status", str(root / "suspended"))
+    assert out.returncode == 0, out.stderr
+    assert "state       SUSPENDED" in out.stdout
+    out = run_cli("ls", str(root))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(f"jobs under {root}")
+    out = run_cli("logs", str(root / "failed"))
+    assert out.returncode == 0, out.stderr
+    assert len([line for line in out.stdout.splitlines() if '"event"' not in line]) == 25
+    assert ANSI not in out.stdout + out.stderr
+    out = run_cli("frobnicate")
+    assert out.returncode == 2 and "Traceback" not in out.stderr

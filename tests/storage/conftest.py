@@ -1,6 +1,6 @@
 """Fixtures for the storage suites: ``store_url`` / ``store`` are parametrized over every
-backend (local, memory, GCS emulator), so each contract test is written once and runs on all;
-``shared_store_url`` covers only backends that other processes can reach (local, GCS)."""
+backend (local, memory, GCS emulator), so a test written once runs on all. The Store contract
+itself is the mixin in ``contract.py``, subclassed per backend."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ import pytest
 
 from colabjob.storage import Store, open_store
 from colabjob.storage.retry import RetryPolicy
+
+# contract.py is a plain module imported by the test modules: rewrite its asserts too.
+pytest.register_assert_rewrite("tests.storage.contract")
 
 
 def _url(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
@@ -32,9 +35,3 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 def store(store_url: str, fast_retry: RetryPolicy) -> Store:
     """A fresh, empty Store on each backend (retries never wait)."""
     return open_store(store_url, retry=fast_retry)
-
-
-@pytest.fixture(params=["local", "gcs"])
-def shared_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """A fresh root URL on the backends that separate processes share."""
-    return _url(request.param, request, tmp_path)

@@ -16,6 +16,7 @@ from colabjob.errors import DriveNotMountedError
 from colabjob.storage import local, open_store
 from colabjob.storage.drive import DriveStore
 from colabjob.storage.retry import RetryPolicy
+from tests.storage.contract import SharedStoreContract
 
 
 @pytest.fixture
@@ -113,3 +114,14 @@ def test_drive_store_honours_the_contract_basics(mount: Path, fast_retry: RetryP
     store.move("ckpt/1/w", "ckpt/2/w")
     assert store.list() == ["ckpt/2/w", "ctl/lease"]
     assert store.list_dirs("ckpt") == ["2"]
+
+
+class TestDriveStoreContract(SharedStoreContract):
+    """The whole Store contract on the Drive store (stand-in mount); child processes inherit
+    ``COLABJOB_DRIVE_ROOT`` from the environment, so they open the same Drive store."""
+
+    @pytest.fixture
+    def store_url(self, mount: Path) -> str:
+        url = str(mount / "MyDrive" / "jobs")
+        assert isinstance(open_store(url), DriveStore)
+        return url
