@@ -29,7 +29,7 @@ from colabjob.runner.platforms import (
 )
 from colabjob.runner.record import effective_state, read_record
 from colabjob.runner.states import JobState, LeaseStatus
-from colabjob.runner.watchdog import read_stop_request, request_stop
+from colabjob.runner.stop_request import read_stop_request, request_stop
 from colabjob.storage.manifest import CKPT_DIR, MANIFEST, parse_dir
 
 if TYPE_CHECKING:

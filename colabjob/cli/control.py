@@ -44,7 +44,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     from colabjob.runner.lease import LeaseObserver
     from colabjob.runner.record import JobRecord, update_record
     from colabjob.runner.states import JobEvent, JobState, LeaseStatus, is_terminal
-    from colabjob.runner.watchdog import request_stop
+    from colabjob.runner.stop_request import request_stop
 
     store, record = open_job(args.job)
     if is_terminal(record.state):

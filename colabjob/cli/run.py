@@ -28,9 +28,10 @@ from colabjob.cli.common import (
     note,
     open_job,
 )
-from colabjob.errors import ConfigError
+from colabjob.errors import ColabJobError, ConfigError
 
 if TYPE_CHECKING:
+    from colabjob.config import JobSpec
     from colabjob.runner.supervisor import RunRequest, SupervisorResult
     from colabjob.storage.store import Store
 
@@ -212,6 +213,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     check_session_flags(args)
     spec = load_spec(args.spec, args.overrides)
     check_local_paths(spec)
+    _check_budget(args, spec)
     url = args.storage or spec.job.storage
     if url is None:
         url = default_job_url(spec.job.name)
@@ -276,6 +278,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if args.overrides:
         new = JobSpec.from_dict(apply_overrides(old.to_dict(), args.overrides))
     changes = diff_for_resume(old, new, force=args.force_config)
+    _check_budget(args, new)
     for line in changes:
         note(f"colabjob: changed {line}")
     _resume_choice(args, store)
@@ -284,6 +287,16 @@ def cmd_resume(args: argparse.Namespace) -> int:
     return run_request(
         _request(args, store.url, new.to_dict(), nproc=nproc, force=args.force), args
     )
+
+
+def _check_budget(args: argparse.Namespace, spec: JobSpec) -> None:
+    """Refuse a budget that leaves nothing to train (exit 2) before anything is written."""
+    from colabjob.runner.budget import check_budget_fits
+    from colabjob.runner.platforms import parse_budget
+
+    budget = args.budget if args.budget is not None else spec.budget.limit
+    margin = args.margin if args.margin is not None else spec.budget.margin
+    check_budget_fits(parse_budget(budget), margin=margin)
 
 
 def _save_snapshot(store: Store, config: dict[str, Any]) -> None:
@@ -391,11 +404,32 @@ def _report(url: str, result: SupervisorResult) -> None:
     step = f" at step {last.last_step}" if last is not None and last.last_step is not None else ""
     if result.exit_code == EXIT_DONE:
         note(f"colabjob: done{step}. Status: colabjob status {url}")
+    elif result.exit_code == EXIT_PAUSED and last is not None and last.error_type == (
+        "KeyboardInterrupt"
+    ):
+        note(_interrupted(url, last.error or "interrupted twice"))
     elif result.exit_code == EXIT_PAUSED:
         why = f" ({last.stop_reason})" if last is not None and last.stop_reason else ""
         note(f"colabjob: paused{step}{why}. In the next session: colabjob resume {url}")
     elif result.exit_code == EXIT_FAILED:
         note(f"colabjob: failed{step}; fix the cause, then: colabjob resume {url}")
+
+
+def _interrupted(url: str, what: str) -> str:
+    """What a second Ctrl-C left: the record's state and the newest committed step."""
+    from colabjob.runner.record import read_record
+    from colabjob.storage.checkpoints import CheckpointStore
+    from colabjob.storage.store import open_store
+
+    try:
+        store = open_store(url)
+        got = read_record(store)
+        info = CheckpointStore(store).latest()
+    except (ColabJobError, OSError) as e:
+        return f"colabjob: {what} ({e}); `colabjob status {url}` shows where the job stands"
+    state = got[0].state.value.upper() if got is not None else "unknown"
+    at = f"step {info.step} (its last commit)" if info is not None else "step 0 (no commit yet)"
+    return f"colabjob: {what}; the job is {state} at {at}; resume with `colabjob resume {url}`"
 
 
 # -- demo / handoff --------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from colabjob.runner.lease import LeaseObserver
 from colabjob.runner.platforms import PRESETS, describe_platform
 from colabjob.runner.record import JobRecord, effective_state
 from colabjob.runner.states import JobState, LeaseStatus, StopReason
-from colabjob.runner.watchdog import read_stop_request
+from colabjob.runner.stop_request import read_stop_request
 from colabjob.storage.manifest import CKPT_DIR, MANIFEST, Manifest, parse_dir
 
 if TYPE_CHECKING:

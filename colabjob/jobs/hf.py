@@ -52,6 +52,7 @@ from colabjob.jobs.hf_callback import (
     remaining_batches,
 )
 from colabjob.jobs.hf_data import align_epoch, train_loader
+from colabjob.jobs.loader import quiet_workers
 from colabjob.jobs.saver import gather_rank_states, seed_missing_rank, send_rank_state
 from colabjob.jobs.state import STATE_FILE, Counters, restore, snapshot
 
@@ -187,6 +188,13 @@ class ResumableTrainerMixin:
 
     def get_train_dataloader(self: Any) -> Any:
         self._colabjob.loader = loader = train_loader(self, self._colabjob.world_size)
+        return loader
+
+    def _get_dataloader(self: Any, *args: Any, **kwargs: Any) -> Any:
+        """HF's eval/test loaders: their workers leave the stop signals to us too."""
+        loader = super()._get_dataloader(*args, **kwargs)  # type: ignore[misc]
+        if getattr(loader, "num_workers", 0):
+            loader.worker_init_fn = quiet_workers(loader.worker_init_fn)
         return loader
 
     def get_batch_samples(self: Any, epoch_iterator: Any, num_batches: int, device: Any) -> Any:

@@ -10,11 +10,24 @@ what workers prefetched, and whose worker seeds derive from ``(seed, epoch)``;
 discarding. ``sample_rng(seed, epoch, index)`` gives a sample's random transforms a stream
 that a resumed worker reproduces. The position is in samples and checked against the batch
 ``Geometry`` elsewhere (``colabjob.jobs.geometry``); ``colabjob.jobs.data`` is the overview.
+
+Loader workers leave the stop signals to the main process (``quiet_workers``, composed with
+any ``worker_init_fn`` of the caller): a scheduler or a terminal that signals the whole
+process group would otherwise kill them (torch's workers die on a SIGTERM that does not come
+from their parent) and the main process would crash with "DataLoader worker ... is killed
+by signal" instead of stopping at the next step boundary with a checkpoint. SIGINT and
+SIGUSR1 are ignored; SIGTERM is blocked and taken by a thread that exits the worker only
+when the SIGTERM comes from its parent (torch and ``multiprocessing`` stop workers that
+way at shutdown; ignoring it would hang the main process's exit).
 """
 
 from __future__ import annotations
 
+import functools
 import operator
+import os
+import signal
+import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import Any
@@ -26,10 +39,41 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from colabjob.errors import CheckpointError, ConfigError, ResumeError
 from colabjob.jobs.rng import derive_seed
 
-__all__ = ["ResumableLoader", "ResumableSampler", "make_loader", "sample_rng"]
+__all__ = ["ResumableLoader", "ResumableSampler", "make_loader", "quiet_workers", "sample_rng"]
 
 SAMPLER_FORMAT = "colabjob.sampler/1"
 LOADER_FORMAT = "colabjob.loader/1"
+
+
+WORKER_IGNORES = ("SIGTERM", "SIGINT", "SIGUSR1")  # the main process's watchdog owns them
+
+
+def _quiet_worker(user_init: Callable[[int], Any] | None, worker_id: int) -> None:
+    for name in WORKER_IGNORES[1:]:
+        signum = getattr(signal, name, None)  # SIGUSR1 does not exist on Windows
+        if signum is not None:
+            signal.signal(signum, signal.SIG_IGN)
+    if hasattr(signal, "sigwaitinfo"):  # Linux; elsewhere torch's own SIGTERM handling stays
+        parent = os.getppid()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads made later too
+
+        def parent_term_only() -> None:
+            while True:
+                info = signal.sigwaitinfo({signal.SIGTERM})
+                if info.si_pid == parent or os.getppid() != parent:
+                    os._exit(0)  # what torch's worker does on its parent's SIGTERM
+
+        threading.Thread(target=parent_term_only, name="colabjob-worker-term", daemon=True).start()
+    if user_init is not None:
+        user_init(worker_id)
+
+
+def quiet_workers(user_init: Callable[[int], Any] | None = None) -> Callable[[int], None]:
+    """A ``worker_init_fn`` that makes a loader worker ignore the stop signals, then calls
+    ``user_init`` (picklable when ``user_init`` is, for spawn/forkserver; idempotent)."""
+    if isinstance(user_init, functools.partial) and user_init.func is _quiet_worker:
+        return user_init
+    return functools.partial(_quiet_worker, user_init)
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> torch.Generator:
@@ -171,6 +215,7 @@ class ResumableLoader(StatefulDataLoader):
         self.is_iterable = isinstance(dataset, IterableDataset)
         if sampler is None and not self.is_iterable:
             sampler = ResumableSampler(dataset, seed=seed, shuffle=shuffle)
+        kwargs["worker_init_fn"] = quiet_workers(kwargs.get("worker_init_fn"))
         with warnings.catch_warnings():  # torchdata 0.11 calls the deprecated torch.set_vital
             warnings.filterwarnings("ignore", message=".*set_vital", category=UserWarning)
             super().__init__(

@@ -28,7 +28,7 @@ from colabjob.config.schema import DEFAULT_MARGIN
 from colabjob.errors import ConfigError
 from colabjob.jobs.policy import StopPolicy
 from colabjob.runner.clock import SYSTEM_CLOCK, Clock
-from colabjob.runner.platforms import PlatformInfo, parse_duration
+from colabjob.runner.platforms import PlatformInfo, format_duration, parse_duration
 from colabjob.runner.states import StopReason
 
 # DEFAULT_MARGIN (the spec's ``budget.margin`` default, "5m") is defined once, in config.
@@ -348,6 +348,32 @@ class CheckpointEvery(Policy):
 
     def status(self) -> dict[str, Any]:
         return {"next_checkpoint_at": self.clock.time() + self.next_in()}
+
+
+def check_budget_fits(
+    limit: float | None, *, margin: float | str, save_guess: float | str | None = None
+) -> None:
+    """Refuse (``ConfigError``, exit 2) a session length that leaves nothing to train.
+
+    A ``limit`` (the session's length, e.g. ``--budget 20s``) not longer than the margin
+    (plus ``save_guess``, when one is given) would stop before the first step with no
+    checkpoint. Refused rather than the margin silently shrunk: the margin is what keeps
+    the final save inside the session, and the user chose it (or its default)."""
+    if limit is None:
+        return
+    margin_s = parse_duration(margin, what="margin")
+    save_s = 0.0 if save_guess is None else parse_duration(save_guess, what="save guess")
+    if limit > margin_s + save_s:
+        return
+    plus = f" plus the {format_duration(save_s)} save guess" if save_s else ""
+    suggest = format_duration(max(1.0, round(limit / 10)))
+    raise ConfigError(
+        f"a budget of {format_duration(limit)} is not longer than the "
+        f"{format_duration(margin_s)} margin kept free after the final save{plus}: the run "
+        "would stop before its first step with nothing saved",
+        hint=f"lower the margin (--margin {suggest}; budget.margin in the spec; margin= in "
+        "Python) or give a longer budget",
+    )
 
 
 def budget_for(

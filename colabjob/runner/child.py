@@ -6,6 +6,8 @@ snapshot, this session's overrides, a session id kept across retries) as JSON an
 (``colabjob.runner.segment.run_segment``) and writes a ``ChildResult`` before it exits: how
 the segment ended, or the error, its hint and whether a retry could help. A child whose
 supervisor dies stops as if sent SIGTERM (checkpoint, exit 75), so none is orphaned mid-run.
+A second Ctrl-C (SIGINT) aborts without the final checkpoint: the job is SUSPENDED at its
+last commit, so that is reported as paused (75), not as a failure.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from colabjob.jobs.progress import ProgressSink
 
 EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_PAUSED = 0, 1, 2, 75
+INTERRUPTED = "interrupted twice: stopped without a final checkpoint"
 _USER_ERRORS = (ImportError, SyntaxError, NameError)  # a retry would fail the same way
 # Retrying cannot help these either (a transient storage error is retried, though).
 _FINAL_ERRORS = (JobStateError, NoCheckpointError, UnsafeCheckpointError, StorageError)
@@ -135,10 +138,11 @@ def classify_error(exc: BaseException) -> ChildResult:
             hint=exc.hint,
             retryable=not (usage or final),
         )
-    if isinstance(exc, KeyboardInterrupt):
+    if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C: the job stays SUSPENDED
         return ChildResult(
-            exit_code=EXIT_FAILED,
-            error="aborted (interrupted twice)",
+            exit_code=EXIT_PAUSED,
+            stop_reason=StopReason.SIGNAL.value,
+            error=INTERRUPTED,
             error_type="KeyboardInterrupt",
         )
     return ChildResult(

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from colabjob.runner.clock import SYSTEM_CLOCK, Clock
 from colabjob.runner.lease import DEFAULT_TTL
+from colabjob.runner.watchdog import STOP_POLL_SECONDS
 
 if TYPE_CHECKING:
     from colabjob.config import JobSpec
@@ -58,7 +59,7 @@ class SegmentOptions:
     allow_geometry_change: bool = False
     force: bool = False
     lease_ttl: float = DEFAULT_TTL
-    stop_poll_seconds: float = 30.0
+    stop_poll_seconds: float = STOP_POLL_SECONDS
     tensorboard: bool | Literal["auto"] | None = None
     wandb: bool | None = None
     wandb_project: str | None = None

@@ -29,6 +29,7 @@ from colabjob.runner.lease import DEFAULT_TTL
 from colabjob.runner.options import SegmentOptions, with_spec_defaults
 from colabjob.runner.script_errors import reported_for_script
 from colabjob.runner.segment_run import SegmentRun
+from colabjob.runner.watchdog import STOP_POLL_SECONDS
 from colabjob.storage.store import Store, open_store
 
 if TYPE_CHECKING:
@@ -116,7 +117,7 @@ def session(
     wandb_project: str | None = None,
     clock: Clock = SYSTEM_CLOCK,
     lease_ttl: float = DEFAULT_TTL,
-    stop_poll_seconds: float = 30.0,
+    stop_poll_seconds: float = STOP_POLL_SECONDS,
 ) -> Iterator[Session]:
     """Run one segment of the job at ``url`` around a plain PyTorch loop; yields a Session.
 

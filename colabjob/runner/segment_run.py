@@ -38,7 +38,7 @@ from colabjob.errors import (
 from colabjob.jobs.context import SegmentContext, SegmentOutcome
 from colabjob.jobs.distributed import in_process_group, init_distributed, shutdown_distributed
 from colabjob.jobs.progress import FanOut, LogLines, close_progress
-from colabjob.runner.budget import DEFAULT_MARGIN
+from colabjob.runner.budget import DEFAULT_MARGIN, check_budget_fits
 from colabjob.runner.lease import Heartbeat, Lease
 from colabjob.runner.lease_info import Holder
 from colabjob.runner.options import SegmentOptions
@@ -103,6 +103,8 @@ class SegmentRun:
             session_started_at=opts.session_started_at,
             clock=self.clock,
         )
+        margin = DEFAULT_MARGIN if opts.margin is None else opts.margin
+        check_budget_fits(platform.limit, margin=margin, save_guess=opts.save_guess)
         holder = Holder.here(platform=platform.name, session_id=opts.session_id)
         lease = Lease(self.store, holder=holder, ttl=opts.lease_ttl, clock=self.clock)
         checkpoints = self._checkpoints(record, lease)
@@ -274,7 +276,8 @@ class SegmentRun:
                 self.heartbeat is not None and self.heartbeat.lost is not None
             )
             cancel = self.watchdog is not None and self.watchdog.cancel_requested
-            self._shutdown()
+            # a completed job's later stop signals are noted, not fatal (runner.signals)
+            self._shutdown(completed=error is None and outcome is not None and outcome.completed)
             if lease is not None and not lost:
                 self._close_record(outcome, error, cancel=cancel)
             elif self._storage_lost(error):
@@ -317,11 +320,11 @@ class SegmentRun:
         except StorageError as e:  # the storage is failing; a rerun here takes over at once
             self._log(f"could not release the job's lease: {e}")
 
-    def _shutdown(self) -> None:
+    def _shutdown(self, *, completed: bool = False) -> None:
         if self.heartbeat is not None:
             self.heartbeat.stop()
         if self.watchdog is not None:
-            self.watchdog.close()
+            self.watchdog.close(completed=completed)
         trackers, self.trackers = self.trackers, []
         for sink in trackers:  # the last TensorBoard copy goes up before the Drive flush
             try:

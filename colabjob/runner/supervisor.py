@@ -160,6 +160,8 @@ class Supervisor:
                     attempt += 1
                     done = SupervisorResult  # shorthand below
                     if result is not None and not result.retryable:
+                        if result.error_type == "KeyboardInterrupt":  # make sure: SUSPENDED
+                            self._record_crash(result.error or "", retry=True, interrupted=True)
                         code = self._final_code(result.exit_code)
                         return done(
                             exit_code=code, attempts=attempt, last=result, crashes=tuple(crashes)
@@ -215,9 +217,11 @@ class Supervisor:
         return EXIT_DONE if got is not None and got[0].state is JobState.CANCELLED else code
 
     # -- the record after a crash -----------------------------------------------------------------
-    def _record_crash(self, error: str, *, retry: bool) -> None:
+    def _record_crash(self, error: str, *, retry: bool, interrupted: bool = False) -> None:
         """Close the dead child's segment as a crash, free its lease, set the job's state:
-        SUSPENDED when it will run again (or can be resumed), FAILED when retries ran out."""
+        SUSPENDED when it will run again (or can be resumed), FAILED when retries ran out.
+        ``interrupted``: a second Ctrl-C ended the child (stop reason ``signal``; usually
+        the child closed its segment itself and nothing changes)."""
         from colabjob.storage.store import open_store
 
         try:
@@ -227,16 +231,19 @@ class Supervisor:
                 return
             now = self.clock.time()
             step = _heartbeat_step(store)
+            reason = StopReason.SIGNAL if interrupted else StopReason.CRASH
 
             def change(record: JobRecord) -> JobRecord:
                 if record.current_segment is not None:
                     record = record.end_segment(
-                        ended_at=now, last_step=step, stop_reason=StopReason.CRASH, error=error
+                        ended_at=now, last_step=step, stop_reason=reason, error=error
                     )
                 if record.state is JobState.RUNNING:
                     record = record.apply(JobEvent.EXPIRE if retry else JobEvent.FAIL)
                 elif record.state is JobState.SUSPENDED and not retry:
                     record = record.apply(JobEvent.RESUME).apply(JobEvent.FAIL)
+                if interrupted:
+                    return record
                 crashes = int(record.extras.get("crashes", 0)) + 1
                 return record.with_extras(crashes=crashes, last_crash=error)
 

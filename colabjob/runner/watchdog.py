@@ -3,22 +3,23 @@
 Sources: the predictive deadline (a ``budget`` policy, evaluated in ``should_stop``),
 SIGTERM/SIGINT/SIGUSR1 (handlers only record the signal and set the event — no I/O, no
 locks of ours), a GCE preemption notice (a daemon thread long-polling the metadata server),
-and a stop request in the job's storage (``control/stop.json``, polled by a daemon thread,
-written by ``request_stop`` from any machine). The first reason wins; a preemption notice
-also raises ``emergency`` so the saver writes the smallest exact checkpoint. ``Watchdog``
-satisfies ``colabjob.jobs.policy.StopPolicy``.
+and a stop request in the job's storage (``control/stop.json``, written by
+``colabjob.runner.stop_request.request_stop`` from any machine). On local disk, Drive and
+memory storage the request is looked for at step boundaries, at most once per
+``stop_check_seconds`` (1 s) of the injected clock: one ``stat`` of the file
+(microseconds), read only when it changed; so ``colabjob stop`` takes effect within about
+a second plus one step. Every store, GCS included, is also polled by a daemon thread every
+``stop_poll_seconds`` (10 s: one GET; it also covers steps longer than that). The first
+reason wins; a preemption notice also raises ``emergency`` so the saver writes the
+smallest exact checkpoint. ``Watchdog`` satisfies ``colabjob.jobs.policy.StopPolicy``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
-import socket
 import threading
-import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -26,85 +27,19 @@ from colabjob.errors import StorageError
 from colabjob.jobs.policy import StopPolicy, expect_checkpoint
 from colabjob.runner.budget import DEFAULT_MARGIN, AnyOf, Policy, budget_for
 from colabjob.runner.clock import SYSTEM_CLOCK, Clock
-from colabjob.runner.lease import read_lease
 from colabjob.runner.platforms import PlatformInfo, metadata_get
+from colabjob.runner.signals import forget_completion, keep_going_after_completion
 from colabjob.runner.states import StopReason
+from colabjob.runner.stop_request import read_stop_request, stop_probe
 
 if TYPE_CHECKING:
     from colabjob.storage.store import Store
 
 log = logging.getLogger(__name__)
 
-STOP_KEY = "control/stop.json"
+STOP_POLL_SECONDS = 10.0  # the daemon thread's poll (GCS: a GET each time)
+STOP_CHECK_SECONDS = 1.0  # the step-boundary check on file and memory storage
 DEFAULT_SIGNALS: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1")
-
-
-@dataclass(frozen=True, kw_only=True)
-class StopRequest:
-    """``control/stop.json``: ask the runner holding lease ``epoch`` (or newer) to stop."""
-
-    id: str
-    requested_at: float
-    requested_by: str
-    epoch: int = 0
-    cancel: bool = False
-    reason: str = ""
-
-    def to_json(self) -> bytes:
-        return (json.dumps(asdict(self), sort_keys=True) + "\n").encode()
-
-    @classmethod
-    def from_json(cls, data: bytes) -> StopRequest:
-        d = json.loads(data)
-        return cls(
-            id=str(d["id"]),
-            requested_at=float(d["requested_at"]),
-            requested_by=str(d.get("requested_by", "")),
-            epoch=int(d.get("epoch", 0)),
-            cancel=bool(d.get("cancel", False)),
-            reason=str(d.get("reason", "")),
-        )
-
-
-def request_stop(
-    store: Store,
-    *,
-    cancel: bool = False,
-    reason: str = "",
-    clock: Clock = SYSTEM_CLOCK,
-    requested_by: str | None = None,
-) -> StopRequest:
-    """Ask the job's live runner to checkpoint and stop (``cancel``: then mark it CANCELLED).
-
-    The request targets the current lease epoch, so a runner that resumes later (with a
-    newer epoch) does not trip over an old request.
-    """
-    lease = read_lease(store)
-    request = StopRequest(
-        id=uuid.uuid4().hex[:12],
-        requested_at=clock.time(),
-        requested_by=requested_by or socket.gethostname(),
-        epoch=lease[0].epoch if lease else 0,
-        cancel=cancel,
-        reason=reason,
-    )
-    store.write_bytes(STOP_KEY, request.to_json())
-    return request
-
-
-def read_stop_request(store: Store) -> StopRequest | None:
-    got = store.read_versioned(STOP_KEY)
-    if got is None:
-        return None
-    try:
-        return StopRequest.from_json(got[0])
-    except (ValueError, KeyError, TypeError):
-        log.warning("ignoring unreadable stop request %s/%s", store.url, STOP_KEY)
-        return None
-
-
-def clear_stop_request(store: Store) -> None:
-    store.delete(STOP_KEY)
 
 
 class Watchdog:
@@ -117,7 +52,8 @@ class Watchdog:
         clock: Clock = SYSTEM_CLOCK,
         store: Store | None = None,
         epoch: int | Callable[[], int] | None = None,
-        stop_poll_seconds: float = 30.0,
+        stop_poll_seconds: float = STOP_POLL_SECONDS,
+        stop_check_seconds: float = STOP_CHECK_SECONDS,
         signals: Iterable[str | int] = DEFAULT_SIGNALS,
         preemption: bool = False,
         environ: Mapping[str, str] | None = None,
@@ -130,6 +66,10 @@ class Watchdog:
         self.observe_step: Callable[[float], None] = (policy or quiet).observe_step
         self.checkpoint_due: Callable[[], bool] = (policy or quiet).checkpoint_due
         self.stop_poll_seconds = float(stop_poll_seconds)
+        self.stop_check_seconds = float(stop_check_seconds)
+        self._probe: Callable[[], object] | None = None  # set by start() for cheap stores
+        self._next_check = float("-inf")
+        self._probed: object = None  # what the probe saw when the request was last read
         self.signals = [n for n in (_signum(s) for s in signals) if n is not None]
         self.preemption = preemption
         self.environ = environ
@@ -191,6 +131,8 @@ class Watchdog:
             expect_checkpoint(self.policy, nbytes)
 
     def should_stop(self) -> str | None:
+        if self._probe is not None and not self.event.is_set():
+            self._check_at_boundary()
         if not self.event.is_set() and self.policy is not None:
             verdict = self.policy.should_stop()
             if verdict is not None:
@@ -258,6 +200,23 @@ class Watchdog:
         self.trigger(StopReason.STOP_REQUEST, detail)
         return True
 
+    def _check_at_boundary(self) -> None:
+        """The rate-limited look for a stop request at a step boundary (cheap stores)."""
+        now = self.clock.monotonic()
+        if now < self._next_check:
+            return
+        self._next_check = now + self.stop_check_seconds
+        assert self._probe is not None
+        try:
+            seen = self._probe()
+        except OSError as e:  # Drive's FUSE mount can drop; the poller thread still runs
+            log.debug("stop-request check failed (will retry): %s", e)
+            return
+        if seen is None or seen == self._probed:
+            return  # no request, or the one already read (and ignored)
+        self._probed = seen
+        self.check_stop_request()
+
     def _poll_stop_requests(self) -> None:
         while not self._closing.wait(self.stop_poll_seconds):
             if self.check_stop_request():
@@ -301,6 +260,7 @@ class Watchdog:
             if self._epoch is None:  # no epoch to scope requests: ignore one left from before
                 old = read_stop_request(self.store)
                 self._ignored_request = old.id if old else None
+            self._probe = stop_probe(self.store)
             self._spawn(self._poll_stop_requests, "colabjob-stop-request")
         if self.preemption:
             self._spawn(self._watch_preemption, "colabjob-preemption")
@@ -311,11 +271,19 @@ class Watchdog:
         thread.start()
         self._threads.append(thread)
 
-    def close(self, timeout: float = 2.0) -> None:
-        """Restore the previous signal handlers and stop the threads (daemons; never hangs)."""
+    def close(self, timeout: float = 2.0, *, completed: bool = False) -> None:
+        """Restore the previous signal handlers and stop the threads (daemons; never hangs).
+
+        ``completed``: the job is COMPLETED; a stop signal from now on is noted and survived
+        instead of killing the process (``runner.signals.keep_going_after_completion``)."""
         self._closing.set()
         if self._previous:
+            handled = list(self._previous)
             self._restore_signals()
+            if completed:
+                keep_going_after_completion(handled)
+            else:
+                forget_completion(handled)
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout)
@@ -339,7 +307,7 @@ def watchdog_for(
     checkpoint_nbytes: int | None = None,
     step_guess: float | str | None = None,
     save_guess: float | str | None = None,
-    stop_poll_seconds: float = 30.0,
+    stop_poll_seconds: float = STOP_POLL_SECONDS,
     environ: Mapping[str, str] | None = None,
     extra: StopPolicy | None = None,
 ) -> Watchdog:

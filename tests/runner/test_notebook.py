@@ -14,7 +14,8 @@ from colabjob.runner.lease import Holder, Lease
 from colabjob.runner.platforms import PlatformInfo
 from colabjob.runner.record import create_record, update_record
 from colabjob.runner.states import JobEvent
-from colabjob.runner.watchdog import Watchdog, read_stop_request
+from colabjob.runner.stop_request import read_stop_request
+from colabjob.runner.watchdog import Watchdog
 from colabjob.storage import Store, open_store
 from colabjob.storage.checkpoints import CheckpointStore
 from tests.fakes import FakeClock

@@ -26,8 +26,10 @@ from colabjob.jobs.session import Session
 from colabjob.runner.lease import Holder, Lease, read_lease
 from colabjob.runner.record import JobRecord, load_record
 from colabjob.runner.segment import SegmentOptions, run_segment
+from colabjob.runner.signals import forget_completion
 from colabjob.runner.states import JobState, StopReason
-from colabjob.runner.watchdog import Watchdog, request_stop
+from colabjob.runner.stop_request import request_stop
+from colabjob.runner.watchdog import Watchdog
 from colabjob.storage import open_store
 from colabjob.storage.checkpoints import CheckpointStore
 from tests.fakes import FakeClock
@@ -258,7 +260,9 @@ def test_sigterm_mid_training_commits_and_suspends(tmp_path: Path) -> None:
 
 @pytest.fixture(autouse=True)
 def _no_stray_handlers() -> Iterator[None]:
-    """Each session restores the signal handlers it installed."""
+    """Each session restores the signal handlers it installed (except, by design, a
+    completed job's note-and-survive ones, put back here: ``runner.signals``)."""
     before = signal.getsignal(signal.SIGTERM)
     yield
+    forget_completion([signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
     assert signal.getsignal(signal.SIGTERM) is before

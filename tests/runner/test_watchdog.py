@@ -18,14 +18,13 @@ from colabjob.runner.budget import StopBeforeDeadline
 from colabjob.runner.lease import Holder, Lease
 from colabjob.runner.platforms import PlatformInfo
 from colabjob.runner.states import StopReason
-from colabjob.runner.watchdog import (
+from colabjob.runner.stop_request import (
     STOP_KEY,
-    Watchdog,
     clear_stop_request,
     read_stop_request,
     request_stop,
-    watchdog_for,
 )
+from colabjob.runner.watchdog import Watchdog, watchdog_for
 from colabjob.storage import Store, open_store
 from tests.fakes import FakeClock
 from tests.runner.fake_metadata import fake_metadata
