@@ -163,6 +163,7 @@ def resumable(
     wandb: bool = False,
     wandb_project: str | None = None,
     clock: Clock = SYSTEM_CLOCK,
+    async_checkpoint: bool | Literal["auto"] = "auto",
 ) -> Any:
     """Make ``trainer`` (a ``transformers.Trainer``, any subclass) resumable at ``url``.
 
@@ -172,7 +173,9 @@ def resumable(
     session's end; ``step_guess``/``save_guess`` (seconds or ``"2m"``) what the stop rule
     assumes until a step / a checkpoint is measured. Checkpoints every ``every_steps`` steps
     and/or ``every_minutes`` (in the background), plus a final one when stopping; ``keep``
-    newest are kept. ``tensorboard`` / ``wandb``: trackers fed from HF's log rows (see
+    newest are kept; ``async_checkpoint`` as in ``colabjob.session`` (``"auto"``: in the
+    background unless a copy of the state would not fit in host memory). ``tensorboard`` /
+    ``wandb``: trackers fed from HF's log rows (see
     ``colabjob.session``); HF's own ``report_to`` keeps working too. ``force`` takes
     over an expired lease. ``exit_on_pause``: exit with code 75 after a pause, and with 2
     (one line on stderr) after a usage error (default: yes in a script, no in a notebook).
@@ -209,6 +212,7 @@ def resumable(
         clock=clock,
         log=log,
         log_metrics=False,  # HF prints its own log rows
+        async_checkpoint=async_checkpoint,
     )
     t._colabjob_exit = exit_on_pause
     return trainer

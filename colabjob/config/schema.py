@@ -11,7 +11,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, NoReturn
 
 from colabjob.config._fields import (
     Section,
@@ -309,7 +309,9 @@ class LoraSpec(Section):
 
 @dataclass(frozen=True, kw_only=True)
 class CheckpointSpec(Section):
-    """``checkpoint``: cadence, retention, local staging, and the final artifact."""
+    """``checkpoint``: cadence, retention, local staging, the final artifact, and whether
+    periodic checkpoints copy the state for a background save (``async``: ``auto`` does
+    when the copy fits in host memory; the YAML key ``async`` is the field ``async_``)."""
 
     _path: ClassVar[str] = "checkpoint"
     every_steps: int | None = None
@@ -317,6 +319,21 @@ class CheckpointSpec(Section):
     keep: int = 2
     staging_dir: str | None = None
     final_artifact: Literal["adapter", "merged"] | None = None
+    async_: bool | Literal["auto"] = "auto"
+
+    @classmethod
+    def from_mapping(cls, data: Any) -> CheckpointSpec:
+        if isinstance(data, Mapping) and "async" in data:  # a Python keyword: not a field name
+            data = {("async_" if k == "async" else k): v for k, v in data.items()}
+        return super().from_mapping(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["async"] = out.pop("async_")
+        return out
+
+    def _fail(self, name: str, problem: str, *, hint: str | None = None) -> NoReturn:
+        super()._fail("async" if name == "async_" else name, problem, hint=hint)
 
     def _check(self) -> None:
         if self.every_steps is not None and self.every_steps < 1:

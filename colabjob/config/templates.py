@@ -106,6 +106,7 @@ checkpoint:
   every_minutes: 30                 # and/or every_steps: N; a last one before time runs out
   keep: 2                           # at least 2
   staging_dir: null                 # local scratch for uploads (null: a temp dir)
+  async: auto                       # background saves; auto: synchronous when RAM is short
 {final}"""
 
 _BUDGET = """

@@ -2,9 +2,10 @@
 
 ``encode(obj, prefix, tensors)`` turns a nested state (dicts, lists, tuples, scalars,
 strings, bytes, NumPy arrays and scalars, tensors) into a JSON-able tree; each tensor is
-copied into ``tensors`` under ``prefix/<path>`` (saved with safetensors) and replaced by a
-``{"__tensor__": key}`` marker. ``decode(tree, tensors)`` reverses it exactly, including
-tuples and non-string dict keys. Nothing here can execute code on load, which is the point:
+put (not copied) into ``tensors`` under ``prefix/<path>`` (saved with safetensors by
+``colabjob.jobs.tensorfile``, one at a time) and replaced by a ``{"__tensor__": key}``
+marker. ``decode(tree, tensors)`` reverses it exactly, including tuples and non-string dict
+keys. Nothing here can execute code on load, which is the point:
 user objects' ``state_dict()`` output is restored without unpickling. The readers map
 failures onto the error tree: ``safe_torch_load`` only ever calls
 ``torch.load(weights_only=True)`` (``UnsafeCheckpointError`` for anything that would run
@@ -24,9 +25,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from colabjob.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
+from colabjob.jobs.tensorfile import TensorFile
 
 __all__ = [
     "atomic_write",
@@ -65,7 +66,7 @@ def encode(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
         return obj
     if isinstance(obj, torch.Tensor):
         key = f"{prefix}#{len(tensors)}"
-        tensors[key] = obj.detach().to("cpu").contiguous()
+        tensors[key] = obj.detach()  # the writer moves it to the CPU, one tensor at a time
         return {_TENSOR: key}
     if isinstance(obj, np.generic):
         return obj.item()
@@ -145,12 +146,9 @@ def read_json(path: Path) -> Any:
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    if not path.exists():
-        raise CorruptCheckpointError(f"{path.name} is missing from {path.parent}")
-    try:
-        return load_file(str(path), device="cpu")
-    except Exception as e:  # safetensors raises its own SafetensorError
-        raise CorruptCheckpointError(f"{path.name} is not a readable safetensors file: {e}") from e
+    """Every tensor of a safetensors file, read one at a time (``TensorFile``)."""
+    with TensorFile(path) as f:
+        return dict(f.items())
 
 
 def safe_torch_load(path: Path) -> Any:

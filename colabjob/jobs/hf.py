@@ -344,6 +344,8 @@ class ResumableTrainerMixin:
             "train_batch_size": int(self._train_batch_size),
         }
         scaler = getattr(self.accelerator, "scaler", None)
+        # A background save copies the state first: only when that copy fits in host memory.
+        clone = not final and run.committer.background_fits(self.model, self.optimizer)
         snap = snapshot(
             counters=Counters(
                 step=int(self.state.global_step),
@@ -359,6 +361,7 @@ class ResumableTrainerMixin:
             geometry=self._colabjob_geometry(),
             metrics=metric_rows(self.state.log_history),
             meta={"hf": hf},
+            clone=clone,
         )
         if run.sync is not None:
             snap = gather_rank_states(run.sync, snap)

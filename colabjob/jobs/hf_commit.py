@@ -25,7 +25,9 @@ from colabjob.errors import CheckpointError, StaleEpochError
 from colabjob.jobs.commit_failures import CommitFailures
 from colabjob.jobs.context import SegmentContext
 from colabjob.jobs.distributed import Coordinator
+from colabjob.jobs.memory import SaveChooser, parse_async
 from colabjob.jobs.saver import report_commit
+from colabjob.jobs.sizing import checkpoint_nbytes
 from colabjob.jobs.state import Snapshot, write_snapshot
 
 if TYPE_CHECKING:
@@ -47,6 +49,15 @@ class Committer:
         self._pending_snap_s = 0.0
         self.retry_due = False
         self.failures = CommitFailures()  # consecutive failed background commits
+        self._chooser = SaveChooser(
+            parse_async(ctx.async_checkpoint), say=self.say, on_status=ctx.on_status
+        )
+
+    def background_fits(self, model: Any, optimizer: Any) -> bool:
+        """Whether a periodic save may copy the state for the background (host memory and
+        ``ctx.async_checkpoint``); if not, snapshot with ``clone=False`` and ``save_async``
+        commits it synchronously."""
+        return self._chooser.background(checkpoint_nbytes(model, optimizer))
 
     @property
     def busy(self) -> bool:
@@ -64,7 +75,7 @@ class Committer:
     @staticmethod
     def _writer(snap: Snapshot, extra: Mapping[str, bytes]) -> Any:
         def write(staging: Path) -> dict[str, Path]:  # on the upload thread for async saves
-            files = write_snapshot(snap, staging)
+            files = write_snapshot(snap, staging, consume=True)
             for name, data in extra.items():
                 path = staging / name
                 path.write_bytes(data)
@@ -82,9 +93,25 @@ class Committer:
         extra: Mapping[str, bytes] | None = None,
         meta: Mapping[str, Any] | None = None,
     ) -> None:
-        """Commit in the background; waits first for the previous background commit."""
+        """Commit in the background; waits first for the previous background commit. A
+        snapshot of the live tensors (``snap.live``) is committed now, before returning."""
         self.reap()
         writer = self._writer(snap, dict(extra or {}))
+        if snap.live:
+            try:
+                info = self.ctx.checkpoints.save(step, writer, **self._kwargs(snap, meta or {}))
+            except StaleEpochError:
+                raise
+            except Exception as e:  # as a failed background commit (see reap)
+                url = self.ctx.store.url
+                self.failures.failed(e, step=step, saved_step=self.committed_step, url=url)
+                self.retry_due = True
+                self.say(f"checkpoint of step {step} failed ({e}); retrying at the next one")
+                return
+            self.failures.succeeded()
+            self._committed(info, snap_seconds)
+            self.retry_due = False
+            return
         self._pending = self.ctx.checkpoints.save_async(
             step, writer, **self._kwargs(snap, meta or {})
         )

@@ -43,7 +43,9 @@ from colabjob.jobs.commit_failures import CommitFailures
 from colabjob.jobs.context import SegmentContext
 from colabjob.jobs.distributed import Coordinator
 from colabjob.jobs.formats import deep_cpu_copy, read_json
+from colabjob.jobs.memory import SaveChooser, parse_async
 from colabjob.jobs.rng import capture_rng, derive_seed, seed_everything
+from colabjob.jobs.sizing import checkpoint_nbytes
 from colabjob.jobs.state import (
     STATE_FILE,
     Counters,
@@ -102,6 +104,7 @@ class Checkpointer:
         self.failures = CommitFailures()  # consecutive failed periodic commits
         self._say, self._on_commit = say, on_commit
         self._pending_snap_s = 0.0
+        self._chooser: SaveChooser | None = None  # background or synchronous saves
 
     # -- restore ------------------------------------------------------------------------------
     def restore(self) -> tuple[CheckpointInfo, Restored] | None:
@@ -184,9 +187,13 @@ class Checkpointer:
         metrics: list[dict[str, Any]],
         meta: dict[str, Any],
         emergency: bool,
+        background: bool = False,
     ) -> tuple[Snapshot, float]:
         """The state in CPU memory and how long copying it took (the loop's pause). With
-        several processes every rank must call it at the same step (rank 0 gathers)."""
+        several processes every rank must call it at the same step (rank 0 gathers).
+        ``background``: for ``start()``; a copy is taken only when it fits in host memory
+        (``ctx.async_checkpoint``, ``colabjob.jobs.memory``), else the snapshot refers to
+        the live tensors and ``start()`` saves it synchronously, as ``commit()`` always does."""
         t = self.tracked
         mono = self.ctx.monotonic
         t0 = mono()
@@ -194,6 +201,13 @@ class Checkpointer:
         if sync is not None and sync.rank != 0:
             send_rank_state(sync, t.loader)
             return Snapshot(counters=counters), mono() - t0
+        if self._chooser is None:
+            self._chooser = SaveChooser(
+                parse_async(self.ctx.async_checkpoint), say=self._say, on_status=self.ctx.on_status
+            )
+        clone = background and self._chooser.background(
+            checkpoint_nbytes(t.model, t.optimizer, trainable_only=t.trainable_only)
+        )
         snap = snapshot(
             counters=counters,
             model=t.model,
@@ -206,6 +220,7 @@ class Checkpointer:
             metrics=metrics,
             meta={**meta, "emergency": emergency},
             trainable_only=t.trainable_only,
+            clone=clone,
         )
         if sync is not None:
             snap = gather_rank_states(sync, snap)
@@ -227,13 +242,27 @@ class Checkpointer:
 
     def start(self, snap: Snapshot, snap_s: float) -> PendingCommit[CheckpointInfo] | None:
         """Write and commit ``snap`` on the background thread (None on ranks other than 0,
-        which count it as committed: rank 0 commits it or fails the run)."""
+        which count it as committed: rank 0 commits it or fails the run). A snapshot of the
+        live tensors (no room for a copy) is committed now instead (None)."""
         if not self.commits:
             self.committed_step = snap.counters.step
             return None
+        if snap.live:
+            step = snap.counters.step
+            try:
+                self.commit(snap, snap_s)
+            except StaleEpochError:
+                raise
+            except Exception as e:  # a periodic checkpoint, as in reap(): the next one retries
+                url = self.ctx.store.url
+                self.failures.failed(e, step=step, saved_step=self.committed_step, url=url)
+                self._say(f"checkpoint of step {step} failed ({e}); retrying at the next one")
+                return None
+            self.failures.succeeded()
+            return None
 
         def write(staging: Path) -> dict[str, Path]:  # runs on the upload thread
-            return write_snapshot(snap, staging)
+            return write_snapshot(snap, staging, consume=True)
 
         step = snap.counters.step
         self.pending = self.ctx.checkpoints.save_async(step, write, **self._kwargs(snap))
@@ -249,7 +278,7 @@ class Checkpointer:
         self.reap(final=True)
 
         def write(staging: Path) -> dict[str, Path]:
-            return write_snapshot(snap, staging)
+            return write_snapshot(snap, staging, consume=True)
 
         step = snap.counters.step
         info = self.ctx.checkpoints.save(step, write, **self._kwargs(snap))

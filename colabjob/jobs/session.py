@@ -347,7 +347,7 @@ class Session:
 
     # ---- checkpoints -----------------------------------------------------------------------
 
-    def _snapshot(self, *, emergency: bool) -> tuple[Snapshot, float]:
+    def _snapshot(self, *, emergency: bool, background: bool = False) -> tuple[Snapshot, float]:
         if self._micro:
             raise CheckpointError(
                 f"cannot checkpoint at micro-batch {self._micro} of {self._grad_accum}",
@@ -358,10 +358,11 @@ class Session:
             metrics=self._metrics.history,
             meta={"session": self._metrics.state()},
             emergency=emergency,
+            background=background,
         )
 
     def _save_async(self) -> PendingCommit[CheckpointInfo] | None:
-        pending = self._saver.start(*self._snapshot(emergency=False))
+        pending = self._saver.start(*self._snapshot(emergency=False, background=True))
         self._save_due = False
         self._t_last = self._mono()  # the pause is a checkpoint cost, not step time
         return pending

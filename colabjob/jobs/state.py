@@ -11,7 +11,8 @@ history and any extra object with ``state_dict()`` / ``load_state_dict()``.
 and sets the RNGs last. No storage layer here: the session layer uploads the directory.
 
 Files (``FILES``): ``model.safetensors`` (weights; tied tensors stored once),
-``optimizer.pt`` (optimizer, scheduler and scaler state; read only with
+``optimizer.safetensors`` (optimizer, scheduler and scaler state: tensors, plus the rest as
+JSON in its metadata; older checkpoints' ``optimizer.pt`` is read only with
 ``torch.load(weights_only=True)``, so a planted pickle raises ``UnsafeCheckpointError``),
 ``state.safetensors`` (RNG tensors and tensors from loader/extra states),
 ``metrics.json`` and, written last, ``state.json`` (format, counters, geometry, RNG of
@@ -34,6 +35,7 @@ from colabjob.jobs.state_format import FORMAT as FORMAT
 from colabjob.jobs.state_format import METRICS_FILE as METRICS_FILE
 from colabjob.jobs.state_format import MODEL_FILE as MODEL_FILE
 from colabjob.jobs.state_format import OPTIMIZER_FILE as OPTIMIZER_FILE
+from colabjob.jobs.state_format import OPTIMIZER_TENSORS_FILE as OPTIMIZER_TENSORS_FILE
 from colabjob.jobs.state_format import STATE_FILE as STATE_FILE
 from colabjob.jobs.state_format import TENSORS_FILE as TENSORS_FILE
 from colabjob.jobs.state_restore import restore

@@ -4,15 +4,18 @@
 ``Snapshot`` of detached CPU clones (model tensors, with tied ones recorded as aliases
 instead of stored twice; optimizer, scheduler and scaler state; the RNGs; the loader
 position; extra objects' states; metrics, meta and library versions), so the loop can go on
-at once. ``write_snapshot(snapshot, directory)`` turns it into the files of
+at once (``clone=False``: references to the live tensors, for a synchronous save that needs
+no extra memory). ``write_snapshot(snapshot, directory)`` turns it into the files of
 ``colabjob.jobs.state_format`` and may run on a background thread: it only reads the
-snapshot's own copies. ``state.json`` is written last.
+snapshot's own copies, streams them tensor by tensor (``colabjob.jobs.tensorfile``) and, with
+``consume``, frees each one once written. ``state.json`` is written last.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib.metadata
+import json
 import os
 import platform
 import sys
@@ -23,7 +26,6 @@ from typing import Any
 import numpy as np
 import safetensors
 import torch
-from safetensors.torch import save_file
 
 from colabjob.errors import CheckpointError
 from colabjob.jobs.formats import atomic_write, deep_cpu_copy, encode, write_json
@@ -33,7 +35,7 @@ from colabjob.jobs.state_format import (
     FORMAT,
     METRICS_FILE,
     MODEL_FILE,
-    OPTIMIZER_FILE,
+    OPTIMIZER_TENSORS_FILE,
     STATE_FILE,
     TENSORS_FILE,
     Counters,
@@ -41,6 +43,7 @@ from colabjob.jobs.state_format import (
     Stateful,
     model_keys,
 )
+from colabjob.jobs.tensorfile import write_tensors
 
 __all__ = ["snapshot", "write_snapshot"]
 
@@ -63,10 +66,11 @@ def _versions() -> dict[str, str]:
 
 
 def _capture_model(
-    model: torch.nn.Module, trainable_only: bool
+    model: torch.nn.Module, trainable_only: bool, clone: bool
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """CPU clones of the model tensors; a key whose tensor is an exact alias of an earlier
-    one (tied embeddings) is recorded in the alias map instead of stored twice."""
+    """CPU clones of the model tensors (``clone``; else the live tensors, detached); a key
+    whose tensor is an exact alias of an earlier one (tied embeddings) is recorded in the
+    alias map instead of stored twice."""
     state = model.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
@@ -87,8 +91,12 @@ def _capture_model(
             aliases[key] = seen[ident]
             continue
         seen[ident] = key
-        tensors[key] = t.detach().to("cpu", copy=True).contiguous()
+        tensors[key] = t.detach().to("cpu", copy=True).contiguous() if clone else t.detach()
     return tensors, aliases
+
+
+def _shallow(state: Any) -> Any:
+    return state
 
 
 def snapshot(
@@ -105,11 +113,14 @@ def snapshot(
     meta: Mapping[str, Any] | None = None,
     trainable_only: bool | None = None,
     capture_rngs: bool = True,
+    clone: bool = True,
 ) -> Snapshot:
     """Copy the training state to CPU memory; call it right after an optimizer step.
 
     ``trainable_only=None`` saves only trainable parameters (and buffers) when some
     parameter has ``requires_grad=False``. Raises ``CheckpointError`` mid-accumulation.
+    ``clone=False`` keeps references to the live model and optimizer tensors instead of
+    copies (no extra memory): only for a snapshot written at once, before training goes on.
     """
     if not counters.at_optimizer_boundary:
         raise CheckpointError(
@@ -126,13 +137,14 @@ def snapshot(
             if trainable_only is None
             else trainable_only
         )
-        model_state, aliases = _capture_model(model, partial)
+        model_state, aliases = _capture_model(model, partial, clone)
     opt = None
     if optimizer is not None or scheduler is not None or scaler is not None:
+        take = deep_cpu_copy if clone else _shallow
         opt = {
-            "optimizer": deep_cpu_copy(optimizer.state_dict()) if optimizer is not None else None,
-            "scheduler": deep_cpu_copy(scheduler.state_dict()) if scheduler is not None else None,
-            "scaler": deep_cpu_copy(scaler.state_dict()) if scaler is not None else None,
+            "optimizer": take(optimizer.state_dict()) if optimizer is not None else None,
+            "scheduler": take(scheduler.state_dict()) if scheduler is not None else None,
+            "scaler": take(scaler.state_dict()) if scaler is not None else None,
         }
     return Snapshot(
         counters=counters,
@@ -147,41 +159,62 @@ def snapshot(
         metrics=tuple(copy.deepcopy(dict(m)) for m in metrics),
         meta=copy.deepcopy(dict(meta or {})),
         versions=_versions(),
+        live=not clone,
     )
 
 
-def write_snapshot(snap: Snapshot, directory: str | os.PathLike[str]) -> dict[str, Path]:
+def _write_optimizer(snap: Snapshot, path: Path, consume: bool) -> Path:
+    """Optimizer, scheduler and scaler state as one safetensors file: the tensors, plus the
+    rest of the structure as JSON in its metadata (``encode``), so loading never unpickles."""
+    assert snap.optimizer is not None
+    tensors: dict[str, torch.Tensor] = {}
+    tree = encode(snap.optimizer, "optimizer", tensors)
+    if consume:  # the tensors mapping now holds the snapshot's only references
+        snap.optimizer.clear()
+    meta = {"tree": json.dumps(tree, separators=(",", ":"))}
+    return atomic_write(path, lambda p: write_tensors(p, tensors, metadata=meta, consume=True))
+
+
+def write_snapshot(
+    snap: Snapshot, directory: str | os.PathLike[str], *, consume: bool = False
+) -> dict[str, Path]:
     """Write ``snap`` as files in ``directory`` (created if needed); ``state.json`` last.
 
     Returns ``{file name: path}`` for the files written. Thread-safe with respect to the
-    training loop: it only reads the snapshot's own copies.
+    training loop: it only reads the snapshot's own copies. Tensors are written one at a
+    time from where they are (no serialised copy of the whole state); with ``consume`` each
+    is dropped from the snapshot once written, so its memory is freed as the files grow
+    (the snapshot is empty afterwards: write it once).
     """
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     model = snap.model
+    model_doc = None
     if model is not None:
+        model_doc = {
+            "trainable_only": snap.trainable_only,
+            "keys": sorted(model),
+            "aliases": snap.model_aliases,
+        }
         files[MODEL_FILE] = atomic_write(
-            root / MODEL_FILE, lambda p: save_file(model, p, metadata={"format": "pt"})
+            root / MODEL_FILE,
+            lambda p: write_tensors(p, model, metadata={"format": "pt"}, consume=consume),
         )
+    opt_parts = None
     if snap.optimizer is not None:
-        opt = snap.optimizer
-        files[OPTIMIZER_FILE] = atomic_write(root / OPTIMIZER_FILE, lambda p: torch.save(opt, p))
+        opt_parts = {k: v is not None for k, v in snap.optimizer.items()}
+        files[OPTIMIZER_TENSORS_FILE] = _write_optimizer(
+            snap, root / OPTIMIZER_TENSORS_FILE, consume
+        )
     tensors: dict[str, torch.Tensor] = {}
     doc: dict[str, Any] = {
         "format": FORMAT,
         "counters": snap.counters.to_dict(),
         "geometry": snap.geometry.to_dict() if snap.geometry else None,
-        "model": None
-        if model is None
-        else {
-            "trainable_only": snap.trainable_only,
-            "keys": sorted(model),
-            "aliases": snap.model_aliases,
-        },
-        "optimizer": None
-        if snap.optimizer is None
-        else {k: v is not None for k, v in snap.optimizer.items()},
+        "model": model_doc,
+        "optimizer": opt_parts,
+        "optimizer_file": None if opt_parts is None else OPTIMIZER_TENSORS_FILE,
         "rng": None,
         "data": encode(snap.data, "data", tensors),
         "extras": {k: encode(v, f"extras/{k}", tensors) for k, v in snap.extras.items()},
@@ -202,7 +235,7 @@ def write_snapshot(snap: Snapshot, directory: str | os.PathLike[str]) -> dict[st
             if rank.rng is not None:
                 tensors.update({f"ranks/{r}/rng/{k}": v for k, v in rank.rng.tensors().items()})
     if tensors:
-        files[TENSORS_FILE] = atomic_write(root / TENSORS_FILE, lambda p: save_file(tensors, p))
+        files[TENSORS_FILE] = atomic_write(root / TENSORS_FILE, lambda p: write_tensors(p, tensors))
     files[METRICS_FILE] = write_json(root / METRICS_FILE, list(snap.metrics))
     files[STATE_FILE] = write_json(root / STATE_FILE, doc)
     return files

@@ -27,6 +27,7 @@ __all__ = [
     "METRICS_FILE",
     "MODEL_FILE",
     "OPTIMIZER_FILE",
+    "OPTIMIZER_TENSORS_FILE",
     "STATE_FILE",
     "TENSORS_FILE",
     "Counters",
@@ -38,9 +39,10 @@ __all__ = [
 ]
 
 FORMAT = "colabjob.state/1"
-MODEL_FILE, OPTIMIZER_FILE = "model.safetensors", "optimizer.pt"
+MODEL_FILE, OPTIMIZER_TENSORS_FILE = "model.safetensors", "optimizer.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"  # older checkpoints' optimizer state (read, never written)
 TENSORS_FILE, METRICS_FILE, STATE_FILE = "state.safetensors", "metrics.json", "state.json"
-FILES = (MODEL_FILE, OPTIMIZER_FILE, TENSORS_FILE, METRICS_FILE, STATE_FILE)
+FILES = (MODEL_FILE, OPTIMIZER_TENSORS_FILE, TENSORS_FILE, METRICS_FILE, STATE_FILE)
 
 
 class Stateful(Protocol):
@@ -119,6 +121,7 @@ class Snapshot:
     meta: dict[str, Any] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=dict)
     ranks: tuple[RankState, ...] = ()  # ranks 1.. of a multi-process run (rank 0 is above)
+    live: bool = False  # model/optimizer tensors are the live ones: write before training on
 
     @property
     def model_nbytes(self) -> int:

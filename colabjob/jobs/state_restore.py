@@ -1,14 +1,18 @@
 """Restoring training state: read a checkpoint directory back into freshly built objects.
 
 ``restore(directory, ...)`` reads and validates every file it needs first (format tag,
-batch ``Geometry``, weights, optimizer state through ``safe_torch_load``, loader and extra
-states), so a refused checkpoint leaves the objects untouched; then it loads them in place
-and sets the RNGs last. For a multi-process checkpoint it picks the given rank's RNGs and
+batch ``Geometry``, the weights file's header against the model's keys and shapes, optimizer
+state from ``optimizer.safetensors`` or an older checkpoint's ``optimizer.pt`` through
+``safe_torch_load``, loader and extra states), so a refused checkpoint leaves the objects
+untouched; then it loads them in place and sets the RNGs last. Weights stream from their
+file a chunk at a time into the live tensors, so a resume never holds two copies of the
+model. For a multi-process checkpoint it picks the given rank's RNGs and
 loader position. It returns a ``Restored`` with the counters, metrics and what changed.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from collections.abc import Mapping
@@ -33,29 +37,76 @@ from colabjob.jobs.state_format import (
     Stateful,
     model_keys,
 )
+from colabjob.jobs.tensorfile import TensorFile
 
-__all__ = ["restore"]
+__all__ = ["read_optimizer_state", "restore"]
 
 
-def _load_model(
-    model: torch.nn.Module, tensors: dict[str, torch.Tensor], info: Mapping[str, Any]
-) -> None:
-    full = dict(tensors)
-    for alias, key in info["aliases"].items():
-        full[alias] = tensors[key]
-    trainable_only = bool(info["trainable_only"])
-    missing = [k for k in model_keys(model, trainable_only) if k not in full]
+_CHUNK = 32 * 2**20  # bytes of weights handed to load_state_dict at a time
+
+
+def _check_model(model: torch.nn.Module, f: TensorFile, info: Mapping[str, Any]) -> None:
+    """Refuse a weights file that does not fit ``model`` before any weight changes."""
+    stored = set(f.keys())
+    aliases = {a: k for a, k in info["aliases"].items() if k in stored}
+    have = stored | set(aliases)
+    missing = [k for k in model_keys(model, bool(info["trainable_only"])) if k not in have]
     if missing:
         raise ResumeError(
             f"the checkpoint lacks {len(missing)} tensor(s) this model trains, e.g. {missing[:3]}",
             hint="resume with the model and adapter (LoRA) configuration the job started with",
         )
-    try:
-        result = model.load_state_dict(full, strict=not trainable_only)
-    except RuntimeError as e:
-        raise ResumeError(f"checkpoint weights do not fit this model: {e}") from e
-    if result.unexpected_keys:
-        raise ResumeError(f"checkpoint has tensors this model lacks: {result.unexpected_keys[:3]}")
+    live = model.state_dict(keep_vars=True)
+    unexpected = sorted(have - set(live))
+    if unexpected:
+        raise ResumeError(f"checkpoint has tensors this model lacks: {unexpected[:3]}")
+    for key in have:
+        shape = f.shape(aliases.get(key, key))
+        if list(live[key].shape) != shape:
+            raise ResumeError(
+                f"checkpoint weights do not fit this model: {key!r} has shape {shape} "
+                f"in the checkpoint, {list(live[key].shape)} in the model"
+            )
+
+
+def _load_model(model: torch.nn.Module, f: TensorFile, info: Mapping[str, Any]) -> None:
+    """Load the weights a few tensors at a time (``load_state_dict`` per chunk, so module
+    hooks still run): the extra memory is one chunk, not a second copy of the model."""
+    by_target: dict[str, list[str]] = {}
+    for alias, key in info["aliases"].items():
+        by_target.setdefault(key, []).append(alias)
+    chunk: dict[str, torch.Tensor] = {}
+    size = 0
+    for key in f.entries:
+        t = f.get(key)
+        chunk[key] = t
+        for alias in by_target.get(key, ()):
+            chunk[alias] = t
+        size += t.numel() * t.element_size()
+        if size >= _CHUNK:
+            model.load_state_dict(chunk, strict=False)
+            chunk, size = {}, 0
+    if chunk:
+        model.load_state_dict(chunk, strict=False)
+
+
+def read_optimizer_state(directory: str | os.PathLike[str]) -> Any:
+    """The ``{"optimizer", "scheduler", "scaler"}`` state dicts of a checkpoint directory
+    (either file format), without loading them into anything."""
+    root = Path(directory)
+    return _read_optimizer(root, read_json(root / STATE_FILE))
+
+
+def _read_optimizer(root: Path, doc: Mapping[str, Any]) -> Any:
+    name = doc.get("optimizer_file")
+    if name is None:  # written before optimizer.safetensors existed
+        return safe_torch_load(root / OPTIMIZER_FILE)
+    with TensorFile(root / str(name)) as f:
+        try:
+            tree = json.loads(f.metadata["tree"])
+        except (KeyError, ValueError) as e:
+            raise CorruptCheckpointError(f"{name} lacks its state structure ({e})") from e
+        return decode(tree, dict(f.items()))
 
 
 def _require(saved: Any, what: str) -> Any:
@@ -98,16 +149,16 @@ def restore(
     if geometry is not None and saved_geometry is not None:
         changed = check_geometry(saved_geometry, geometry, allow_change=allow_geometry_change)
     tensors = read_tensors(root / TENSORS_FILE) if (root / TENSORS_FILE).exists() else {}
-    model_tensors = None
     if model is not None:
         _require(doc.get("model"), "model")
-        model_tensors = read_tensors(root / MODEL_FILE)
+        with TensorFile(root / MODEL_FILE) as weights:
+            _check_model(model, weights, doc["model"])
     opt_state: dict[str, Any] = {}
     if optimizer is not None or scheduler is not None or scaler is not None:
         _require(doc.get("optimizer"), "optimizer")
-        opt_state = safe_torch_load(root / OPTIMIZER_FILE)
+        opt_state = _read_optimizer(root, doc)
         if not isinstance(opt_state, dict):
-            raise CorruptCheckpointError(f"{OPTIMIZER_FILE} does not hold a dict")
+            raise CorruptCheckpointError("the optimizer state is not a dict")
     rng_doc, rng_prefix, data_doc = doc.get("rng"), "rng/", doc.get("data")
     if rank:
         entry = (doc.get("ranks") or {}).get(str(rank))
@@ -123,8 +174,9 @@ def restore(
         extra_states[name] = decode(doc["extras"][name], tensors)
     metrics = read_json(root / METRICS_FILE) if (root / METRICS_FILE).exists() else []
 
-    if model is not None and model_tensors is not None:
-        _load_model(model, model_tensors, doc["model"])
+    if model is not None:
+        with TensorFile(root / MODEL_FILE) as weights:
+            _load_model(model, weights, doc["model"])
     for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
         if obj is not None:
             saved = _require(opt_state.get(key), key)

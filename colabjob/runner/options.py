@@ -41,7 +41,9 @@ class SegmentOptions:
     training code prints its own, like HF's printer). ``resume`` chooses the checkpoint to
     resume from (``colabjob.storage.selection``). ``tensorboard``
     (``"auto"``: when installed) and ``wandb``: the experiment trackers
-    (``colabjob.runner.trackers``).
+    (``colabjob.runner.trackers``). ``async_checkpoint``: periodic checkpoints copy the
+    state and save in the background (True), save synchronously (False), or background
+    only when the copy fits in host memory ("auto", the default; ``colabjob.jobs.memory``).
     """
 
     budget: str | float | None = None
@@ -68,6 +70,7 @@ class SegmentOptions:
     progress: ProgressSink | None = field(default=None, compare=False)
     log_metrics: bool = True
     stop_policy: StopPolicy | None = field(default=None, compare=False)
+    async_checkpoint: bool | Literal["auto"] | None = None  # None: the spec's, else "auto"
     session_id: str | None = None
     resume: ResumeChoice | None = None  # --from-step / --checkpoint / --from-scratch
 
@@ -94,4 +97,5 @@ def with_spec_defaults(opts: SegmentOptions, spec: JobSpec) -> SegmentOptions:
         tensorboard=pick(opts.tensorboard, lg.tensorboard),
         wandb=pick(opts.wandb, lg.wandb),
         wandb_project=pick(opts.wandb_project, lg.wandb_project),
+        async_checkpoint=pick(opts.async_checkpoint, ck.async_),
     )

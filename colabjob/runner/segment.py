@@ -118,6 +118,7 @@ def session(
     clock: Clock = SYSTEM_CLOCK,
     lease_ttl: float = DEFAULT_TTL,
     stop_poll_seconds: float = STOP_POLL_SECONDS,
+    async_checkpoint: bool | Literal["auto"] = "auto",
 ) -> Iterator[Session]:
     """Run one segment of the job at ``url`` around a plain PyTorch loop; yields a Session.
 
@@ -128,7 +129,10 @@ def session(
     measured (by default: none for the first step, the checkpoint's size at guessed
     throughputs for the save). Checkpoints every ``every_steps`` optimizer steps and/or
     every ``every_minutes`` (default 30; None turns it off), which bounds the work a VM
-    vanishing without warning can cost; ``keep`` newest are kept.
+    vanishing without warning can cost; ``keep`` newest are kept. ``async_checkpoint``:
+    periodic checkpoints copy the state to host memory and save in the background (True),
+    or save synchronously, tensor by tensor (False); ``"auto"`` (default) goes synchronous
+    when a copy would not fit in the free host memory (see README, Memory).
     ``max_steps`` ends the job. ``force`` takes over a lease whose holder stopped
     heartbeating (after confirming it expired). ``config`` is recorded in a new job's
     ``job.json``.
@@ -164,6 +168,7 @@ def session(
         clock=clock,
         log=log,
         progress=progress,
+        async_checkpoint=async_checkpoint,
     )
     with reported_for_script(), open_segment(url, opts, config=config) as seg:
         s = Session(seg.context)

@@ -37,6 +37,7 @@ from colabjob.errors import (
 )
 from colabjob.jobs.context import SegmentContext, SegmentOutcome
 from colabjob.jobs.distributed import in_process_group, init_distributed, shutdown_distributed
+from colabjob.jobs.memory import parse_async
 from colabjob.jobs.progress import FanOut, LogLines, close_progress
 from colabjob.runner.budget import DEFAULT_MARGIN, check_budget_fits
 from colabjob.runner.lease import Heartbeat, Lease
@@ -198,6 +199,9 @@ class SegmentRun:
             "resume": opts.resume,
             "log_every_steps": opts.log_every_steps or 10,
             "monotonic": self.clock.monotonic,
+            "async_checkpoint": parse_async(
+                "auto" if opts.async_checkpoint is None else opts.async_checkpoint
+            ),
         }
 
     @property

@@ -20,7 +20,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Generic, TypeAlias, TypeVar
+from typing import Generic, NoReturn, TypeAlias, TypeVar
 
 from colabjob.errors import ConfigError
 
@@ -136,6 +136,10 @@ def parallel(fn: Callable[[T], R], items: Iterable[T], *, workers: int) -> list[
     return results  # type: ignore[return-value]
 
 
+def _done() -> NoReturn:
+    raise RuntimeError("this commit already ran")
+
+
 class PendingCommit(Generic[T]):
     """A commit running on a background thread. ``wait()`` returns its result or re-raises."""
 
@@ -161,6 +165,9 @@ class PendingCommit(Generic[T]):
             self._error = e
             log.error("background commit of step %d failed: %s", self.step, e)
         finally:
+            # The work holds the snapshot it wrote: drop it now, or a whole copy of the
+            # training state would stay alive until the next checkpoint replaces this one.
+            self._work = _done
             self._done.set()
 
     def done(self) -> bool:

@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from colabjob.jobs.formats import safe_torch_load
+from colabjob.jobs.state_restore import read_optimizer_state
 from colabjob.runner.record import load_record, read_record
 from colabjob.runner.states import JobState
 from colabjob.storage import open_store
@@ -104,7 +104,7 @@ def _final_checkpoint(store: Path, into: Path) -> dict[str, object]:
     assert info is not None and info.step == TOTAL
     return {
         "model": load_file(str(into / "model.safetensors")),
-        "optimizer": safe_torch_load(into / "optimizer.pt"),
+        "optimizer": read_optimizer_state(into),
         "metrics": (into / "metrics.json").read_text(),
     }
 

@@ -20,6 +20,7 @@ from colabjob.jobs.context import SegmentOutcome
 from colabjob.jobs.demo import compare_final_weights
 from colabjob.jobs.hf_job import fetch_final
 from colabjob.jobs.kinds import preflight, run_kind
+from colabjob.jobs.state_restore import read_optimizer_state
 from colabjob.jobs.tokenize import TOKENIZER_KEY
 from colabjob.storage.checkpoints import CheckpointStore
 from colabjob.storage.store import open_store
@@ -127,9 +128,10 @@ def test_lora_checkpoints_hold_adapters_and_merged_final_is_plain(
     tensors = _latest_tensors(tmp_path / "split")
     assert tensors and all(".lora_A." in k or ".lora_B." in k for k in tensors), list(tensors)
     assert any(bool(t.abs().sum()) for k, t in tensors.items() if "lora_B" in k)  # trained
-    opt = torch.load(
-        _fetch_file(tmp_path / "split", "optimizer.pt"), weights_only=True
-    )["optimizer"]
+    cs = CheckpointStore(open_store(str(tmp_path / "split")))
+    latest = cs.latest()
+    assert latest is not None
+    opt = read_optimizer_state(cs.fetch(latest, tmp_path / "latest"))["optimizer"]
     assert len(opt["state"]) == len(tensors)  # AdamW moments of the adapters only
 
     fetch_final(open_store(str(tmp_path / "split")), tmp_path / "final")

@@ -290,7 +290,7 @@ def test_upload_runs_in_the_background_one_at_a_time(tmp_path: Path) -> None:
     assert ctx.checkpoints.pending is not None and ctx.checkpoints.pending.step == 3
     out = s.close()
     assert out.checkpoint_step == 3 and [c.step for c in ctx.checkpoints.list()] == [1, 3]
-    assert {k.rsplit("/", 1)[-1] for k in puts} >= {"model.safetensors", "optimizer.pt"}
+    assert {k.rsplit("/", 1)[-1] for k in puts} >= {"model.safetensors", "optimizer.safetensors"}
 
 
 def test_steps_between_checkpoints_touch_no_storage(tmp_path: Path) -> None:

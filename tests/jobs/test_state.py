@@ -120,6 +120,10 @@ def test_planted_pickle_is_refused(tmp_path: Path, how: str) -> None:
     tr.save(tmp_path / "ckpt")
     marker = tmp_path / "pwned"
     payload = {"optimizer": _Evil(marker), "scheduler": None, "scaler": None}
+    # Only an older checkpoint (optimizer.pt; state.json without "optimizer_file") unpickles.
+    doc = json.loads((tmp_path / "ckpt" / STATE_FILE).read_text())
+    del doc["optimizer_file"]
+    (tmp_path / "ckpt" / STATE_FILE).write_text(json.dumps(doc))
     if how == "torch_save":
         torch.save(payload, tmp_path / "ckpt" / OPTIMIZER_FILE)
     else:
