@@ -5,6 +5,8 @@ to do next. Lower-level exceptions are chained with ``raise ... from e``.
 
     ColabJobError
     ├── ConfigError                  bad job spec, flag or argument         (exit 2)
+    │   └── UnsupportedTransformersError  transformers lacks the Trainer internals we
+    │                                     override (version outside the supported range)
     ├── StorageError                 anything about durable storage
     │   ├── UnsupportedURLError      unknown scheme in a storage URL
     │   ├── DriveNotMountedError     /content/drive is not mounted
@@ -55,6 +57,10 @@ class ColabJobError(Exception):
 
 class ConfigError(ColabJobError):
     exit_code = 2
+
+
+class UnsupportedTransformersError(ConfigError):
+    """The installed transformers lacks Trainer internals the HF integration overrides."""
 
 
 class StorageError(ColabJobError):

@@ -51,6 +51,7 @@ from colabjob.jobs.hf_callback import (
     metric_rows,
     remaining_batches,
 )
+from colabjob.jobs.hf_compat import check_trainer_compat
 from colabjob.jobs.hf_data import align_epoch, train_loader
 from colabjob.jobs.loader import quiet_workers
 from colabjob.jobs.saver import gather_rank_states, seed_missing_rank, send_rank_state
@@ -75,6 +76,7 @@ class ResumableTrainerMixin:
     ) -> None:
         """Bind to ``ctx``. ``forward_logs``: HF's log rows go to ``ctx.log`` instead of HF's
         own printer/progress bar (the built-in kinds); else HF keeps printing them."""
+        check_trainer_compat(Trainer)  # the private internals overridden here must exist
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         self._colabjob = HFRun(ctx, meta)
