@@ -91,6 +91,8 @@ def status_lines(s: JobSummary) -> list[str]:
         if s.checkpoint_step is None
         else f"step {s.checkpoint_step}, {_ago(s.now, s.checkpoint_at)}"
     )
+    if s.checkpoint_mode and s.checkpoint_mode.startswith("synchronous"):  # background: usual
+        ckpt += "; saving " + s.checkpoint_mode.replace("synchronous", "synchronously", 1)
     segs = f"{s.segments}"
     if s.crashes:
         segs += f" ({s.crashes} crashed)"

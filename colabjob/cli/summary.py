@@ -1,7 +1,8 @@
 """One job at a glance, from its storage alone: what ``status`` and ``ls`` print.
 
 State (RUNNING without a live lease shows as SUSPENDED), step and total, the newest
-committed checkpoint and its age, the segments so far (and how many crashed), who holds
+committed checkpoint and its age (and, from a live runner's heartbeat, whether it saves
+synchronously for lack of host memory), the segments so far (and how many crashed), who holds
 the lease, and an ETA: wall-clock time from the job's own pace (steps per second over its
 segments, start-up included) and the number of sessions of the platform it runs on. Reads
 ``job.json``, the lease, the checkpoint directory names and one manifest — a handful of
@@ -38,6 +39,7 @@ class JobSummary:
     total: int | None
     checkpoint_step: int | None
     checkpoint_at: float | None
+    checkpoint_mode: str | None  # a live runner's: "background" or "synchronous (why)"
     segments: int
     crashes: int
     last_stop_reason: str | None
@@ -156,6 +158,7 @@ def summarize(store: Store, record: JobRecord, *, now: float) -> JobSummary:
         total=total,
         checkpoint_step=ckpt[0] if ckpt else None,
         checkpoint_at=ckpt[1] if ckpt else None,
+        checkpoint_mode=mode if isinstance(mode := status.get("checkpoint_mode"), str) else None,
         segments=len(record.history),
         crashes=sum(s.stop_reason is StopReason.CRASH for s in record.history),
         last_stop_reason=last_reason.value if last_reason else None,

@@ -364,6 +364,7 @@ class ResumableTrainerMixin:
             metrics=metric_rows(self.state.log_history),
             meta={"hf": hf},
             clone=clone,
+            staging=run.committer.staging,
         )
         if run.sync is not None:
             snap = gather_rank_states(run.sync, snap)

@@ -1,6 +1,7 @@
 """Committing snapshots for the HF Trainer integration: background and final commits.
 
-``Committer`` takes a ``Snapshot`` (already copied to CPU memory on the training thread) plus
+``Committer`` takes a ``Snapshot`` (already copied to CPU memory on the training thread, GPU
+tensors into the pinned buffers of its ``staging`` pool) plus
 a few small extra files and commits them through the context's ``CheckpointStore``: in the
 background (``save_async``, one in flight; the training loop only paid for the snapshot) or
 synchronously for the final checkpoint of a segment. It reports each commit's cost to the
@@ -28,6 +29,7 @@ from colabjob.jobs.distributed import Coordinator
 from colabjob.jobs.memory import SaveChooser, parse_async
 from colabjob.jobs.saver import report_commit
 from colabjob.jobs.sizing import checkpoint_nbytes
+from colabjob.jobs.staging_buffers import StagingPool
 from colabjob.jobs.state import Snapshot, write_snapshot
 
 if TYPE_CHECKING:
@@ -49,8 +51,12 @@ class Committer:
         self._pending_snap_s = 0.0
         self.retry_due = False
         self.failures = CommitFailures()  # consecutive failed background commits
+        self.staging = StagingPool()  # pinned host buffers for background GPU snapshots
         self._chooser = SaveChooser(
-            parse_async(ctx.async_checkpoint), say=self.say, on_status=ctx.on_status
+            parse_async(ctx.async_checkpoint),
+            say=self.say,
+            on_status=ctx.on_status,
+            buffers=self.staging,
         )
 
     def background_fits(self, model: Any, optimizer: Any) -> bool:
@@ -112,9 +118,14 @@ class Committer:
             self._committed(info, snap_seconds)
             self.retry_due = False
             return
-        self._pending = self.ctx.checkpoints.save_async(
-            step, writer, **self._kwargs(snap, meta or {})
-        )
+        try:
+            self._pending = self.ctx.checkpoints.save_async(
+                step, writer, **self._kwargs(snap, meta or {})
+            )
+        except BaseException:
+            if snap.release is not None:  # never written: its staging buffers are free again
+                snap.release()
+            raise
         self._pending_snap_s = snap_seconds
         self.retry_due = False
 

@@ -9,7 +9,9 @@ containers enforce), the limit minus current usage (v2 ``memory.max``/``memory.c
 v1 ``memory.limit_in_bytes``/``memory.usage_in_bytes``); the smallest wins. ``plan_save``
 decides: ``"true"`` and ``"false"`` force a mode; ``"auto"`` saves in the background only
 when a copy of the state fits with a margin, else synchronously, streaming tensor by tensor
-(almost no extra memory; the loop waits for the write and upload). No torch here.
+(almost no extra memory; the loop waits for the write and upload). Host buffers a run keeps
+for its background copies (``HostBuffers``: the pinned staging pool of a GPU run) count as
+room for the next copy, and are released when saving turns synchronous. No torch here.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 __all__ = [
     "ASYNC_MODES",
+    "HostBuffers",
     "SaveChooser",
     "SavePlan",
     "available_bytes",
@@ -91,10 +94,12 @@ def parse_async(value: object) -> AsyncMode:
 @dataclass(frozen=True, kw_only=True)
 class SavePlan:
     """How the next checkpoint is saved: in the background (``background``) or not, and
-    why not (``reason``, a line for the log and ``colabjob status``; None when async)."""
+    why not (``reason``, a line for the log; ``why``, its short form for ``colabjob
+    status``; None when async)."""
 
     background: bool
     reason: str | None = None
+    why: str | None = None
 
 
 def _gb(n: int) -> str:
@@ -106,7 +111,11 @@ def plan_save(mode: AsyncMode, state_bytes: int, available: int | None) -> SaveP
     if mode == "true":
         return SavePlan(background=True)
     if mode == "false":
-        return SavePlan(background=False, reason="checkpoint.async is false: saving synchronously")
+        return SavePlan(
+            background=False,
+            reason="checkpoint.async is false: saving synchronously",
+            why="checkpoint.async is false",
+        )
     if available is None:
         return SavePlan(background=True)  # nothing to go by: the documented default
     margin = max(MIN_MARGIN, int(MARGIN_FRACTION * state_bytes))
@@ -118,14 +127,25 @@ def plan_save(mode: AsyncMode, state_bytes: int, available: int | None) -> SaveP
             f"checkpoint: state {_gb(state_bytes)} does not fit twice in host memory "
             f"({_gb(available)} free); saving synchronously, tensor by tensor"
         ),
+        why=f"state {_gb(state_bytes)} does not fit twice in host memory, {_gb(available)} free",
     )
+
+
+class HostBuffers(Protocol):
+    """Host memory a run keeps for its background copies (``StagingPool``)."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def clear(self) -> int: ...
 
 
 class SaveChooser:
     """Decides each periodic checkpoint's mode (``plan_save`` with ``available_bytes()``
     read at that moment) and reports a change of mode once: a log line through ``say`` and
     ``{"checkpoint_mode": ...}`` through ``on_status`` (the heartbeat ``colabjob status``
-    reads)."""
+    reads). ``buffers`` already held for the copies count as free for the next one; a
+    synchronous save releases them (the log line says how much)."""
 
     def __init__(
         self,
@@ -133,20 +153,27 @@ class SaveChooser:
         *,
         say: Callable[[str], None],
         on_status: Callable[[dict[str, object]], None] | None = None,
+        buffers: HostBuffers | None = None,
+        available: Callable[[], int | None] | None = None,
     ) -> None:
         self.mode = mode
         self._say, self._on_status = say, on_status
+        self._buffers, self._available = buffers, available
         self._last: bool | None = None
 
     def background(self, state_bytes: int) -> bool:
-        plan = plan_save(self.mode, state_bytes, available_bytes())
+        held = self._buffers.nbytes if self._buffers is not None else 0
+        free = (self._available or available_bytes)()
+        plan = plan_save(self.mode, state_bytes, None if free is None else free + held)
+        freed = self._buffers.clear() if self._buffers is not None and not plan.background else 0
         if plan.background != self._last:
             if not plan.background and plan.reason:
-                self._say(plan.reason)
+                released = f"; released {_gb(freed)} of pinned staging buffers" if freed else ""
+                self._say(plan.reason + released)
             elif self._last is not None:
                 self._say("checkpoint: enough host memory again; saving in the background")
             if self._on_status is not None:
-                status = "background" if plan.background else f"synchronous ({plan.reason})"
+                status = "background" if plan.background else f"synchronous ({plan.why})"
                 self._on_status({"checkpoint_mode": status})
             self._last = plan.background
         return plan.background

@@ -5,7 +5,8 @@ through ``ctx.checkpoints``: ``restore()`` fetches the newest committed checkpoi
 byte verified) and loads it, quarantining one that does not load and falling back to the
 previous one (``ctx.resume`` may choose one by hand; a job whose record shows committed
 progress never starts over silently when none is left); ``snapshot()`` copies the state
-to CPU memory on the training thread, the only part the loop waits for; ``start()`` hands
+to CPU memory on the training thread, the only part the loop waits for (GPU tensors into
+pinned buffers reused by every background snapshot of the session, ``staging``); ``start()`` hands
 the write and the upload to the ``CheckpointStore``'s background thread (one commit in
 flight); ``commit()`` does both synchronously for a final checkpoint. ``reap()`` collects
 a finished background commit, feeds its measured costs to the stop policy, and decides what
@@ -46,6 +47,7 @@ from colabjob.jobs.formats import deep_cpu_copy, read_json
 from colabjob.jobs.memory import SaveChooser, parse_async
 from colabjob.jobs.rng import capture_rng, derive_seed, seed_everything
 from colabjob.jobs.sizing import checkpoint_nbytes
+from colabjob.jobs.staging_buffers import StagingPool
 from colabjob.jobs.state import (
     STATE_FILE,
     Counters,
@@ -105,6 +107,7 @@ class Checkpointer:
         self._say, self._on_commit = say, on_commit
         self._pending_snap_s = 0.0
         self._chooser: SaveChooser | None = None  # background or synchronous saves
+        self.staging = StagingPool()  # pinned host buffers for background GPU snapshots
 
     # -- restore ------------------------------------------------------------------------------
     def restore(self) -> tuple[CheckpointInfo, Restored] | None:
@@ -203,7 +206,10 @@ class Checkpointer:
             return Snapshot(counters=counters), mono() - t0
         if self._chooser is None:
             self._chooser = SaveChooser(
-                parse_async(self.ctx.async_checkpoint), say=self._say, on_status=self.ctx.on_status
+                parse_async(self.ctx.async_checkpoint),
+                say=self._say,
+                on_status=self.ctx.on_status,
+                buffers=self.staging,
             )
         clone = background and self._chooser.background(
             checkpoint_nbytes(t.model, t.optimizer, trainable_only=t.trainable_only)
@@ -221,6 +227,7 @@ class Checkpointer:
             meta={**meta, "emergency": emergency},
             trainable_only=t.trainable_only,
             clone=clone,
+            staging=self.staging,
         )
         if sync is not None:
             snap = gather_rank_states(sync, snap)
@@ -265,7 +272,12 @@ class Checkpointer:
             return write_snapshot(snap, staging, consume=True)
 
         step = snap.counters.step
-        self.pending = self.ctx.checkpoints.save_async(step, write, **self._kwargs(snap))
+        try:
+            self.pending = self.ctx.checkpoints.save_async(step, write, **self._kwargs(snap))
+        except BaseException:
+            if snap.release is not None:  # never written: its staging buffers are free again
+                snap.release()
+            raise
         self._pending_snap_s = snap_s
         return self.pending
 

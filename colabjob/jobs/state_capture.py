@@ -5,10 +5,13 @@
 instead of stored twice; optimizer, scheduler and scaler state; the RNGs; the loader
 position; extra objects' states; metrics, meta and library versions), so the loop can go on
 at once (``clone=False``: references to the live tensors, for a synchronous save that needs
-no extra memory). ``write_snapshot(snapshot, directory)`` turns it into the files of
+no extra memory). With a ``StagingPool`` (``staging=``), GPU tensors are copied into pinned
+host buffers reused from one snapshot to the next (``colabjob.jobs.staging_buffers``) instead
+of freshly allocated memory. ``write_snapshot(snapshot, directory)`` turns it into the files of
 ``colabjob.jobs.state_format`` and may run on a background thread: it only reads the
 snapshot's own copies, streams them tensor by tensor (``colabjob.jobs.tensorfile``) and, with
-``consume``, frees each one once written. ``state.json`` is written last.
+``consume``, frees each one once written (pooled buffers stay with their pool, which may
+reuse them once the write is done). ``state.json`` is written last.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from colabjob.errors import CheckpointError
 from colabjob.jobs.formats import atomic_write, deep_cpu_copy, encode, write_json
 from colabjob.jobs.geometry import Geometry
 from colabjob.jobs.rng import capture_rng
+from colabjob.jobs.staging_buffers import Staging, StagingPool
 from colabjob.jobs.state_format import (
     FORMAT,
     METRICS_FILE,
@@ -65,8 +69,30 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _cpu_copy(t: torch.Tensor, key: str, staging: Staging | None) -> torch.Tensor:
+    """A detached CPU copy of ``t``: into the pool's pinned buffer for ``key`` when ``t`` is
+    on a GPU and a pool is lent (valid after ``staging.finish()``), else fresh memory."""
+    if staging is not None and t.is_cuda:
+        return staging.copy(key, t)
+    return t.detach().to("cpu", copy=True)
+
+
+def _staged_copy(obj: Any, key: str, staging: Staging | None) -> Any:
+    """``deep_cpu_copy`` whose GPU tensors go through ``staging`` (keyed by their path)."""
+    if staging is None:
+        return deep_cpu_copy(obj)
+    if isinstance(obj, torch.Tensor):
+        return _cpu_copy(obj, key, staging)
+    if isinstance(obj, dict):
+        return type(obj)((k, _staged_copy(v, f"{key}/{k!r}", staging)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        items = [_staged_copy(v, f"{key}/{i}", staging) for i, v in enumerate(obj)]
+        return items if isinstance(obj, list) else tuple(items)
+    return deep_cpu_copy(obj)
+
+
 def _capture_model(
-    model: torch.nn.Module, trainable_only: bool, clone: bool
+    model: torch.nn.Module, trainable_only: bool, clone: bool, staging: Staging | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """CPU clones of the model tensors (``clone``; else the live tensors, detached); a key
     whose tensor is an exact alias of an earlier one (tied embeddings) is recorded in the
@@ -91,12 +117,8 @@ def _capture_model(
             aliases[key] = seen[ident]
             continue
         seen[ident] = key
-        tensors[key] = t.detach().to("cpu", copy=True).contiguous() if clone else t.detach()
+        tensors[key] = _cpu_copy(t, f"model/{key}", staging).contiguous() if clone else t.detach()
     return tensors, aliases
-
-
-def _shallow(state: Any) -> Any:
-    return state
 
 
 def snapshot(
@@ -114,6 +136,7 @@ def snapshot(
     trainable_only: bool | None = None,
     capture_rngs: bool = True,
     clone: bool = True,
+    staging: StagingPool | None = None,
 ) -> Snapshot:
     """Copy the training state to CPU memory; call it right after an optimizer step.
 
@@ -121,6 +144,8 @@ def snapshot(
     parameter has ``requires_grad=False``. Raises ``CheckpointError`` mid-accumulation.
     ``clone=False`` keeps references to the live model and optimizer tensors instead of
     copies (no extra memory): only for a snapshot written at once, before training goes on.
+    ``staging``: copy GPU tensors into this pool's pinned buffers (when no earlier snapshot
+    still holds them); ``write_snapshot`` hands them back (``Snapshot.release``).
     """
     if not counters.at_optimizer_boundary:
         raise CheckpointError(
@@ -130,22 +155,17 @@ def snapshot(
     for name in extras or {}:
         if not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
             raise CheckpointError(f"extra state name {name!r}: use letters, digits, '_', '-', '.'")
-    model_state, aliases, partial = None, dict[str, str](), False
-    if model is not None:
-        partial = (
-            any(not p.requires_grad for p in model.parameters())
-            if trainable_only is None
-            else trainable_only
+    lease = staging.lease() if clone and staging is not None else None
+    try:
+        model_state, aliases, partial, opt = _capture_training(
+            model, optimizer, scheduler, scaler, trainable_only, clone, lease
         )
-        model_state, aliases = _capture_model(model, partial, clone)
-    opt = None
-    if optimizer is not None or scheduler is not None or scaler is not None:
-        take = deep_cpu_copy if clone else _shallow
-        opt = {
-            "optimizer": take(optimizer.state_dict()) if optimizer is not None else None,
-            "scheduler": take(scheduler.state_dict()) if scheduler is not None else None,
-            "scaler": take(scaler.state_dict()) if scaler is not None else None,
-        }
+        if lease is not None:
+            lease.finish()  # the copies were asynchronous: done before the loop goes on
+    except BaseException:
+        if lease is not None:
+            lease.release()
+        raise
     return Snapshot(
         counters=counters,
         model=model_state,
@@ -160,7 +180,43 @@ def snapshot(
         meta=copy.deepcopy(dict(meta or {})),
         versions=_versions(),
         live=not clone,
+        release=None if lease is None else lease.release,
     )
+
+
+def _capture_training(
+    model: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Stateful | None,
+    scaler: Stateful | None,
+    trainable_only: bool | None,
+    clone: bool,
+    lease: Staging | None,
+) -> tuple[dict[str, torch.Tensor] | None, dict[str, str], bool, dict[str, Any] | None]:
+    """The model's tensors, aliases and whether only trainable ones are saved, and the
+    optimizer / scheduler / scaler states: copies (``clone``) or the live objects."""
+    model_state, aliases, partial = None, dict[str, str](), False
+    if model is not None:
+        partial = (
+            any(not p.requires_grad for p in model.parameters())
+            if trainable_only is None
+            else trainable_only
+        )
+        model_state, aliases = _capture_model(model, partial, clone, lease)
+    opt = None
+    if optimizer is not None or scheduler is not None or scaler is not None:
+
+        def take(name: str, obj: Stateful | None) -> Any:
+            if obj is None:
+                return None
+            return _staged_copy(obj.state_dict(), name, lease) if clone else obj.state_dict()
+
+        opt = {
+            "optimizer": take("optimizer", optimizer),
+            "scheduler": take("scheduler", scheduler),
+            "scaler": take("scaler", scaler),
+        }
+    return model_state, aliases, partial, opt
 
 
 def _write_optimizer(snap: Snapshot, path: Path, consume: bool) -> Path:
@@ -184,9 +240,17 @@ def write_snapshot(
     training loop: it only reads the snapshot's own copies. Tensors are written one at a
     time from where they are (no serialised copy of the whole state); with ``consume`` each
     is dropped from the snapshot once written, so its memory is freed as the files grow
-    (the snapshot is empty afterwards: write it once).
+    (the snapshot is empty afterwards: write it once). Its pooled buffers, if any, go back
+    to their pool when it returns or raises (``Snapshot.release``).
     """
-    root = Path(directory)
+    try:
+        return _write(snap, Path(directory), consume)
+    finally:
+        if snap.release is not None:
+            snap.release()
+
+
+def _write(snap: Snapshot, root: Path, consume: bool) -> dict[str, Path]:
     root.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     model = snap.model

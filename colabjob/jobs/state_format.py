@@ -12,7 +12,7 @@ tensors a checkpoint holds (all, or trainable parameters plus buffers).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
@@ -122,6 +122,9 @@ class Snapshot:
     versions: dict[str, str] = field(default_factory=dict)
     ranks: tuple[RankState, ...] = ()  # ranks 1.. of a multi-process run (rank 0 is above)
     live: bool = False  # model/optimizer tensors are the live ones: write before training on
+    # Called once the snapshot's tensors are no longer read (written, or never to be): its
+    # pinned staging buffers (``colabjob.jobs.staging_buffers``) may serve the next snapshot.
+    release: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def model_nbytes(self) -> int:
