@@ -28,20 +28,28 @@ checkpoint and returns without training, so the rest of the script still works.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 from colabjob.errors import ConfigError
 from colabjob.jobs.context import SegmentOutcome
 from colabjob.jobs.hf import ResumableTrainerMixin
 from colabjob.runner.clock import SYSTEM_CLOCK, Clock
-from colabjob.runner.record import read_record
+from colabjob.runner.record import (
+    SCRIPT_KEY,
+    JobRecord,
+    read_record,
+    script_config,
+    update_record,
+)
 from colabjob.runner.script_errors import interactive, reported_for_script
 from colabjob.runner.segment import SegmentOptions, open_segment
-from colabjob.runner.states import JobState
+from colabjob.runner.states import JobEvent, JobState
 from colabjob.storage.store import Store, open_store
 
 __all__ = ["EXIT_PAUSED", "resumable"]
@@ -54,6 +62,8 @@ def _print(message: str) -> None:
 
 
 def _config_of(trainer: Any) -> dict[str, Any]:
+    """The record's config: under ``script`` (not a job spec: the CLI never validates it as
+    one, and ``colabjob resume`` says to rerun the script)."""
     try:
         args = json.loads(trainer.args.to_json_string())
     except (TypeError, ValueError):
@@ -65,11 +75,36 @@ def _config_of(trainer: Any) -> dict[str, Any]:
     )
     model = getattr(getattr(trainer.model, "config", None), "_name_or_path", None)
     return {
-        "job": {"kind": "hf-trainer"},
-        "trainer": type(trainer).__name__,
-        "model": model,
-        "training_args": {k: args[k] for k in keep if k in args},
+        SCRIPT_KEY: {
+            "kind": "hf-trainer",
+            "trainer": type(trainer).__name__,
+            "model": model,
+            "training_args": {k: args[k] for k in keep if k in args},
+        }
     }
+
+
+def _with_max_steps(config: dict[str, Any]) -> Callable[[JobRecord], JobRecord]:
+    """A record change: the script's ``max_steps`` as this run sets it (what ``status``
+    counts to), and a COMPLETED job whose final step is below it ``extend``-ed (SUSPENDED,
+    so this segment resumes it)."""
+    steps = config[SCRIPT_KEY]["training_args"].get("max_steps")
+
+    def change(record: JobRecord) -> JobRecord:
+        script = script_config(record.config)
+        if script is None or not isinstance(steps, int):
+            return record
+        args = dict(script.get("training_args") or {})
+        if args.get("max_steps") != steps or SCRIPT_KEY not in record.config:
+            args["max_steps"] = steps  # (a record from before SCRIPT_KEY takes its form)
+            new = {k: v for k, v in script.items() if k not in ("job", "training_args")}
+            new = {SCRIPT_KEY: {**new, "training_args": args}}
+            record = dataclasses.replace(record, config=new)
+        if record.state is JobState.COMPLETED and steps > (record.last_step or 0):
+            record = record.apply(JobEvent.EXTEND)
+        return record
+
+    return change
 
 
 class _SegmentTrainerMixin:
@@ -81,7 +116,11 @@ class _SegmentTrainerMixin:
 
     def train(self: Any, *args: Any, **kwargs: Any) -> Any:
         store = self._colabjob_store
+        config = _config_of(self)
         got = read_record(store)
+        if got is not None:  # a larger max_steps continues a completed job
+            update_record(store, _with_max_steps(config), clock=self._colabjob_opts.clock)
+            got = read_record(store)
         if got is not None and got[0].state is JobState.COMPLETED:
             return self._colabjob_load_completed()
         exit_now = self._colabjob_exit
@@ -89,7 +128,7 @@ class _SegmentTrainerMixin:
             exit_now = not interactive()
         with (
             reported_for_script(exit_on_error=exit_now),  # a held lease: one line, exit 2
-            open_segment(store, self._colabjob_opts, config=_config_of(self)) as seg,
+            open_segment(store, self._colabjob_opts, config=config) as seg,
         ):
             self._colabjob_attach(seg.context)
             try:
@@ -109,10 +148,13 @@ class _SegmentTrainerMixin:
         return output
 
     def _colabjob_load_completed(self: Any) -> Any:
-        """The job is done: load its last weights, train nothing."""
+        """The job is done: load its last weights and trainer state (so ``save_state()``
+        after ``train()`` writes the finished run's, not an empty one), train nothing."""
+        from transformers.trainer_callback import TrainerState
         from transformers.trainer_utils import TrainOutput
 
         from colabjob.jobs.context import SegmentContext
+        from colabjob.jobs.hf import TRAINER_STATE_FILE, job_train_loss
         from colabjob.jobs.state import restore
         from colabjob.storage.checkpoints import CheckpointStore
 
@@ -124,7 +166,9 @@ class _SegmentTrainerMixin:
                 raise ConfigError(
                     f"job at {self._colabjob_store.url} completed without a checkpoint"
                 )
-            restore(tmp, model=self.model, restore_rngs=False)
+            got = restore(tmp, model=self.model, restore_rngs=False)
+            if (Path(tmp) / TRAINER_STATE_FILE).exists():
+                self.state = TrainerState.load_from_json(str(Path(tmp) / TRAINER_STATE_FILE))
         log = self._colabjob_opts.log
         if log is not None:
             log(f"job already completed at step {info.step}: loaded its weights, nothing to train")
@@ -135,7 +179,9 @@ class _SegmentTrainerMixin:
             completed=True,
             checkpoint_step=info.step,
         )
-        return TrainOutput(info.step, 0.0, {})
+        loss = job_train_loss(got.meta.get("hf") or {}, info.step)
+        metrics = {"train_loss": loss} if loss is not None else {}
+        return TrainOutput(info.step, 0.0 if loss is None else loss, metrics)
 
 
 _CLASSES: dict[type, type] = {}

@@ -252,6 +252,7 @@ def _existing_store(url: str) -> Store | None:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from colabjob.config import JobSpec, apply_overrides, diff_for_resume
+    from colabjob.runner.record import script_config
     from colabjob.runner.states import JobState
     from colabjob.runner.transfer import check_not_moved
 
@@ -267,6 +268,14 @@ def cmd_resume(args: argparse.Namespace) -> int:
             f"job {record.job_id} was cancelled", hint="start a new job to train again"
         )
     _check_lease(store, force=args.force)
+    script = script_config(record.config)
+    if script is not None:
+        raise ConfigError(
+            f"job {record.job_id} was made by a script (colabjob.hf.resumable, "
+            f"{script.get('kind')}); `colabjob resume` runs job specs only",
+            hint="resume it by running that script again (same URL): it continues from the "
+            "newest checkpoint",
+        )
     if not isinstance(record.config.get("job"), dict):
         raise ConfigError(
             f"job {record.job_id} has no job spec in its record (it was started from Python "

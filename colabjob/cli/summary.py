@@ -19,7 +19,7 @@ from colabjob.config.schema import DEFAULT_MARGIN
 from colabjob.errors import ColabJobError, CorruptCheckpointError, ObjectNotFoundError
 from colabjob.runner.lease import LeaseObserver
 from colabjob.runner.platforms import PRESETS, describe_platform
-from colabjob.runner.record import JobRecord, effective_state
+from colabjob.runner.record import JobRecord, effective_state, script_config
 from colabjob.runner.states import JobState, LeaseStatus, StopReason
 from colabjob.runner.stop_request import read_stop_request
 from colabjob.storage.manifest import CKPT_DIR, MANIFEST, Manifest, parse_dir
@@ -81,8 +81,11 @@ def _total(record: JobRecord, status: dict[str, Any]) -> int | None:
     if isinstance(total, int):
         return total
     training = record.config.get("training") or {}
+    script = script_config(record.config)
+    if script is not None:  # a script job: its TrainingArguments (max_steps -1: epochs)
+        training = script.get("training_args") or {}
     value = training.get("max_steps") if isinstance(training, dict) else None
-    return int(value) if isinstance(value, int) else None
+    return int(value) if isinstance(value, int) and value > 0 else None
 
 
 def _pace(record: JobRecord, step: int | None, now: float) -> float | None:
@@ -132,7 +135,9 @@ def summarize(store: Store, record: JobRecord, *, now: float) -> JobSummary:
     ckpt = newest_checkpoint(store)
     candidates = [s for s in (record.last_step, ckpt[0] if ckpt else None) if s is not None]
     heartbeat_step = status.get("step")
-    step = heartbeat_step if isinstance(heartbeat_step, int) else max(candidates, default=None)
+    if isinstance(heartbeat_step, int):  # the live step, unless a newer commit overtook it
+        candidates.append(heartbeat_step)
+    step = max(candidates, default=None)
     total = _total(record, status)
     state = effective_state(record, lease)
     pace = _pace(record, step, now)
@@ -147,7 +152,7 @@ def summarize(store: Store, record: JobRecord, *, now: float) -> JobSummary:
         sessions = math.ceil(eta / limit) if eta > 0 else 0
     stop = read_stop_request(store) if state is JobState.RUNNING else None
     last_reason = next((s.stop_reason for s in reversed(record.history) if s.stop_reason), None)
-    kind = (record.config.get("job") or {}).get("kind")
+    kind = (script_config(record.config) or record.config.get("job") or {}).get("kind")
     return JobSummary(
         url=store.url,
         job_id=record.job_id,

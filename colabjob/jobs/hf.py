@@ -53,16 +53,17 @@ from colabjob.jobs.hf_callback import (
 )
 from colabjob.jobs.hf_compat import check_trainer_compat
 from colabjob.jobs.hf_data import align_epoch, train_loader
+from colabjob.jobs.hf_finish import JobLossMixin, job_train_loss
 from colabjob.jobs.loader import quiet_workers
 from colabjob.jobs.saver import gather_rank_states, seed_missing_rank, send_rank_state
 from colabjob.jobs.state import STATE_FILE, Counters, restore, snapshot
 
-__all__ = ["ColabJobTrainer", "ResumableTrainerMixin", "make_resumable"]
+__all__ = ["ColabJobTrainer", "ResumableTrainerMixin", "job_train_loss", "make_resumable"]
 
 TRAINER_STATE_FILE = "trainer_state.json"  # the name HF's TrainerState.load_from_json reads
 
 
-class ResumableTrainerMixin:
+class ResumableTrainerMixin(JobLossMixin):
     """Mixed in before a ``transformers.Trainer`` class; see the module docstring."""
 
     _colabjob: HFRun
@@ -112,6 +113,7 @@ class ResumableTrainerMixin:
         self._colabjob_check_args()
         try:
             run.begin()
+            self._colabjob_begin_totals(fresh=run.resume_dir is None)
             saved_bs = run.hf_meta.get("train_batch_size")
             if saved_bs and self.args.auto_find_batch_size:
                 self._train_batch_size = int(saved_bs)
@@ -302,6 +304,7 @@ class ResumableTrainerMixin:
         hf = got.meta.get("hf") or {}
         self._tr_loss.fill_(float(hf.get("tr_loss", 0.0)))
         self._globalstep_last_logged = int(hf.get("last_logged", self.state.global_step))
+        self._colabjob_restore_totals(hf, run.committer.say if run.rank == 0 else None)
 
     # ---- checkpoints -----------------------------------------------------------------------
 
@@ -342,6 +345,8 @@ class ResumableTrainerMixin:
         hf = {
             "epoch_index": epoch_index,
             "tr_loss": float(tr_loss.item()),
+            "total_loss": self._colabjob_loss_sum(),
+            "learning_rate": getattr(self, "_colabjob_lr", float(self.args.learning_rate)),
             "last_logged": int(self._globalstep_last_logged),
             "train_batch_size": int(self._train_batch_size),
         }

@@ -222,7 +222,10 @@ class ColabJobCallback(TrainerCallback):
             control.should_save = True
         if ctx.on_status is not None and now >= run.next_status:
             run.next_status = now + STATUS_EVERY
-            ctx.on_status({"step": step, "epoch": state.epoch, "samples_seen": run.samples})
+            total = ctx.max_steps if ctx.max_steps is not None else state.max_steps
+            ctx.on_status(
+                {"step": step, "total": total, "epoch": state.epoch, "samples_seen": run.samples}
+            )
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
         ctx = self.run.ctx

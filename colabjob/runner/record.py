@@ -319,3 +319,20 @@ def _no_job(store: Store) -> ObjectNotFoundError:
 
 def _where(store: Store) -> str:
     return f"{str(getattr(store, 'url', '')).rstrip('/')}/{RECORD_KEY}"
+
+
+# -- jobs made by a script ---------------------------------------------------------------
+SCRIPT_KEY = "script"  # the record config of a job a script made (``colabjob.hf.resumable``)
+
+
+def script_config(config: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """What a script job's record says about it (``kind``, ``training_args``, ...), or None
+    for a job from a spec or ``colabjob.session()``. Records written before the ``script``
+    key had ``job.kind`` ``hf-trainer`` next to a top-level ``trainer``."""
+    script = config.get(SCRIPT_KEY)
+    if isinstance(script, Mapping):
+        return script
+    job = config.get("job")
+    if isinstance(job, Mapping) and job.get("kind") == "hf-trainer" and "trainer" in config:
+        return {**config, "kind": "hf-trainer"}
+    return None

@@ -7,9 +7,11 @@ pure lookup in it that raises ``InvalidTransitionError`` for anything else::
                        │  └─fail─▶ FAILED ─resume (after a fix)─▶ RUNNING
                        └─cancel─▶ CANCELLED   (also from CREATED, SUSPENDED and FAILED)
 
-COMPLETED and CANCELLED are terminal. ``expire`` is what a RUNNING job whose lease ran out
-(the VM vanished) undergoes before it is resumed. ``LeaseStatus`` lives here too so the job
-record can derive a job's effective state without importing the lease machinery.
+COMPLETED and CANCELLED are terminal, but for ``extend``: a completed job rerun with a larger
+``max_steps`` goes back to SUSPENDED and is resumed from its final checkpoint. ``expire`` is
+what a RUNNING job whose lease ran out (the VM vanished) undergoes before it is resumed.
+``LeaseStatus`` lives here too so the job record can derive a job's effective state without
+importing the lease machinery.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class JobEvent(str, enum.Enum):
     COMPLETE = "complete"  # training finished and the final checkpoint is committed
     FAIL = "fail"  # retries exhausted, or a user error (bad config, import error)
     CANCEL = "cancel"  # `colabjob stop --cancel`
+    EXTEND = "extend"  # a completed job's script raised max_steps past its final step
 
     def __str__(self) -> str:
         return self.value
@@ -92,6 +95,7 @@ TRANSITIONS: Mapping[tuple[JobState, JobEvent], JobState] = MappingProxyType(
         (S.SUSPENDED, E.CANCEL): S.CANCELLED,
         (S.FAILED, E.RESUME): S.RUNNING,
         (S.FAILED, E.CANCEL): S.CANCELLED,
+        (S.COMPLETED, E.EXTEND): S.SUSPENDED,  # then resumed like a paused job
     }
 )
 
@@ -125,5 +129,6 @@ def allowed_events(state: JobState) -> list[JobEvent]:
 
 
 def is_terminal(state: JobState) -> bool:
-    """True for COMPLETED and CANCELLED: nothing moves a job out of them."""
+    """True for COMPLETED and CANCELLED: nothing but ``extend`` (a larger ``max_steps`` for a
+    completed job) moves a job out of them."""
     return state in TERMINAL_STATES

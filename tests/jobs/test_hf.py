@@ -113,7 +113,9 @@ def test_script_with_added_lines_pauses_on_budget_and_resumes_exactly(
     assert [s.stop_reason.value for s in record[0].history if s.stop_reason][:1] == ["budget"]
 
     again = user_script(tmp_path / "split", assets, tmp_path / "out3", clock=clock, budget="400s")
-    assert again.colabjob_outcome.completed and again.state.global_step == 0  # nothing trained
+    outcome = again.colabjob_outcome
+    assert outcome.completed and outcome.first_step == outcome.last_step == total  # no training
+    assert again.state.global_step == total  # the finished run's trainer state, not an empty one
     assert params_equal(straight.model, again.model)  # ...but the final weights are loaded
 
 

@@ -32,6 +32,7 @@ LEGAL = {
     (S.SUSPENDED, E.CANCEL): S.CANCELLED,
     (S.FAILED, E.RESUME): S.RUNNING,
     (S.FAILED, E.CANCEL): S.CANCELLED,
+    (S.COMPLETED, E.EXTEND): S.SUSPENDED,  # a larger max_steps continues a completed job
 }
 
 
@@ -53,11 +54,14 @@ def test_table_is_the_spec() -> None:
 
 def test_terminal_states_accept_nothing() -> None:
     for state in JobState:
-        assert is_terminal(state) == (allowed_events(state) == [])
+        assert is_terminal(state) == (allowed_events(state) in ([], [E.EXTEND]))
     assert {s for s in JobState if is_terminal(s)} == {S.COMPLETED, S.CANCELLED}
     with pytest.raises(InvalidTransitionError) as info:
-        transition(S.COMPLETED, E.RESUME)
+        transition(S.CANCELLED, E.RESUME)
     assert "nothing (terminal)" in str(info.value)
+    with pytest.raises(InvalidTransitionError) as info:
+        transition(S.COMPLETED, E.RESUME)
+    assert "allowed from completed: extend" in str(info.value)
 
 
 def test_values_round_trip_from_strings() -> None:
