@@ -24,9 +24,10 @@ JOBS = 5
 
 
 def build(root: Path) -> Path:
+    from colabjob.jobs.policy import StopReason
     from colabjob.runner.lease import Holder, Lease
     from colabjob.runner.record import Segment, create_record, update_record
-    from colabjob.runner.states import JobEvent, StopReason
+    from colabjob.runner.states import JobEvent
     from colabjob.storage.checkpoints import CheckpointStore
     from colabjob.storage.store import open_store
 

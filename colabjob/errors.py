@@ -36,15 +36,28 @@ to do next. Lower-level exceptions are chained with ``raise ... from e``.
         │   └── StorageLostError     the job's storage (lease, job.json) vanished (exit 1;
         │                            also a StorageError)
         └── JobNotPausedError        a live runner holds the job: pause it before a handoff
+
+``ExitCode`` is the one set of process exit codes; every error carries one (``exit_code``).
 """
 
 from __future__ import annotations
+
+import enum
+
+
+class ExitCode(enum.IntEnum):
+    """How every colabjob command, script and child process exits."""
+
+    DONE = 0  # the job completed, or the command did what was asked
+    FAILED = 1  # a crash, retries exhausted, storage refused
+    USAGE = 2  # bad usage or config: one line says what to do; nothing was changed
+    PAUSED = 75  # stopped at a committed checkpoint: resume in the next session (EX_TEMPFAIL)
 
 
 class ColabJobError(Exception):
     """Root of every colabjob error. ``hint`` says what to do about it."""
 
-    exit_code = 1
+    exit_code: ExitCode = ExitCode.FAILED
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
         super().__init__(message)
@@ -56,7 +69,7 @@ class ColabJobError(Exception):
 
 
 class ConfigError(ColabJobError):
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class UnsupportedTransformersError(ConfigError):
@@ -68,7 +81,7 @@ class StorageError(ColabJobError):
 
 
 class UnsupportedURLError(StorageError, ConfigError):
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class DriveNotMountedError(StorageError):
@@ -87,7 +100,7 @@ class CredentialsError(StoragePermissionError, ConfigError):
     """No cloud credentials (Application Default Credentials) or an unusable credentials
     file: the user must authenticate, not retry."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class StorageFullError(StorageError):
@@ -101,7 +114,7 @@ class ObjectNotFoundError(StorageError, FileNotFoundError):
 class InvalidLeaseError(StorageError):
     """``control/lease.json`` cannot be parsed or holds values out of bounds."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class TransientStorageError(StorageError):
@@ -137,7 +150,7 @@ class UnsafeCheckpointError(CheckpointError):
 
 
 class ResumeError(ColabJobError):
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class GeometryChangedError(ResumeError):
@@ -155,7 +168,7 @@ class InvalidTransitionError(JobStateError):
 class JobMovedError(JobStateError):
     """The job was handed off (``control/moved.json``); ``moved_to`` is its new URL."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
     def __init__(self, message: str, *, moved_to: str = "", hint: str | None = None) -> None:
         super().__init__(message, hint=hint)
@@ -167,11 +180,11 @@ class HandoffError(ColabJobError):
 
 
 class GcloudError(HandoffError):
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class LeaseHeldError(ColabJobError):
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class LeaseLostError(LeaseHeldError):
@@ -182,7 +195,7 @@ class StorageLostError(LeaseLostError, StorageError):
     """The lease or ``job.json`` vanished while this runner held the job (the job's directory
     was deleted): stop committing; nothing more may be written there."""
 
-    exit_code = 1
+    exit_code = ExitCode.FAILED
 
 
 class JobNotPausedError(LeaseHeldError):

@@ -36,10 +36,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from colabjob.errors import ConfigError
+from colabjob.clock import SYSTEM_CLOCK, Clock
+from colabjob.errors import ConfigError, ExitCode
 from colabjob.jobs.context import SegmentOutcome
 from colabjob.jobs.hf import ResumableTrainerMixin
-from colabjob.runner.clock import SYSTEM_CLOCK, Clock
+from colabjob.jobs.policy import StopReason
 from colabjob.runner.record import (
     SCRIPT_KEY,
     JobRecord,
@@ -52,9 +53,7 @@ from colabjob.runner.segment import SegmentOptions, open_segment
 from colabjob.runner.states import JobEvent, JobState
 from colabjob.storage.store import Store, open_store
 
-__all__ = ["EXIT_PAUSED", "resumable"]
-
-EXIT_PAUSED = 75  # the CLI's "paused: resume later"
+__all__ = ["resumable"]
 
 
 def _print(message: str) -> None:
@@ -144,7 +143,7 @@ class _SegmentTrainerMixin:
                     "again to resume from the committed checkpoint"
                 )
             if exit_now:
-                raise SystemExit(EXIT_PAUSED)
+                raise SystemExit(ExitCode.PAUSED)
         return output
 
     def _colabjob_load_completed(self: Any) -> Any:
@@ -173,7 +172,7 @@ class _SegmentTrainerMixin:
         if log is not None:
             log(f"job already completed at step {info.step}: loaded its weights, nothing to train")
         self._colabjob.outcome = SegmentOutcome(
-            stop_reason="completed",
+            stop_reason=StopReason.COMPLETED,
             first_step=info.step,
             last_step=info.step,
             completed=True,

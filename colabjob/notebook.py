@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from colabjob.runner.clock import SYSTEM_CLOCK, Clock
+from colabjob.clock import SYSTEM_CLOCK, Clock
 from colabjob.runner.lease import LeaseObserver
 from colabjob.runner.platforms import (
     PlatformInfo,

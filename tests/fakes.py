@@ -1,6 +1,6 @@
 """Hand-written fakes shared by every test package.
 
-``FakeClock`` satisfies ``colabjob.runner.clock.Clock``: ``time()`` and ``monotonic()`` move
+``FakeClock`` satisfies ``colabjob.clock.Clock``: ``time()`` and ``monotonic()`` move
 together, ``sleep(s)`` and ``advance(s)`` move both forward at once (never really waiting),
 and an optional ``on_sleep`` hook lets a test play "meanwhile, elsewhere" (another runner
 heartbeating, a step finishing) deterministically between two reads of the clock.

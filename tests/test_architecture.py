@@ -50,6 +50,14 @@ def test_layers_import_only_downwards(layer: str) -> None:
     assert not offenders, offenders
 
 
+@pytest.mark.parametrize("name", ["clock.py", "errors.py"])
+def test_shared_modules_import_no_layer(name: str) -> None:
+    """The clock and the errors (with ``ExitCode``) sit below every layer: storage, jobs,
+    runner and cli all import them, so they import nothing of colabjob themselves."""
+    assert (PKG / name).is_file(), name
+    assert [n for n in _imports(PKG / name) if n.startswith("colabjob")] == []
+
+
 def test_storage_never_imports_torch() -> None:
     offenders = [
         f"{path.relative_to(PKG)} imports {name}"

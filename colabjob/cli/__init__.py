@@ -15,11 +15,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from colabjob.errors import ColabJobError
+from colabjob.errors import ColabJobError, ExitCode
 
-EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_PAUSED = 0, 1, 2, 75
-
-__all__ = ["EXIT_DONE", "EXIT_FAILED", "EXIT_PAUSED", "EXIT_USAGE", "build_parser", "main"]
+__all__ = ["build_parser", "main"]
 
 _EPILOG = """\
 exit codes: 0 done, 75 paused (resume in the next session), 1 failed,
@@ -80,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(None if argv is None else list(argv))
     if args.command is None:
         parser.print_help(sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     debug = bool(getattr(args, "debug", False))
     quiet_warnings()
     if debug:
@@ -98,16 +96,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(e.exit_code)
     except KeyboardInterrupt:
         _fail("interrupted")
-        return EXIT_FAILED
+        return ExitCode.FAILED
     except BrokenPipeError:  # `colabjob logs | head`
-        return EXIT_DONE
+        return ExitCode.DONE
     except Exception as e:
         if debug:
             import traceback
 
             traceback.print_exc()
         _fail(f"{type(e).__name__}: {e}\n  hint: rerun with --debug for the traceback")
-        return EXIT_FAILED
+        return ExitCode.FAILED
 
 
 if __name__ == "__main__":

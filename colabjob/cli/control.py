@@ -14,8 +14,7 @@ import sys
 import time
 
 from colabjob.cli.common import note, open_job
-
-EXIT_DONE = 0
+from colabjob.errors import ExitCode
 
 
 def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -49,7 +48,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     store, record = open_job(args.job)
     if is_terminal(record.state):
         note(f"colabjob: job {record.job_id} is already {record.state.value}; nothing to stop")
-        return EXIT_DONE
+        return ExitCode.DONE
     info, lease = LeaseObserver(store).poll()
     live = info is not None and lease in (LeaseStatus.LIVE, LeaseStatus.STALE)
     if live and info is not None:
@@ -59,12 +58,12 @@ def cmd_stop(args: argparse.Namespace) -> int:
             f"colabjob: asked the runner on {info.holder.describe()} to {what} at its next "
             f"step boundary; `colabjob status {store.url}` shows when it has"
         )
-        return EXIT_DONE
+        return ExitCode.DONE
     if not args.cancel:
         note(
             f"colabjob: job {record.job_id} is not running ({record.state.value}); nothing to stop"
         )
-        return EXIT_DONE
+        return ExitCode.DONE
 
     def cancel(r: JobRecord) -> JobRecord:
         if r.state is JobState.RUNNING:  # its runner is gone (no live lease)
@@ -73,7 +72,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
     update_record(store, cancel)
     note(f"colabjob: job {record.job_id} cancelled")
-    return EXIT_DONE
+    return ExitCode.DONE
 
 
 def cmd_watchdog(args: argparse.Namespace) -> int:
@@ -116,4 +115,4 @@ def cmd_watchdog(args: argparse.Namespace) -> int:
         dog.stop()
         if not plain:
             sys.stdout.write("\n")
-    return EXIT_DONE
+    return ExitCode.DONE

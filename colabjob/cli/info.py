@@ -16,11 +16,11 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 from colabjob.cli.common import note, open_job
+from colabjob.errors import ExitCode
 
 if TYPE_CHECKING:
     from colabjob.cli.summary import JobSummary
 
-EXIT_DONE = 0
 
 
 def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -133,7 +133,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(summary.to_dict(), default=str))
     else:
         print("\n".join(status_lines(summary)))
-    return EXIT_DONE
+    return ExitCode.DONE
 
 
 def list_jobs(root: str) -> list[JobSummary]:
@@ -163,10 +163,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
     if args.json:
         for job in jobs:
             print(json.dumps(job.to_dict(), default=str))
-        return EXIT_DONE
+        return ExitCode.DONE
     if not jobs:
         note(f"colabjob: no jobs under {args.root}")
-        return EXIT_DONE
+        return ExitCode.DONE
     rows = [
         [
             j.job_id,
@@ -181,7 +181,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     ]
     headers = ["JOB", "KIND", "STATE", "STEP", "SEGMENTS", "CHECKPOINT", "UPDATED"]
     print_table(headers, rows, title=f"jobs under {args.root}")
-    return EXIT_DONE
+    return ExitCode.DONE
 
 
 # -- logs --------------------------------------------------------------------------------
@@ -223,7 +223,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     if export is not None:
         export.close()
         note(f"colabjob: TensorBoard: {export.scalars} scalars in {args.tensorboard}")
-    return EXIT_DONE
+    return ExitCode.DONE
 
 
 # -- plot --------------------------------------------------------------------------------
@@ -237,7 +237,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
         f"colabjob: wrote {result.path} ({result.points} loss points, {marks} session "
         f"boundar{'y' if marks == 1 else 'ies'})"
     )
-    return EXIT_DONE
+    return ExitCode.DONE
 
 
 # -- gc ----------------------------------------------------------------------------------
@@ -281,4 +281,4 @@ def cmd_gc(args: argparse.Namespace) -> int:
         note("colabjob: a runner is live; staging prefixes newer than its last commit were kept")
     if store.url.startswith(("/content/drive", "drive://")):
         note("colabjob: Drive keeps deleted files in its trash (they count against quota)")
-    return EXIT_DONE
+    return ExitCode.DONE

@@ -8,8 +8,7 @@ from __future__ import annotations
 import argparse
 
 from colabjob.cli.common import note
-
-EXIT_DONE = 0
+from colabjob.errors import ExitCode
 
 
 def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -50,4 +49,4 @@ def cmd_repair(args: argparse.Namespace) -> int:
         f"lease epoch {done.record.epoch}; {what}"
     )
     note(f"colabjob: continue it with `colabjob resume {store.url}`")
-    return EXIT_DONE
+    return ExitCode.DONE

@@ -28,14 +28,13 @@ from colabjob.cli.common import (
     note,
     open_job,
 )
-from colabjob.errors import ColabJobError, ConfigError
+from colabjob.errors import ColabJobError, ConfigError, ExitCode
 
 if TYPE_CHECKING:
     from colabjob.config import JobSpec
     from colabjob.runner.supervisor import RunRequest, SupervisorResult
     from colabjob.storage.store import Store
 
-EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_PAUSED = 0, 1, 2, 75
 
 
 def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
@@ -98,14 +97,14 @@ def cmd_init(args: argparse.Namespace) -> int:
     text = render_template(args.kind, name=args.name)
     if args.output == "-":
         sys.stdout.write(text)
-        return EXIT_DONE
+        return ExitCode.DONE
     out = Path(args.output)
     if out.exists() and not args.force:
         raise ConfigError(f"{out} already exists", hint="pass --force to overwrite it")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text, encoding="utf-8")
     note(f"wrote {out} (kind {args.kind}); edit it, then: colabjob start {out}")
-    return EXIT_DONE
+    return ExitCode.DONE
 
 
 # -- start / resume --------------------------------------------------------------------------
@@ -262,7 +261,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     nproc = _nproc(str(args.nproc), store.url)  # before the lease is watched or the spec saved
     if record.state is JobState.COMPLETED:
         note(f"colabjob: job {record.job_id} is already completed (step {record.last_step})")
-        return EXIT_DONE
+        return ExitCode.DONE
     if record.state is JobState.CANCELLED:
         raise ConfigError(
             f"job {record.job_id} was cancelled", hint="start a new job to train again"
@@ -372,11 +371,11 @@ def run_request(request: RunRequest, args: argparse.Namespace) -> int:
             child_module="colabjob.cli.child",
         )
     last: ChildResult | None = result.last
-    if last is not None and last.error and last.exit_code in (EXIT_USAGE, EXIT_FAILED):
+    if last is not None and last.error and last.exit_code in (ExitCode.USAGE, ExitCode.FAILED):
         hint = f"\n  hint: {last.hint}" if last.hint else ""
         note(f"colabjob: error: {last.error}{hint}")
     _report(request.url, result)
-    return result.exit_code if isinstance(result, SupervisorResult) else EXIT_FAILED
+    return result.exit_code if isinstance(result, SupervisorResult) else ExitCode.FAILED
 
 
 def _in_process(request: RunRequest) -> SupervisorResult:
@@ -411,16 +410,16 @@ def _in_process(request: RunRequest) -> SupervisorResult:
 def _report(url: str, result: SupervisorResult) -> None:
     last = result.last
     step = f" at step {last.last_step}" if last is not None and last.last_step is not None else ""
-    if result.exit_code == EXIT_DONE:
+    if result.exit_code == ExitCode.DONE:
         note(f"colabjob: done{step}. Status: colabjob status {url}")
-    elif result.exit_code == EXIT_PAUSED and last is not None and last.error_type == (
+    elif result.exit_code == ExitCode.PAUSED and last is not None and last.error_type == (
         "KeyboardInterrupt"
     ):
         note(_interrupted(url, last.error or "interrupted twice"))
-    elif result.exit_code == EXIT_PAUSED:
+    elif result.exit_code == ExitCode.PAUSED:
         why = f" ({last.stop_reason})" if last is not None and last.stop_reason else ""
         note(f"colabjob: paused{step}{why}. In the next session: colabjob resume {url}")
-    elif result.exit_code == EXIT_FAILED:
+    elif result.exit_code == ExitCode.FAILED:
         note(f"colabjob: failed{step}; fix the cause, then: colabjob resume {url}")
 
 
@@ -478,5 +477,5 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if args.progress == "none":
         print("\n".join(report.lines()))
     note(f"look at it: colabjob status {root / 'job'}; colabjob plot {root / 'job'}")
-    return EXIT_FAILED if report.identical is False else EXIT_DONE
+    return ExitCode.FAILED if report.identical is False else ExitCode.DONE
 

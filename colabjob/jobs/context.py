@@ -11,14 +11,14 @@ and the newest checkpoint it committed. No torch here.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from colabjob.clock import SYSTEM_CLOCK, Clock
 from colabjob.errors import ConfigError
-from colabjob.jobs.policy import STOP_REASONS, NeverStop, StopPolicy
+from colabjob.jobs.policy import NeverStop, StopPolicy, StopReason
 
 if TYPE_CHECKING:
     from colabjob.jobs.progress import ProgressSink
@@ -26,10 +26,7 @@ if TYPE_CHECKING:
     from colabjob.storage.selection import ResumeChoice
     from colabjob.storage.store import Store
 
-__all__ = ["OUTCOME_REASONS", "SegmentContext", "SegmentOutcome"]
-
-#: Every ``SegmentOutcome.stop_reason``: a ``StopPolicy`` reason, or ``crash`` on an error.
-OUTCOME_REASONS = STOP_REASONS | {"crash"}
+__all__ = ["SegmentContext", "SegmentOutcome"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,8 +36,9 @@ class SegmentContext:
     ``every_steps`` checkpoints every N optimizer steps; a time interval comes from
     ``policy.checkpoint_due()``. ``max_steps`` ends the job (outcome ``completed``).
     ``log_every_steps`` sets how often the metrics history gets an entry (the mean over
-    that many steps) and a log line. ``monotonic`` measures step and snapshot times for the
-    policy (the runner passes its clock, so a fake clock drives the budget in tests).
+    that many steps) and a log line. ``clock`` (``colabjob.clock``) measures step and snapshot
+    times for the policy (the runner passes its clock, so a fake clock drives the budget in
+    tests).
     ``progress``, when given, receives the metrics of every log interval (with the session's
     deadline and next checkpoint) instead of ``log`` getting them as lines; ``log`` still
     gets the events. ``resume`` picks the checkpoint to resume from (default: the newest
@@ -61,7 +59,7 @@ class SegmentContext:
     log_every_steps: int = 10
     on_status: Callable[[dict[str, Any]], None] | None = None
     log: Callable[[str], None] | None = None
-    monotonic: Callable[[], float] = time.monotonic
+    clock: Clock = SYSTEM_CLOCK
     progress: ProgressSink | None = None
     resume: ResumeChoice | None = None
     committed_step: int = 0
@@ -77,20 +75,29 @@ class SegmentContext:
         if self.epoch < 0:
             raise ConfigError(f"lease epoch must be >= 0, got {self.epoch}")
         if not isinstance(self.policy, StopPolicy):
-            raise ConfigError(f"policy {self.policy!r} does not implement StopPolicy")
+            raise ConfigError(
+                f"policy {self.policy!r} is not a StopPolicy",
+                hint="subclass colabjob.jobs.policy.StopPolicy and override what it decides",
+            )
+
+    @property
+    def monotonic(self) -> Callable[[], float]:
+        """The clock's monotonic time, which step and snapshot durations are measured on."""
+        return self.clock.monotonic
 
 
 @dataclass(frozen=True, kw_only=True)
 class SegmentOutcome:
     """How a segment ended.
 
-    ``stop_reason`` is one of ``OUTCOME_REASONS``; ``completed`` means the job itself is done
-    (``max_steps`` reached or the data ran out), not merely this segment. ``first_step`` is
+    ``stop_reason`` is a ``StopReason`` (its string value is accepted); ``completed`` means
+    the job itself is done (``max_steps`` reached or the data ran out), not merely this
+    segment. ``first_step`` is
     the optimizer step the segment resumed at, ``last_step`` the one it stopped at;
     ``checkpoint_step`` the newest step committed to storage by the end (None if none).
     """
 
-    stop_reason: str
+    stop_reason: StopReason
     first_step: int
     last_step: int
     completed: bool
@@ -98,11 +105,11 @@ class SegmentOutcome:
     error: str | None = None
 
     def __post_init__(self) -> None:
-        if self.stop_reason not in OUTCOME_REASONS:
-            raise ValueError(
-                f"unknown stop reason {self.stop_reason!r}; one of {sorted(OUTCOME_REASONS)}"
-            )
-        if self.completed and self.stop_reason != "completed":
+        if self.stop_reason not in StopReason._value2member_map_:
+            known = ", ".join(r.value for r in StopReason)
+            raise ValueError(f"unknown stop reason {self.stop_reason!r}; one of {known}")
+        object.__setattr__(self, "stop_reason", StopReason(self.stop_reason))
+        if self.completed and self.stop_reason is not StopReason.COMPLETED:
             raise ValueError(
                 f"a completed segment has stop_reason 'completed', not {self.stop_reason!r}"
             )

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 
 from colabjob.errors import ConfigError
 from colabjob.jobs.context import SegmentContext, SegmentOutcome
+from colabjob.jobs.policy import StopPolicy, StopReason
 
 if TYPE_CHECKING:
     from colabjob.config import JobSpec
-    from colabjob.jobs.policy import StopPolicy
 
 __all__ = [
     "DEMO_SIZES",
@@ -74,10 +74,8 @@ DEMO_SIZES: dict[str, DemoSize] = {
 }
 
 
-class StepBudget:
+class StepBudget(StopPolicy):
     """A ``StopPolicy`` that ends a simulated session after ``steps`` optimizer steps."""
-
-    emergency = False
 
     def __init__(self, steps: int) -> None:
         self.steps, self.seen = steps, 0
@@ -85,16 +83,8 @@ class StepBudget:
     def observe_step(self, seconds: float) -> None:
         self.seen += 1
 
-    def observe_checkpoint(
-        self, *, write_seconds: float, upload_seconds: float, nbytes: int
-    ) -> None:
-        pass
-
-    def should_stop(self) -> str | None:
-        return "budget" if self.seen >= self.steps else None
-
-    def checkpoint_due(self) -> bool:
-        return False
+    def should_stop(self) -> StopReason | None:
+        return StopReason.BUDGET if self.seen >= self.steps else None
 
 
 def stdlib_sources(files: int, max_bytes: int) -> list[tuple[str, str]]:

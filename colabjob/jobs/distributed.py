@@ -34,6 +34,7 @@ from torch.utils.data import IterableDataset
 
 from colabjob.errors import ConfigError
 from colabjob.jobs.data import ResumableLoader, ResumableSampler
+from colabjob.jobs.policy import StopReason
 
 __all__ = [
     "STOP_CODES",
@@ -51,12 +52,12 @@ __all__ = [
 
 #: Stop reasons as agreed over ranks: the highest code wins (``completed`` over any other,
 #: a preemption over a signal, ...); 0 is "keep going".
-STOP_CODES: dict[str, int] = {
-    "budget": 1,
-    "stop_request": 2,
-    "signal": 3,
-    "preemption": 4,
-    "completed": 5,
+STOP_CODES: dict[StopReason, int] = {
+    StopReason.BUDGET: 1,
+    StopReason.STOP_REQUEST: 2,
+    StopReason.SIGNAL: 3,
+    StopReason.PREEMPTION: 4,
+    StopReason.COMPLETED: 5,
 }
 _REASONS = {code: reason for reason, code in STOP_CODES.items()}
 
@@ -215,8 +216,13 @@ class Coordinator:
         return self.world.world_size
 
     def agree(
-        self, reason: str | None, *, save: bool, busy: bool = False, emergency: bool = False
-    ) -> tuple[str | None, bool, bool, bool]:
+        self,
+        reason: StopReason | None,
+        *,
+        save: bool,
+        busy: bool = False,
+        emergency: bool = False,
+    ) -> tuple[StopReason | None, bool, bool, bool]:
         """Every rank's (reason, save, busy, emergency) folded into one answer: the highest
         ``STOP_CODES`` reason, and each flag set if any rank set it."""
         code = STOP_CODES[reason] if reason is not None else 0

@@ -55,6 +55,7 @@ from colabjob.jobs.hf_compat import check_trainer_compat
 from colabjob.jobs.hf_data import align_epoch, train_loader
 from colabjob.jobs.hf_finish import JobLossMixin, job_train_loss
 from colabjob.jobs.loader import quiet_workers
+from colabjob.jobs.policy import StopReason
 from colabjob.jobs.saver import gather_rank_states, seed_missing_rank, send_rank_state
 from colabjob.jobs.state import STATE_FILE, Counters, restore, snapshot
 
@@ -126,7 +127,9 @@ class ResumableTrainerMixin(JobLossMixin):
                 run.committer.reap(final=False)
             step = int(getattr(getattr(self, "state", None), "global_step", 0) or 0)
             run.outcome = SegmentOutcome(
-                stop_reason="signal" if isinstance(e, KeyboardInterrupt) else "crash",
+                stop_reason=(
+                    StopReason.SIGNAL if isinstance(e, KeyboardInterrupt) else StopReason.CRASH
+                ),
                 first_step=run.first_step,
                 last_step=max(run.first_step, step),
                 completed=False,
@@ -173,7 +176,7 @@ class ResumableTrainerMixin(JobLossMixin):
         run = self._colabjob
         run.committer.reap(final=True)
         step = int(self.state.global_step)
-        reason = run.stop_reason or "completed"
+        reason = run.stop_reason or StopReason.COMPLETED
         need = step > 0 and run.committer.committed_step != step
         if run.sync is not None:
             need = run.sync.main_says(need)  # rank 0 commits; the others send their state
@@ -183,7 +186,7 @@ class ResumableTrainerMixin(JobLossMixin):
             stop_reason=reason,
             first_step=run.first_step,
             last_step=max(run.first_step, step),
-            completed=reason == "completed",
+            completed=reason is StopReason.COMPLETED,
             checkpoint_step=run.committer.committed_step,
         )
         run.committer.say(f"stopping at step {step}: {reason}")

@@ -30,7 +30,7 @@ from colabjob.jobs.data import ResumableLoader
 from colabjob.jobs.distributed import Coordinator, DistributedResumableSampler
 from colabjob.jobs.formats import read_json
 from colabjob.jobs.hf_commit import Committer
-from colabjob.jobs.policy import expect_checkpoint
+from colabjob.jobs.policy import StopReason
 from colabjob.jobs.progress import STATUS_KEYS, format_metric_line
 from colabjob.jobs.saver import fetch_agreed, refuse_silent_restart
 from colabjob.jobs.sizing import checkpoint_nbytes
@@ -73,7 +73,7 @@ class HFRun:
         self.epoch_batches = 0  # batches in a full epoch (0: unknown, iterable data)
         self.batches_in_epoch = 0
         self.samples = 0
-        self.stop_reason: str | None = None
+        self.stop_reason: StopReason | None = None
         self.save_due = False
         self.agreed_busy = False  # several processes: rank 0's commit was uploading
         self.empty_epoch = False
@@ -185,9 +185,7 @@ class ColabJobCallback(TrainerCallback):
     def _expect_size(self, kwargs: dict[str, Any]) -> None:
         model = kwargs.get("model")
         if isinstance(model, torch.nn.Module):
-            expect_checkpoint(
-                self.run.ctx.policy, checkpoint_nbytes(model, kwargs.get("optimizer"))
-            )
+            self.run.ctx.policy.expect_checkpoint(checkpoint_nbytes(model, kwargs.get("optimizer")))
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         run, ctx = self.run, self.run.ctx
@@ -203,7 +201,7 @@ class ColabJobCallback(TrainerCallback):
         step = state.global_step
         reason = ctx.policy.should_stop()
         if step >= state.max_steps or (ctx.max_steps is not None and step >= ctx.max_steps):
-            reason = "completed"  # the job is done, whatever else asked for a stop
+            reason = StopReason.COMPLETED  # the job is done, whatever else asked for a stop
         if reason is None and (
             (ctx.every_steps is not None and step % ctx.every_steps == 0)
             or ctx.policy.checkpoint_due()
@@ -250,7 +248,6 @@ class ColabJobCallback(TrainerCallback):
         ctx = self.run.ctx
         shown: dict[str, Any] = metric_rows([logs])[0]
         shown["samples"] = self.run.samples
-        status = getattr(ctx.policy, "status", None)
-        if callable(status):
-            shown.update({k: v for k, v in status().items() if k in STATUS_KEYS and v is not None})
+        status = ctx.policy.status()
+        shown.update({k: v for k, v in status.items() if k in STATUS_KEYS and v is not None})
         return shown

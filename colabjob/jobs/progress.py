@@ -26,6 +26,8 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
+from colabjob.jobs.policy import StopPolicy
+
 log = logging.getLogger(__name__)
 
 #: Keys about the session, not the training: not metrics to plot.
@@ -113,14 +115,15 @@ class FanOut:
                 log.warning("closing progress sink %s failed: %s", type(sink).__name__, e)
 
 
-def progress_row(entry: Mapping[str, Any], policy: Any, every_steps: int | None) -> dict[str, Any]:
+def progress_row(
+    entry: Mapping[str, Any], policy: StopPolicy, every_steps: int | None
+) -> dict[str, Any]:
     """A metrics history entry as a ``ProgressSink`` row: without its step, plus the
-    session's deadline and next checkpoint (from the stop policy's ``status()``, when it
-    has one, and the step interval)."""
+    session's deadline and next checkpoint (from the stop policy's ``status()`` and the step
+    interval)."""
     shown = {k: v for k, v in entry.items() if k != "step"}
-    status = getattr(policy, "status", None)
-    if callable(status):
-        shown.update({k: v for k, v in status().items() if k in STATUS_KEYS and v is not None})
+    status = policy.status()
+    shown.update({k: v for k, v in status.items() if k in STATUS_KEYS and v is not None})
     if every_steps is not None:
         shown["next_checkpoint_step"] = (int(entry["step"]) // every_steps + 1) * every_steps
     return shown

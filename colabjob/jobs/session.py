@@ -44,7 +44,7 @@ from colabjob.jobs.context import SegmentContext, SegmentOutcome
 from colabjob.jobs.data import Geometry
 from colabjob.jobs.distributed import Coordinator
 from colabjob.jobs.metrics import MetricsLog
-from colabjob.jobs.policy import expect_checkpoint
+from colabjob.jobs.policy import StopReason
 from colabjob.jobs.progress import format_metric_line, progress_row
 from colabjob.jobs.saver import Checkpointer
 from colabjob.jobs.sizing import checkpoint_nbytes
@@ -90,7 +90,7 @@ class Session:
         self._save_due = False
         self._complete_at_boundary = False
         self.resumed_from: CheckpointInfo | None = None
-        self._stop_reason: str | None = None
+        self._stop_reason: StopReason | None = None
         self._outcome: SegmentOutcome | None = None
 
     # ---- registration and restore --------------------------------------------------------
@@ -142,8 +142,8 @@ class Session:
         self._tracked = True
         info = self.restore()
         if model is not None:  # the budget's save guess, until a save is measured
-            expect_checkpoint(
-                self._policy, checkpoint_nbytes(model, optimizer, trainable_only=trainable_only)
+            self._policy.expect_checkpoint(
+                checkpoint_nbytes(model, optimizer, trainable_only=trainable_only)
             )
         self._restart_clock()  # batches() restarts it too
         return info
@@ -193,7 +193,7 @@ class Session:
         while self._stop_reason is None:
             if epochs is not None and self._epoch >= epochs:
                 if self._micro == 0:
-                    self._finish("completed")
+                    self._finish(StopReason.COMPLETED)
                     return
                 self._complete_at_boundary = True
             yielded = False
@@ -261,9 +261,8 @@ class Session:
             self._sized = True
             t = self._saver.tracked
             if t.model is not None:
-                expect_checkpoint(
-                    policy,
-                    checkpoint_nbytes(t.model, t.optimizer, trainable_only=t.trainable_only),
+                policy.expect_checkpoint(
+                    checkpoint_nbytes(t.model, t.optimizer, trainable_only=t.trainable_only)
                 )
         self._metrics.steps += 1
         if self._metrics.steps >= self._log_every:
@@ -276,7 +275,7 @@ class Session:
             (self._max_steps is not None and self._step >= self._max_steps)
             or self._complete_at_boundary
         ):
-            reason = "completed"
+            reason = StopReason.COMPLETED
         if self._sync is not None:
             reason = self._agree(reason)
         if reason is not None:
@@ -294,7 +293,7 @@ class Session:
 
     def _stopped_at_start(self) -> bool:
         if self._max_steps is not None and self._step >= self._max_steps:
-            self._finish("completed")
+            self._finish(StopReason.COMPLETED)
             return True
         reason = self._policy.should_stop()
         if self._sync is not None:
@@ -304,7 +303,7 @@ class Session:
             return True
         return False
 
-    def _agree(self, reason: str | None) -> str | None:
+    def _agree(self, reason: StopReason | None) -> StopReason | None:
         """Several processes: every rank's stop reason and checkpoint wish become one
         decision that all ranks take at this step (a deferred save stays wished for)."""
         assert self._sync is not None
@@ -317,7 +316,7 @@ class Session:
             reason,
             save=due,
             busy=self._saver.pending is not None,
-            emergency=bool(getattr(self._policy, "emergency", False)),
+            emergency=self._policy.emergency,
         )
         return reason
 
@@ -383,12 +382,10 @@ class Session:
 
     # ---- stopping --------------------------------------------------------------------------
 
-    def _finish(self, reason: str) -> None:
+    def _finish(self, reason: StopReason) -> None:
         """Stop at this optimizer-step boundary with a committed final checkpoint."""
         emergency = (
-            reason == "preemption"
-            or self._agreed_emergency
-            or bool(getattr(self._policy, "emergency", False))
+            reason is StopReason.PREEMPTION or self._agreed_emergency or self._policy.emergency
         )
         self._saver.reap(final=True)
         need = self._step > 0 and self.committed_step != self._step
@@ -400,7 +397,7 @@ class Session:
         self._say(f"stopping at step {self._step}: {reason}")
 
     @property
-    def stop_reason(self) -> str | None:
+    def stop_reason(self) -> StopReason | None:
         return self._stop_reason
 
     @property
@@ -421,7 +418,7 @@ class Session:
     def _close(self, error: BaseException | None) -> SegmentOutcome:
         reason, message = self._stop_reason, None
         if error is not None:
-            reason = "signal" if isinstance(error, KeyboardInterrupt) else "crash"
+            reason = StopReason.SIGNAL if isinstance(error, KeyboardInterrupt) else StopReason.CRASH
             message = f"{type(error).__name__}: {error}"
             try:  # a consistent snapshot already uploading is still worth committing
                 self._saver.reap(final=True)
@@ -434,15 +431,15 @@ class Session:
                     f"micro-batches): the newest checkpoint is step {self.committed_step}"
                 )
                 self._saver.reap(final=True)
-                self._stop_reason = "completed"
+                self._stop_reason = StopReason.COMPLETED
             else:
-                self._finish("completed")
-            reason = "completed"
+                self._finish(StopReason.COMPLETED)
+            reason = StopReason.COMPLETED
         self._outcome = SegmentOutcome(
             stop_reason=reason,
             first_step=self.first_step,
             last_step=max(self.first_step, self._step),
-            completed=reason == "completed",
+            completed=reason is StopReason.COMPLETED,
             checkpoint_step=self.committed_step,
             error=message,
         )

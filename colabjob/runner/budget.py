@@ -12,7 +12,7 @@ save and the margin still fit) unless a ``step_guess`` says otherwise. The save 
 scales the slowest recent checkpoint's write and upload times to the expected checkpoint
 size; before the first save it is ``save_guess`` when given, else the expected size (told by
 the training loop through ``expect_checkpoint``) at guessed throughputs, else a flat 300 s.
-Policies are small objects combined with ``|``; each satisfies
+Policies are small objects combined with ``|``; each subclasses
 ``colabjob.jobs.policy.StopPolicy``. Deadlines are converted to the monotonic clock once,
 so a wall-clock jump mid-session cannot move them.
 """
@@ -24,106 +24,15 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from colabjob.clock import SYSTEM_CLOCK, Clock
 from colabjob.config.schema import DEFAULT_MARGIN
 from colabjob.errors import ConfigError
-from colabjob.jobs.policy import StopPolicy
-from colabjob.runner.clock import SYSTEM_CLOCK, Clock
+from colabjob.jobs.policy import StopPolicy, StopReason
 from colabjob.runner.platforms import PlatformInfo, format_duration, parse_duration
-from colabjob.runner.states import StopReason
 
 # DEFAULT_MARGIN (the spec's ``budget.margin`` default, "5m") is defined once, in config.
 _DEFAULT_MARGIN_S = parse_duration(DEFAULT_MARGIN, what="margin")
 FALLBACK_SAVE_SECONDS = 300.0  # the save guess when neither a size nor a guess is known
-
-
-class Policy:
-    """A stop/checkpoint policy that does nothing; subclasses override what they decide."""
-
-    @property
-    def emergency(self) -> bool:
-        """True after a preemption notice: save the smallest exact checkpoint, now."""
-        return False
-
-    def observe_step(self, seconds: float) -> None:
-        """One training step (boundary to boundary) took ``seconds``."""
-
-    def observe_checkpoint(
-        self, *, write_seconds: float, upload_seconds: float, nbytes: int
-    ) -> None:
-        """A committed checkpoint of ``nbytes`` took this long to write and to upload."""
-
-    def expect_checkpoint(self, nbytes: int) -> None:
-        """The coming checkpoints will hold about ``nbytes`` (before one is measured)."""
-
-    def should_stop(self) -> str | None:
-        """None to keep going, else a ``StopReason`` value."""
-        return None
-
-    def checkpoint_due(self) -> bool:
-        """True when an interval checkpoint should be written at this step boundary."""
-        return False
-
-    def status(self) -> dict[str, Any]:
-        """Figures for status lines and the heartbeat (JSON-serialisable)."""
-        return {}
-
-    def __or__(self, other: StopPolicy) -> AnyOf:
-        return AnyOf(self, other)
-
-
-class AnyOf(Policy):
-    """Stops when any member stops (first reason wins); a checkpoint is due when any says so.
-
-    Members are ``Policy`` objects or any other ``StopPolicy`` (e.g. a step count that ends a
-    simulated session); the optional parts (``emergency``, ``expect_checkpoint``, ``status``)
-    are used where a member has them."""
-
-    def __init__(self, *policies: StopPolicy) -> None:
-        flat: list[StopPolicy] = []
-        for p in policies:
-            flat.extend(p.policies if isinstance(p, AnyOf) else [p])
-        self.policies: tuple[StopPolicy, ...] = tuple(flat)
-
-    @property
-    def emergency(self) -> bool:
-        return any(bool(getattr(p, "emergency", False)) for p in self.policies)
-
-    def observe_step(self, seconds: float) -> None:
-        for p in self.policies:
-            p.observe_step(seconds)
-
-    def observe_checkpoint(
-        self, *, write_seconds: float, upload_seconds: float, nbytes: int
-    ) -> None:
-        for p in self.policies:
-            p.observe_checkpoint(
-                write_seconds=write_seconds, upload_seconds=upload_seconds, nbytes=nbytes
-            )
-
-    def expect_checkpoint(self, nbytes: int) -> None:
-        for p in self.policies:
-            expect = getattr(p, "expect_checkpoint", None)
-            if callable(expect):
-                expect(nbytes)
-
-    def should_stop(self) -> str | None:
-        for p in self.policies:
-            reason = p.should_stop()
-            if reason is not None:
-                return reason
-        return None
-
-    def checkpoint_due(self) -> bool:
-        # every member is asked (no short-circuit) so none misses a boundary
-        return any([p.checkpoint_due() for p in self.policies])
-
-    def status(self) -> dict[str, Any]:
-        merged: dict[str, Any] = {}
-        for p in self.policies:
-            status = getattr(p, "status", None)
-            if callable(status):
-                merged.update(status())
-        return merged
 
 
 class StepTimes:
@@ -201,7 +110,7 @@ class Prediction:
         return self.slack <= 0
 
 
-class StopBeforeDeadline(Policy):
+class StopBeforeDeadline(StopPolicy):
     """Stop (reason ``budget``) once the next step plus a final save would cross the deadline."""
 
     def __init__(
@@ -300,7 +209,7 @@ class StopBeforeDeadline(Policy):
             margin=self.margin,
         )
 
-    def should_stop(self) -> str | None:
+    def should_stop(self) -> StopReason | None:
         if not self._stopped and self._deadline_mono is not None:
             bound = self.steps.upper_bound()
             if bound is not None:  # far from the deadline even for the longest step: go on
@@ -310,7 +219,7 @@ class StopBeforeDeadline(Policy):
                     return None
             p = self.predict()
             self._stopped = p is not None and p.stop
-        return StopReason.BUDGET.value if self._stopped else None
+        return StopReason.BUDGET if self._stopped else None
 
     def status(self) -> dict[str, Any]:
         p = self.predict()
@@ -326,7 +235,7 @@ class StopBeforeDeadline(Policy):
         }
 
 
-class CheckpointEvery(Policy):
+class CheckpointEvery(StopPolicy):
     """A checkpoint is due every ``seconds`` (from the start or the last checkpoint)."""
 
     def __init__(self, seconds: float, *, clock: Clock = SYSTEM_CLOCK) -> None:
@@ -385,13 +294,13 @@ def budget_for(
     checkpoint_nbytes: int | None = None,
     step_guess: float | str | None = None,
     save_guess: float | str | None = None,
-) -> Policy:
+) -> StopPolicy:
     """The usual policy for a session: stop before ``platform.deadline``, checkpoint every M.
 
     ``step_guess`` / ``save_guess`` (seconds or a duration such as ``"2m"``; None: the
     defaults, see the module docstring) are what the stop rule assumes before the first
     step / the first checkpoint is measured."""
-    policy: Policy = StopBeforeDeadline(
+    policy: StopPolicy = StopBeforeDeadline(
         platform.deadline,
         clock=clock,
         margin=parse_duration(margin, what="margin"),

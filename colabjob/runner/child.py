@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from colabjob.errors import (
     ColabJobError,
+    ExitCode,
     JobStateError,
     NoCheckpointError,
     StaleEpochError,
@@ -34,14 +35,13 @@ from colabjob.errors import (
     TransientStorageError,
     UnsafeCheckpointError,
 )
-from colabjob.runner.states import StopReason
+from colabjob.jobs.policy import StopReason
 from colabjob.storage.selection import ResumeChoice
 
 if TYPE_CHECKING:
     from colabjob.jobs.context import SegmentOutcome
     from colabjob.jobs.progress import ProgressSink
 
-EXIT_DONE, EXIT_FAILED, EXIT_USAGE, EXIT_PAUSED = 0, 1, 2, 75
 INTERRUPTED = "interrupted twice: stopped without a final checkpoint"
 _USER_ERRORS = (ImportError, SyntaxError, NameError)  # a retry would fail the same way
 # Retrying cannot help these either (a transient storage error is retried, though).
@@ -121,18 +121,18 @@ class ChildResult:
 def exit_code_for(outcome: SegmentOutcome) -> int:
     """0 when the job completed, 75 when it stopped in time to resume, 1 after a crash."""
     if outcome.completed:
-        return EXIT_DONE
-    return EXIT_FAILED if outcome.stop_reason == StopReason.CRASH.value else EXIT_PAUSED
+        return ExitCode.DONE
+    return ExitCode.FAILED if outcome.stop_reason == StopReason.CRASH.value else ExitCode.PAUSED
 
 
 def classify_error(exc: BaseException) -> ChildResult:
     """The result a child reports for an exception: user errors are not retried."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     if isinstance(exc, ColabJobError):
-        usage = exc.exit_code == EXIT_USAGE or isinstance(exc, StaleEpochError)
+        usage = exc.exit_code == ExitCode.USAGE or isinstance(exc, StaleEpochError)
         final = isinstance(exc, _FINAL_ERRORS) and not isinstance(exc, TransientStorageError)
         return ChildResult(
-            exit_code=EXIT_USAGE if usage else EXIT_FAILED,
+            exit_code=ExitCode.USAGE if usage else ExitCode.FAILED,
             error=str(exc.args[0]) if exc.args else text,
             error_type=type(exc).__name__,
             hint=exc.hint,
@@ -140,13 +140,13 @@ def classify_error(exc: BaseException) -> ChildResult:
         )
     if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C: the job stays SUSPENDED
         return ChildResult(
-            exit_code=EXIT_PAUSED,
+            exit_code=ExitCode.PAUSED,
             stop_reason=StopReason.SIGNAL.value,
             error=INTERRUPTED,
             error_type="KeyboardInterrupt",
         )
     return ChildResult(
-        exit_code=EXIT_FAILED,
+        exit_code=ExitCode.FAILED,
         error=f"{type(exc).__name__}: {text}",
         error_type=type(exc).__name__,
         retryable=not isinstance(exc, _USER_ERRORS),
@@ -206,7 +206,7 @@ def child_main(
     ``runner`` runs the request (the CLI passes one that adds a progress display)."""
     if len(argv) != 3 or argv[0] != "child":
         print("usage: python -m colabjob.runner.child child REQUEST RESULT", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     request = RunRequest.from_json(Path(argv[1]).read_text())
     result_path = Path(argv[2])
     _watch_parent(os.getppid())

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import colabjob
+from colabjob.clock import SYSTEM_CLOCK, Clock
 from colabjob.errors import (
     AlreadyExistsError,
     BucketNotFoundError,
@@ -37,7 +38,6 @@ from colabjob.errors import (
     LeaseLostError,
     StorageError,
 )
-from colabjob.runner.clock import SYSTEM_CLOCK, Clock
 from colabjob.runner.gcloud import (
     DEFAULT_DISK_GB,
     DEFAULT_IMAGE_FAMILY,

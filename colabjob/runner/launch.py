@@ -43,8 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from colabjob.errors import ConfigError
-from colabjob.runner.child import EXIT_DONE, EXIT_PAUSED, EXIT_USAGE, ChildResult, RunRequest
+from colabjob.errors import ConfigError, ExitCode
+from colabjob.runner.child import ChildResult, RunRequest
 from colabjob.runner.signals import ForwardedSignals, as_child_signal
 
 __all__ = [
@@ -348,21 +348,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         command = command[1:]
     if args.nproc < 1 or not command:
         p.print_usage(sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     try:
         check_nproc(args.nproc)  # before _child_commands writes a request file per rank
     except ConfigError as e:
         print(f"colabjob: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     if command[0] != "child":
         return launch(command, nproc=args.nproc).exit_code
     if len(command) != 3:
         p.print_usage(sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     request, result = Path(command[1]), Path(command[2])
     launcher = Launcher(
         _child_commands(args.module, request, result, args.nproc),
-        ok_codes=(EXIT_DONE, EXIT_PAUSED),
+        ok_codes=(ExitCode.DONE, ExitCode.PAUSED),
         watch_parent=True,
     )
     outcome = launcher.run()

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from colabjob.clock import SYSTEM_CLOCK, Clock
 from colabjob.errors import (
     AlreadyExistsError,
     InvalidLeaseError,
@@ -31,7 +32,6 @@ from colabjob.errors import (
     StorageError,
     StorageLostError,
 )
-from colabjob.runner.clock import SYSTEM_CLOCK, Clock
 from colabjob.runner.lease_info import (
     LEASE_KEY,
     Holder,

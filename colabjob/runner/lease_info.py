@@ -28,8 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from colabjob.clock import SYSTEM_CLOCK, Clock
 from colabjob.errors import InvalidLeaseError, LeaseHeldError
-from colabjob.runner.clock import SYSTEM_CLOCK, Clock
 from colabjob.runner.platforms import format_duration
 from colabjob.runner.states import LeaseStatus
 

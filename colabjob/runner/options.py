@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from colabjob.runner.clock import SYSTEM_CLOCK, Clock
+from colabjob.clock import SYSTEM_CLOCK, Clock
 from colabjob.runner.lease import DEFAULT_TTL
 from colabjob.runner.watchdog import STOP_POLL_SECONDS
 

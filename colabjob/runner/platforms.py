@@ -18,8 +18,8 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from colabjob.clock import SYSTEM_CLOCK, Clock
 from colabjob.errors import ConfigError
-from colabjob.runner.clock import SYSTEM_CLOCK, Clock
 
 HOUR = 3600.0
 PLATFORMS = ("colab", "kaggle", "slurm", "gce", "local")

@@ -18,13 +18,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from colabjob.clock import SYSTEM_CLOCK, Clock
 from colabjob.errors import JobStateError, ObjectNotFoundError, PreconditionFailedError
-from colabjob.runner.clock import SYSTEM_CLOCK, Clock
+from colabjob.jobs.policy import StopReason
 from colabjob.runner.states import (
     JobEvent,
     JobState,
     LeaseStatus,
-    StopReason,
     transition,
 )
 

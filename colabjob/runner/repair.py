@@ -15,10 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from colabjob.clock import SYSTEM_CLOCK, Clock
 from colabjob.errors import ConfigError, JobStateError, NoCheckpointError
-from colabjob.runner.clock import SYSTEM_CLOCK, Clock
+from colabjob.jobs.policy import StopReason
 from colabjob.runner.record import RECORD_KEY, JobRecord, Segment
-from colabjob.runner.states import JobState, StopReason
+from colabjob.runner.states import JobState
 from colabjob.storage.checkpoints import JOB_META, CheckpointStore
 
 if TYPE_CHECKING:

@@ -16,11 +16,10 @@ import re
 import sys
 from collections.abc import Iterator
 
-from colabjob.errors import ColabJobError
+from colabjob.errors import ColabJobError, ExitCode
 
 __all__ = ["interactive", "reported_for_script", "script_hint"]
 
-EXIT_USAGE = 2
 
 # CLI wording in hints -> what a script passes instead (longest first)
 _FOR_SCRIPT = (
@@ -55,11 +54,11 @@ def reported_for_script(*, exit_on_error: bool | None = None) -> Iterator[None]:
     try:
         yield
     except ColabJobError as e:
-        if e.exit_code != EXIT_USAGE:
+        if e.exit_code != ExitCode.USAGE:
             raise
         e.hint = script_hint(e.hint)
         exit_now = not interactive() if exit_on_error is None else exit_on_error
         if not exit_now:
             raise
         print(f"colabjob: error: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_USAGE) from None
+        raise SystemExit(ExitCode.USAGE) from None

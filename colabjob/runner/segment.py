@@ -21,10 +21,10 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
+from colabjob.clock import SYSTEM_CLOCK, Clock
 from colabjob.errors import JobStateError
 from colabjob.jobs.context import SegmentContext, SegmentOutcome
 from colabjob.jobs.session import Session
-from colabjob.runner.clock import SYSTEM_CLOCK, Clock
 from colabjob.runner.lease import DEFAULT_TTL
 from colabjob.runner.options import SegmentOptions, with_spec_defaults
 from colabjob.runner.script_errors import reported_for_script

@@ -38,6 +38,7 @@ from colabjob.errors import (
 from colabjob.jobs.context import SegmentContext, SegmentOutcome
 from colabjob.jobs.distributed import in_process_group, init_distributed, shutdown_distributed
 from colabjob.jobs.memory import parse_async
+from colabjob.jobs.policy import StopReason
 from colabjob.jobs.progress import FanOut, LogLines, close_progress
 from colabjob.runner.budget import DEFAULT_MARGIN, check_budget_fits
 from colabjob.runner.lease import Heartbeat, Lease
@@ -45,7 +46,7 @@ from colabjob.runner.lease_info import Holder
 from colabjob.runner.options import SegmentOptions
 from colabjob.runner.platforms import describe_platform
 from colabjob.runner.record import JobRecord, Segment, create_record, read_record, update_record
-from colabjob.runner.states import JobEvent, JobState, StopReason
+from colabjob.runner.states import JobEvent, JobState
 from colabjob.runner.trackers import WANDB_ID_KEY, new_wandb_id, require_trackers, trackers_for
 from colabjob.runner.transfer import check_not_moved
 from colabjob.runner.watchdog import Watchdog, watchdog_for
@@ -178,8 +179,7 @@ class SegmentRun:
             self.store,
             keep=2 if opts.keep is None else opts.keep,
             fence=lease.current_epoch,
-            clock=self.clock.time,
-            timer=self.clock.monotonic,  # save costs on the clock that times the steps
+            clock=self.clock,  # save costs on the clock that times the steps
             staging_dir=None if opts.staging_dir is None else Path(opts.staging_dir),
             job={
                 "job_id": record.job_id,
@@ -198,7 +198,7 @@ class SegmentRun:
             "max_steps": opts.max_steps,
             "resume": opts.resume,
             "log_every_steps": opts.log_every_steps or 10,
-            "monotonic": self.clock.monotonic,
+            "clock": self.clock,
             "async_checkpoint": parse_async(
                 "auto" if opts.async_checkpoint is None else opts.async_checkpoint
             ),
@@ -230,7 +230,7 @@ class SegmentRun:
         return SegmentContext(
             store=self.store,
             checkpoints=CheckpointStore(
-                self.store, fence=lambda: 2**62, clock=self.clock.time, staging_dir=staging
+                self.store, fence=lambda: 2**62, clock=self.clock, staging_dir=staging
             ),
             policy=self.watchdog,
             config_hash=self.config_hash or "",

@@ -22,11 +22,10 @@ import re
 import shlex
 from collections.abc import Sequence
 
-from colabjob.errors import ConfigError
+from colabjob.errors import ConfigError, ExitCode
 
-__all__ = ["EX_PAUSED", "TORCH_CPU_INDEX", "render_startup_script"]
+__all__ = ["TORCH_CPU_INDEX", "render_startup_script"]
 
-EX_PAUSED = 75
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 _CREDENTIAL_IN_URL = re.compile(r"://[^/\s]*@")
 
@@ -86,12 +85,14 @@ def render_startup_script(
     lines = [_assign(k, v) for k, v in values.items()]
     lines += [
         f"EXPECT_GPU={1 if gpu else 0}",
+        f"EX_PAUSED={int(ExitCode.PAUSED)}",
         _array("EXTRA_PACKAGES", extra_packages),
         _array("RESUME_ARGS", resume_args),
     ]
     where = f"--zone {zone} --project {project}"
     head = _HEAD.format(
         version=version,
+        paused=int(ExitCode.PAUSED),
         instance=instance,
         start=f"gcloud compute instances start {instance} {where}",
         serial=f"gcloud compute instances get-serial-port-output {instance} {where}",
@@ -107,10 +108,10 @@ _HEAD = """\
 # It installs colabjob {version} (once), resumes the job from GCS with the GCE platform
 # profile (the runner watches the spot preemption notice), and then:
 #   exit 0 (completed), 1 (failed) or any other failure: powers the VM off (no idle GPU);
-#   exit 75 (paused) after a spot preemption: GCE stops the VM; to continue, run
+#   exit {paused} (paused) after a spot preemption: GCE stops the VM; to continue, run
 #       {start}
 #     and this script resumes the job from its newest committed checkpoint at boot;
-#   exit 75 for another reason (stop request, time budget): powers the VM off as well.
+#   exit {paused} for another reason (stop request, time budget): powers the VM off as well.
 # No credentials in here: the VM's service account (--scopes=cloud-platform) reaches GCS.
 # Log: /var/log/colabjob-startup.log on the VM, and the serial console / Cloud Logging:
 #   {serial}
@@ -127,7 +128,6 @@ SHUTDOWN_CMD="${COLABJOB_SHUTDOWN_CMD:-shutdown -h now}"
 GPU_WAIT_S="${COLABJOB_GPU_WAIT_S:-900}"
 RETRY_SLEEP_S="${COLABJOB_RETRY_SLEEP_S:-10}"
 METADATA="http://${GCE_METADATA_HOST:-metadata.google.internal}/computeMetadata/v1"
-EX_PAUSED=75
 JOB_PID=""
 SIGNALLED=0
 MIRROR_PID=""

@@ -1,4 +1,4 @@
-"""The job state machine: states, the events that move a job, and why a segment stopped.
+"""The job state machine: the states and the events that move a job.
 
 One table (``TRANSITIONS``) says which event moves which state where; ``transition()`` is a
 pure lookup in it that raises ``InvalidTransitionError`` for anything else::
@@ -11,7 +11,7 @@ COMPLETED and CANCELLED are terminal, but for ``extend``: a completed job rerun 
 ``max_steps`` goes back to SUSPENDED and is resumed from its final checkpoint. ``expire`` is
 what a RUNNING job whose lease ran out (the VM vanished) undergoes before it is resumed.
 ``LeaseStatus`` lives here too so the job record can derive a job's effective state without
-importing the lease machinery.
+importing the lease machinery. Why a segment stopped is ``colabjob.jobs.policy.StopReason``.
 """
 
 from __future__ import annotations
@@ -48,20 +48,6 @@ class JobEvent(str, enum.Enum):
     FAIL = "fail"  # retries exhausted, or a user error (bad config, import error)
     CANCEL = "cancel"  # `colabjob stop --cancel`
     EXTEND = "extend"  # a completed job's script raised max_steps past its final step
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class StopReason(str, enum.Enum):
-    """Why a segment ended. The first five are what a ``StopPolicy.should_stop`` returns."""
-
-    BUDGET = "budget"  # the session deadline is near: next step + save + margin would cross it
-    SIGNAL = "signal"  # SIGTERM / SIGINT / SIGUSR1 (SLURM, the OS, Ctrl-C)
-    PREEMPTION = "preemption"  # a spot-VM preemption notice: save the smallest exact checkpoint
-    STOP_REQUEST = "stop_request"  # `colabjob stop JOB` (control/stop.json), or the lease was lost
-    COMPLETED = "completed"  # the job ran to the end
-    CRASH = "crash"  # exception, CUDA OOM, killed child, or the VM vanished
 
     def __str__(self) -> str:
         return self.value

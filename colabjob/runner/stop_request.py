@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
-from colabjob.runner.clock import SYSTEM_CLOCK, Clock
+from colabjob.clock import SYSTEM_CLOCK, Clock
 from colabjob.runner.lease import read_lease
 
 if TYPE_CHECKING:

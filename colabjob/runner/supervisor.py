@@ -29,32 +29,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from colabjob.errors import ColabJobError, ObjectNotFoundError, StorageError
+from colabjob.clock import SYSTEM_CLOCK, Clock
+from colabjob.errors import ColabJobError, ExitCode, ObjectNotFoundError, StorageError
+from colabjob.jobs.policy import StopReason
 from colabjob.runner.child import (
-    EXIT_DONE,
-    EXIT_FAILED,
-    EXIT_PAUSED,
-    EXIT_USAGE,
     ChildResult,
     RunRequest,
     classify_error,
     exit_code_for,
     run_in_process,
 )
-from colabjob.runner.clock import SYSTEM_CLOCK, Clock
 from colabjob.runner.lease import Lease, read_lease
 from colabjob.runner.record import JobRecord, read_record, update_record
 from colabjob.runner.signals import ForwardedSignals, as_child_signal
-from colabjob.runner.states import JobEvent, JobState, StopReason
+from colabjob.runner.states import JobEvent, JobState
 
 if TYPE_CHECKING:
     from colabjob.storage.store import Store
 
 __all__ = [
-    "EXIT_DONE",
-    "EXIT_FAILED",
-    "EXIT_PAUSED",
-    "EXIT_USAGE",
     "ChildResult",
     "RunRequest",
     "Supervisor",
@@ -174,7 +167,7 @@ class Supervisor:
                         self._record_crash(error, retry=True)
                         self.say(f"colabjob: stopped ({error}); resume to continue")
                         return done(
-                            exit_code=EXIT_PAUSED,
+                            exit_code=ExitCode.PAUSED,
                             attempts=attempt,
                             last=result,
                             crashes=tuple(crashes),
@@ -184,7 +177,7 @@ class Supervisor:
                     if not retry:
                         self.say(f"colabjob: segment crashed ({error}); no retries left")
                         return done(
-                            exit_code=EXIT_FAILED,
+                            exit_code=ExitCode.FAILED,
                             attempts=attempt,
                             last=result,
                             crashes=tuple(crashes),
@@ -196,7 +189,7 @@ class Supervisor:
                     )
                     if wait > 0 and self.stopping.wait(wait):
                         return done(
-                            exit_code=EXIT_PAUSED,
+                            exit_code=ExitCode.PAUSED,
                             attempts=attempt,
                             last=result,
                             crashes=tuple(crashes),
@@ -206,7 +199,7 @@ class Supervisor:
 
     def _final_code(self, code: int) -> int:
         """A segment stopped by ``colabjob stop --cancel`` leaves nothing to resume: 0."""
-        if code != EXIT_PAUSED:
+        if code != ExitCode.PAUSED:
             return code
         from colabjob.storage.store import open_store
 
@@ -214,7 +207,7 @@ class Supervisor:
             got = read_record(open_store(self.request.url))
         except (ColabJobError, OSError):
             return code
-        return EXIT_DONE if got is not None and got[0].state is JobState.CANCELLED else code
+        return ExitCode.DONE if got is not None and got[0].state is JobState.CANCELLED else code
 
     # -- the record after a crash -----------------------------------------------------------------
     def _record_crash(self, error: str, *, retry: bool, interrupted: bool = False) -> None:

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from colabjob.clock import SYSTEM_CLOCK, Clock
 from colabjob.errors import (
     AlreadyExistsError,
     CheckpointError,
@@ -36,7 +37,6 @@ from colabjob.errors import (
     ObjectNotFoundError,
     StorageError,
 )
-from colabjob.runner.clock import SYSTEM_CLOCK, Clock
 from colabjob.runner.lease import format_time
 from colabjob.runner.record import RECORD_KEY, JobRecord, load_record, read_record, update_record
 from colabjob.storage.manifest import (

@@ -23,13 +23,12 @@ from collections.abc import Callable, Iterable, Mapping
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
+from colabjob.clock import SYSTEM_CLOCK, Clock
 from colabjob.errors import StorageError
-from colabjob.jobs.policy import StopPolicy, expect_checkpoint
-from colabjob.runner.budget import DEFAULT_MARGIN, AnyOf, Policy, budget_for
-from colabjob.runner.clock import SYSTEM_CLOCK, Clock
+from colabjob.jobs.policy import AnyOf, NeverStop, StopPolicy, StopReason
+from colabjob.runner.budget import DEFAULT_MARGIN, budget_for
 from colabjob.runner.platforms import PlatformInfo, metadata_get
 from colabjob.runner.signals import forget_completion, keep_going_after_completion
-from colabjob.runner.states import StopReason
 from colabjob.runner.stop_request import read_stop_request, stop_probe
 
 if TYPE_CHECKING:
@@ -42,7 +41,7 @@ STOP_CHECK_SECONDS = 1.0  # the step-boundary check on file and memory storage
 DEFAULT_SIGNALS: tuple[str, ...] = ("SIGTERM", "SIGINT", "SIGUSR1")
 
 
-class Watchdog:
+class Watchdog(StopPolicy):
     """The one stop event, its reason, and the threads and handlers that set it."""
 
     def __init__(
@@ -59,12 +58,12 @@ class Watchdog:
         environ: Mapping[str, str] | None = None,
         preemption_wait_seconds: float = 60.0,
     ) -> None:
-        self.policy, self.clock, self.store = policy, clock, store
+        self.policy: StopPolicy = NeverStop() if policy is None else policy
+        self.clock, self.store = clock, store
         # The per-step calls go straight to the policy: no forwarding frame on the hot path
         # (the Session calls them at every step boundary).
-        quiet = Policy()
-        self.observe_step: Callable[[float], None] = (policy or quiet).observe_step
-        self.checkpoint_due: Callable[[], bool] = (policy or quiet).checkpoint_due
+        self.observe_step = self.policy.observe_step  # type: ignore[method-assign]
+        self.checkpoint_due = self.policy.checkpoint_due  # type: ignore[method-assign]
         self.stop_poll_seconds = float(stop_poll_seconds)
         self.stop_check_seconds = float(stop_check_seconds)
         self._probe: Callable[[], object] | None = None  # set by start() for cheap stores
@@ -104,9 +103,7 @@ class Watchdog:
     @property
     def emergency(self) -> bool:
         """A preemption notice arrived: save the smallest exact checkpoint now."""
-        return any(r is StopReason.PREEMPTION for r, _ in self._fired) or bool(
-            getattr(self.policy, "emergency", False)
-        )
+        return any(r is StopReason.PREEMPTION for r, _ in self._fired) or self.policy.emergency
 
     def trigger(self, reason: StopReason | str, detail: str = "") -> None:
         """Record a reason to stop and set the event (safe from any thread)."""
@@ -121,32 +118,29 @@ class Watchdog:
     def observe_checkpoint(
         self, *, write_seconds: float, upload_seconds: float, nbytes: int
     ) -> None:
-        if self.policy is not None:
-            self.policy.observe_checkpoint(
-                write_seconds=write_seconds, upload_seconds=upload_seconds, nbytes=nbytes
-            )
+        self.policy.observe_checkpoint(
+            write_seconds=write_seconds, upload_seconds=upload_seconds, nbytes=nbytes
+        )
 
     def expect_checkpoint(self, nbytes: int) -> None:
-        if self.policy is not None:
-            expect_checkpoint(self.policy, nbytes)
+        self.policy.expect_checkpoint(nbytes)
 
-    def should_stop(self) -> str | None:
+    def should_stop(self) -> StopReason | None:
         if self._probe is not None and not self.event.is_set():
             self._check_at_boundary()
-        if not self.event.is_set() and self.policy is not None:
+        if not self.event.is_set():
             verdict = self.policy.should_stop()
             if verdict is not None:
                 self.trigger(
                     verdict,
                     "the next step and a final save would cross the deadline"
-                    if verdict == StopReason.BUDGET.value
+                    if verdict == StopReason.BUDGET
                     else "",
                 )
-        reason = self.reason if self.event.is_set() else None
-        return reason.value if reason is not None else None
+        return self.reason if self.event.is_set() else None
 
     def status(self) -> dict[str, Any]:
-        status = self.policy.status() if isinstance(self.policy, Policy) else {}
+        status = dict(self.policy.status())
         reason = self.reason
         status["stop_reason"] = reason.value if reason else None
         return status

@@ -17,10 +17,11 @@ import os
 import shutil
 import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, NoReturn
 
+from colabjob.clock import Clock
 from colabjob.errors import CorruptCheckpointError, ObjectNotFoundError
 
 from .manifest import (
@@ -55,7 +56,7 @@ class Catalog:
         self,
         store: Store,
         *,
-        clock: Callable[[], float],
+        clock: Clock,
         workers: int,
         scratch_dir: str | os.PathLike[str] | None = None,
     ) -> None:
@@ -216,7 +217,7 @@ class Catalog:
         if not self.store.exists(src):
             return False
         base = f"{QUARANTINE_DIR}/{dirname}"
-        reason = {"problem": problem, "quarantined_at": float(self.clock())}
+        reason = {"problem": problem, "quarantined_at": float(self.clock.time())}
         self.store.write_bytes(f"{base}/reason.json", json.dumps(reason, indent=1).encode())
         try:
             self.store.move(src, f"{base}/{MANIFEST}")

@@ -21,12 +21,12 @@ import logging
 import os
 import shutil
 import threading
-import time
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from colabjob.clock import SYSTEM_CLOCK, Clock
 from colabjob.errors import (
     AlreadyExistsError,
     CheckpointError,
@@ -72,7 +72,8 @@ class CheckpointStore:
     """Checkpoints of one job under a ``Store``; see the module docstring for the protocol.
 
     ``keep`` >= 2 newest valid checkpoints survive retention. ``fence()`` returns the current
-    lease epoch. ``clock`` stamps ``created_at``; ``timer`` measures commit costs.
+    lease epoch. ``clock`` (``colabjob.clock``) stamps ``created_at`` with its wall time and
+    measures commit costs on its monotonic time (the clock that times the training steps).
     ``staging_dir`` (default: the system temp dir) is fast local disk for ``save_async``.
     ``workers`` threads upload (and hash) files in parallel. ``job`` (the record's
     ``job_id``, ``config`` and ``config_hash``) goes into every manifest's meta.
@@ -84,10 +85,9 @@ class CheckpointStore:
         *,
         keep: int = 2,
         fence: Callable[[], int] | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM_CLOCK,
         staging_dir: str | os.PathLike[str] | None = None,
         workers: int = 4,
-        timer: Callable[[], float] = time.perf_counter,
         job: Mapping[str, Any] | None = None,
     ) -> None:
         if keep < 2:
@@ -103,7 +103,6 @@ class CheckpointStore:
         self.clock = clock
         self.staging_dir = staging_dir
         self.workers = workers
-        self.timer = timer
         # The job's id and spec, copied into every manifest (meta["job"]) so that
         # `colabjob repair` can rebuild a lost or corrupt job.json from a checkpoint.
         self.job = dict(job) if job else None
@@ -135,13 +134,13 @@ class CheckpointStore:
         """
         with self._serial:
             self._wait_previous()
-            t0 = self.timer()
+            t0 = self.clock.monotonic()
             if not callable(files):
                 return self._commit(step, resolve(files), epoch, config_hash, meta, versions, 0.0)
             staging = make_staging_dir(self.staging_dir, step)
             try:
                 sources = resolve(files, staging)
-                write_s = self.timer() - t0
+                write_s = self.clock.monotonic() - t0
                 return self._commit(step, sources, epoch, config_hash, meta, versions, write_s)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -167,20 +166,20 @@ class CheckpointStore:
         _checked_meta(step, meta)  # bad arguments fail here, not in the background
         with self._serial:
             self._wait_previous()
-            t0 = self.timer()
+            t0 = self.clock.monotonic()
             staging = make_staging_dir(self.staging_dir, step)
             try:
                 staged = None if callable(files) else stage_copies(resolve(files), staging)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-            sync_s = self.timer() - t0
+            sync_s = self.clock.monotonic() - t0
 
             def work() -> CheckpointInfo:  # on the background thread
                 try:
-                    t1 = self.timer()
+                    t1 = self.clock.monotonic()
                     sources = staged if staged is not None else resolve(files, staging)
-                    write_s = sync_s + self.timer() - t1
+                    write_s = sync_s + self.clock.monotonic() - t1
                     return self._commit(
                         step, sources, epoch, config_hash, meta, versions, write_s
                     )
@@ -220,14 +219,14 @@ class CheckpointStore:
         self._check_fence(step, epoch)  # fail fast, before paying for the upload
         self._inflight.add(prefix)
         try:
-            t1 = self.timer()
+            t1 = self.clock.monotonic()
             entries = self._upload_all(prefix, sources)
-            t2 = self.timer()
+            t2 = self.clock.monotonic()
             manifest = Manifest(
                 step=step,
                 uid=uid,
                 epoch=epoch,
-                created_at=float(self.clock()),
+                created_at=float(self.clock.time()),
                 files=entries,
                 versions={**default_versions(), **dict(versions or {})},
                 config_hash=config_hash,
@@ -238,7 +237,7 @@ class CheckpointStore:
                 self.store.create(f"{prefix}/{MANIFEST}", manifest.to_json())
             except AlreadyExistsError as e:  # a fresh uid: cannot happen short of a uid clash
                 raise CheckpointError(f"{prefix}/{MANIFEST} already exists") from e
-            t3 = self.timer()
+            t3 = self.clock.monotonic()
         finally:
             self._inflight.discard(prefix)
         stats = CommitStats(

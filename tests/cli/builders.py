@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from colabjob.jobs.policy import StopReason
 from colabjob.runner.lease import Holder, Lease
 from colabjob.runner.record import Segment, create_record, update_record
-from colabjob.runner.states import JobEvent, StopReason
+from colabjob.runner.states import JobEvent
 from colabjob.storage.checkpoints import CheckpointStore
 from colabjob.storage.store import Store, open_store
 

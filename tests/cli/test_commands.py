@@ -10,8 +10,9 @@ import pytest
 
 from colabjob.cli import main
 from colabjob.config import load_spec
+from colabjob.jobs.policy import StopReason
 from colabjob.runner.record import load_record
-from colabjob.runner.states import JobEvent, JobState, StopReason
+from colabjob.runner.states import JobEvent, JobState
 from colabjob.runner.stop_request import read_stop_request
 from colabjob.storage.checkpoints import CheckpointStore
 from tests.cli.builders import hold_lease, make_job, metric_rows, save_checkpoint

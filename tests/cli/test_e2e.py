@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 
+from colabjob.jobs.policy import StopReason
 from colabjob.runner.record import load_record
-from colabjob.runner.states import JobState, StopReason
+from colabjob.runner.states import JobState
 from colabjob.storage.store import open_store
 from tests.cli.builders import run_cli
 

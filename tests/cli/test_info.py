@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from colabjob.runner.states import JobEvent, StopReason
+from colabjob.jobs.policy import StopReason
+from colabjob.runner.states import JobEvent
 from tests.cli.builders import hold_lease, make_job, run_cli, run_main
 
 S = StopReason

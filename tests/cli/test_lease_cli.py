@@ -15,9 +15,10 @@ from pathlib import Path
 
 import pytest
 
+from colabjob.jobs.policy import StopReason
 from colabjob.runner.lease import LEASE_KEY, read_lease
 from colabjob.runner.record import load_record
-from colabjob.runner.states import JobState, StopReason
+from colabjob.runner.states import JobState
 from colabjob.storage.store import open_store
 from tests.cli.builders import REPO, hold_lease, make_job, run_cli
 

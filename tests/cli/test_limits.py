@@ -25,10 +25,11 @@ import torch
 from colabjob.cli import main
 from colabjob.config import DEFAULT_MARGIN, BudgetSpec, render_template
 from colabjob.errors import ConfigError
+from colabjob.jobs.policy import StopReason
 from colabjob.runner import budget, launch, watchdog
 from colabjob.runner.platforms import parse_duration
 from colabjob.runner.record import load_record
-from colabjob.runner.states import JobState, StopReason
+from colabjob.runner.states import JobState
 from tests.cli.builders import REPO, make_job, run_cli
 
 HUGE = 100_000  # more processes than any machine has cores or GPUs

@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 
 from colabjob.jobs.demo import compare_final_weights
+from colabjob.jobs.policy import StopReason
 from colabjob.runner.record import load_record
-from colabjob.runner.states import JobState, StopReason
+from colabjob.runner.states import JobState
 from colabjob.storage.checkpoints import CheckpointStore
 from colabjob.storage.store import open_store
 from tests.cli.builders import REPO, run_cli

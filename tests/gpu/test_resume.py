@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from colabjob.jobs.context import SegmentContext
-from colabjob.jobs.policy import NeverStop
+from colabjob.jobs.policy import NeverStop, StopPolicy, StopReason
 from colabjob.jobs.session import Session
 from colabjob.storage import open_store
 from colabjob.storage.checkpoints import CheckpointStore
@@ -28,29 +28,16 @@ TOTAL = 12
 CUTS = (5, 9)
 
 
-class StopAt:
+class StopAt(StopPolicy):
     """A ``StopPolicy``: stop (reason ``budget``) once the session reaches step ``at``."""
-
-    emergency = False
 
     def __init__(self, at: int) -> None:
         self.at = at
         self.session: Session | None = None
 
-    def observe_step(self, seconds: float) -> None:
-        pass
-
-    def observe_checkpoint(
-        self, *, write_seconds: float, upload_seconds: float, nbytes: int
-    ) -> None:
-        pass
-
-    def should_stop(self) -> str | None:
+    def should_stop(self) -> StopReason | None:
         assert self.session is not None
-        return "budget" if self.session.global_step >= self.at else None
-
-    def checkpoint_due(self) -> bool:
-        return False
+        return StopReason.BUDGET if self.session.global_step >= self.at else None
 
 
 @dataclass

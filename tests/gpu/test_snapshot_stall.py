@@ -21,6 +21,7 @@ import torch
 
 from colabjob.jobs.context import SegmentContext
 from colabjob.jobs.data import make_loader
+from colabjob.jobs.policy import StopPolicy
 from colabjob.jobs.session import Session
 from colabjob.storage import open_store
 from colabjob.storage.checkpoints import CheckpointStore
@@ -53,27 +54,16 @@ def _loader() -> Any:
     return make_loader(Tokens(64, vocab=50257), batch_size=BATCH, seed=3)
 
 
-class Commits:
+class Commits(StopPolicy):
     """A ``StopPolicy`` that never stops and records every committed checkpoint's size."""
-
-    emergency = False
 
     def __init__(self) -> None:
         self.nbytes: list[int] = []
-
-    def observe_step(self, seconds: float) -> None:
-        pass
 
     def observe_checkpoint(
         self, *, write_seconds: float, upload_seconds: float, nbytes: int
     ) -> None:
         self.nbytes.append(nbytes)
-
-    def should_stop(self) -> str | None:
-        return None
-
-    def checkpoint_due(self) -> bool:
-        return False
 
 
 def _ctx(root: Path, staging: Path, policy: Commits) -> SegmentContext:

@@ -35,7 +35,7 @@ from colabjob.jobs.distributed import (
     make_distributed_loader,
     shutdown_distributed,
 )
-from colabjob.jobs.policy import NeverStop
+from colabjob.jobs.policy import NeverStop, StopPolicy, StopReason
 from colabjob.jobs.session import Session
 from colabjob.storage import open_store
 from colabjob.storage.checkpoints import CheckpointStore
@@ -46,27 +46,16 @@ N_SAMPLES = 36
 DATA_SEED = 11
 
 
-class StopAt:
+class StopAt(StopPolicy):
     """Stop once the bound session reaches optimizer step ``at``."""
-
-    emergency = False
 
     def __init__(self, at: int) -> None:
         self.at = at
         self.session: Session | None = None
 
-    def observe_step(self, seconds: float) -> None:
-        pass
-
-    def observe_checkpoint(self, *, write_seconds: float, upload_seconds: float, nbytes: int):
-        pass
-
-    def should_stop(self) -> str | None:
+    def should_stop(self) -> StopReason | None:
         assert self.session is not None
-        return "budget" if self.session.global_step >= self.at else None
-
-    def checkpoint_due(self) -> bool:
-        return False
+        return StopReason.BUDGET if self.session.global_step >= self.at else None
 
 
 def build(

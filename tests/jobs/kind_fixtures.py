@@ -15,6 +15,7 @@ import torch
 
 from colabjob.config import JobSpec
 from colabjob.jobs.context import SegmentContext
+from colabjob.jobs.policy import StopPolicy, StopReason
 from colabjob.storage.checkpoints import CheckpointStore
 from colabjob.storage.store import open_store
 
@@ -29,10 +30,8 @@ WORDS = (
 )
 
 
-class StopAfter:
+class StopAfter(StopPolicy):
     """A StopPolicy that stops (reason ``budget``) after ``n`` optimizer steps; None: never."""
-
-    emergency = False
 
     def __init__(self, n: int | None) -> None:
         self.n, self.steps, self.checkpoints = n, 0, 0
@@ -45,11 +44,8 @@ class StopAfter:
     ) -> None:
         self.checkpoints += 1
 
-    def should_stop(self) -> str | None:
-        return "budget" if self.n is not None and self.steps >= self.n else None
-
-    def checkpoint_due(self) -> bool:
-        return False
+    def should_stop(self) -> StopReason | None:
+        return StopReason.BUDGET if self.n is not None and self.steps >= self.n else None
 
 
 def make_ctx(url: str | Path, policy: Any = None, **kw: Any) -> SegmentContext:

@@ -37,12 +37,13 @@ from colabjob.jobs.distributed import (
     make_distributed_loader,
     unwrap_model,
 )
+from colabjob.jobs.policy import StopReason
 from colabjob.jobs.rng import capture_rng, seed_everything
 from colabjob.jobs.state import Counters, RankState, Snapshot, restore, write_snapshot
 from colabjob.runner.child import ChildResult
 from colabjob.runner.launch import LaunchResult, _adopt_rank_result, launch, rank_path
 from colabjob.runner.record import load_record
-from colabjob.runner.states import JobState, StopReason
+from colabjob.runner.states import JobState
 from colabjob.storage import open_store
 from colabjob.storage.checkpoints import CheckpointStore
 

@@ -29,6 +29,7 @@ from safetensors.torch import load as load_tensors
 
 from colabjob.jobs.context import SegmentContext
 from colabjob.jobs.kinds import run_kind
+from colabjob.jobs.policy import StopReason
 from colabjob.jobs.tokenize import TOKENIZER_KEY
 from colabjob.runner.launch import launch
 from colabjob.storage.checkpoints import CheckpointStore
@@ -48,8 +49,8 @@ STEPS = 8  # sigkill_spec: 8 steps of 2 x accumulation 2 per rank
 class SignalAfter(StopAfter):
     """Stops with ``signal`` (as a SIGUSR1 would) after ``n`` optimizer steps."""
 
-    def should_stop(self) -> str | None:
-        return "signal" if super().should_stop() else None
+    def should_stop(self) -> StopReason | None:
+        return StopReason.SIGNAL if super().should_stop() else None
 
 
 def _spec(kind: str, data: Path, model: Path) -> Any:
@@ -202,7 +203,7 @@ def test_resumable_script_on_two_ranks_stops_together_and_resumes_bit_identical(
     SUSPENDED); resumed on 2 ranks it ends bit-identical to an uninterrupted 2-rank run."""
     from colabjob.jobs.demo import compare_final_weights
     from colabjob.runner.record import load_record
-    from colabjob.runner.states import JobState, StopReason
+    from colabjob.runner.states import JobState
 
     straight, split = tmp_path / "straight", tmp_path / "split"
     whole = _launch_resumable(tmp_path, straight, assets, 0, "a")

@@ -23,8 +23,9 @@ from pathlib import Path
 import pytest
 
 from colabjob.jobs.demo import compare_final_weights
+from colabjob.jobs.policy import StopReason
 from colabjob.runner.record import load_record
-from colabjob.runner.states import JobState, StopReason
+from colabjob.runner.states import JobState
 from colabjob.storage.checkpoints import CheckpointStore
 from colabjob.storage.store import open_store
 from tests.jobs.kind_fixtures import tiny_model_dir, write_text_data

@@ -27,11 +27,12 @@ from colabjob.errors import (
 )
 from colabjob.jobs.context import SegmentContext, SegmentOutcome
 from colabjob.jobs.data import ResumableIterable, make_loader
-from colabjob.jobs.policy import NeverStop, StopPolicy
+from colabjob.jobs.policy import NeverStop, StopPolicy, StopReason
 from colabjob.jobs.rng import GeneratorState
 from colabjob.jobs.session import Session
 from colabjob.storage import open_store
 from colabjob.storage.checkpoints import CheckpointStore
+from tests.fakes import FakeClock
 
 from .equiv_child import Objects, build, train
 from .helpers import CountingDataset, NoisyDataset, TinyNet, assert_same_model
@@ -40,16 +41,16 @@ TOTAL = 12
 WAIT = 10.0  # bound for a background thread to get somewhere; never a deadline under test
 
 
-class StopAfter:
+class StopAfter(StopPolicy):
     """A StopPolicy that stops once the bound session reaches optimizer step ``at`` (None:
     never) with ``reason``, and asks for a checkpoint at the steps in ``due``."""
 
     def __init__(
         self, at: int | None, reason: str = "budget", *, due: frozenset[int] = frozenset()
     ):
-        self.at, self.reason, self.due = at, reason, due
+        self.at, self.reason, self.due = at, StopReason(reason), due
         self.session: Session | None = None
-        self.emergency = False
+        self.preempted = False
         self.observed: list[float] = []
         self.checkpoints: list[dict[str, Any]] = []
 
@@ -63,10 +64,14 @@ class StopAfter:
     def observe_checkpoint(self, *, write_seconds: float, upload_seconds: float, nbytes: int):
         self.checkpoints.append({"write": write_seconds, "upload": upload_seconds, "n": nbytes})
 
-    def should_stop(self) -> str | None:
+    @property
+    def emergency(self) -> bool:
+        return self.preempted
+
+    def should_stop(self) -> StopReason | None:
         assert self.session is not None, "bind() the policy to its session"
         if self.at is not None and self.session.global_step >= self.at:
-            self.emergency = self.reason == "preemption"
+            self.preempted = self.reason is StopReason.PREEMPTION
             return self.reason
         return None
 
@@ -328,11 +333,11 @@ def test_time_interval_checkpoints_come_from_the_policy(tmp_path: Path) -> None:
 
 
 def test_every_step_time_reaches_the_policy(tmp_path: Path) -> None:
-    now = [0.0]
-    ctx = make_ctx(tmp_path, policy=StopAfter(None), monotonic=lambda: now[0])
+    clock = FakeClock()
+    ctx = make_ctx(tmp_path, policy=StopAfter(None), clock=clock)
     s = _tracked(ctx)  # at t=0: without batches(), step times count from track()
     for dt in [0.03, 0.05, 0.01, 0.02, 0.5, 0.04, 0.05]:  # seconds per step
-        now[0] += dt
+        clock.advance(dt)
         s.step(loss=1.0)
     # one call per optimizer step, boundary to boundary (the StopPolicy contract)
     expected = [0.03, 0.05, 0.01, 0.02, 0.5, 0.04, 0.05]

@@ -8,11 +8,9 @@ from collections.abc import Callable
 import pytest
 
 from colabjob.errors import ConfigError
-from colabjob.jobs.policy import NeverStop, StopPolicy
+from colabjob.jobs.policy import AnyOf, NeverStop, StopPolicy, StopReason
 from colabjob.runner.budget import (
-    AnyOf,
     CheckpointEvery,
-    Policy,
     StepTimes,
     StopBeforeDeadline,
     budget_for,
@@ -191,29 +189,32 @@ def test_any_of_composes_and_flattens() -> None:
     clock = FakeClock()
     calls: list[str] = []
 
-    class Spy(Policy):
-        def __init__(self, name: str, verdict: str | None, due: bool) -> None:
+    class Spy(StopPolicy):
+        def __init__(self, name: str, verdict: StopReason | None, due: bool) -> None:
             self.name, self.verdict, self.due = name, verdict, due
 
         def observe_step(self, seconds: float) -> None:
             calls.append(f"{self.name}:{seconds}")
 
-        def should_stop(self) -> str | None:
+        def should_stop(self) -> StopReason | None:
             return self.verdict
 
         def checkpoint_due(self) -> bool:
             calls.append(f"{self.name}:due")
             return self.due
 
-    combo = Spy("a", None, True) | Spy("b", "signal", False) | Spy("c", "budget", False)
+    combo = (
+        Spy("a", None, True)
+        | Spy("b", StopReason.SIGNAL, False)
+        | Spy("c", StopReason.BUDGET, False)
+    )
     assert isinstance(combo, AnyOf) and len(combo.policies) == 3
     combo.observe_step(1.5)
-    assert combo.should_stop() == "signal"
+    assert combo.should_stop() is StopReason.SIGNAL
     assert combo.checkpoint_due()
     assert calls == ["a:1.5", "b:1.5", "c:1.5", "a:due", "b:due", "c:due"]
-    assert not combo.emergency and (StopBeforeDeadline(None, clock=clock) | Policy()).status() == {
-        "deadline": None
-    }
+    assert not combo.emergency
+    assert (StopBeforeDeadline(None, clock=clock) | StopPolicy()).status() == {"deadline": None}
 
 
 def test_budget_for_a_platform() -> None:
@@ -231,7 +232,7 @@ def test_budget_for_a_platform() -> None:
 
 
 def simulate(
-    policy: Policy,
+    policy: StopPolicy,
     clock: FakeClock,
     step: Callable[[], float],
     save: Callable[[], tuple[float, float, int]],

@@ -18,12 +18,13 @@ import colabjob
 from colabjob.errors import JobMovedError, JobStateError
 from colabjob.jobs.context import SegmentOutcome
 from colabjob.jobs.demo import StepBudget
+from colabjob.jobs.policy import AnyOf, StopReason
 from colabjob.jobs.session import Session
-from colabjob.runner.budget import AnyOf, StopBeforeDeadline
+from colabjob.runner.budget import StopBeforeDeadline
 from colabjob.runner.lease import read_lease
 from colabjob.runner.record import create_record, load_record
 from colabjob.runner.segment import OpenSegment, SegmentOptions, open_segment
-from colabjob.runner.states import JobState, StopReason
+from colabjob.runner.states import JobState
 from colabjob.runner.transfer import MovedMarker, mark_moved
 from colabjob.runner.watchdog import Watchdog
 from colabjob.storage import open_store

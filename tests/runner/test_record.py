@@ -16,6 +16,7 @@ from colabjob.errors import (
     ObjectNotFoundError,
     PreconditionFailedError,
 )
+from colabjob.jobs.policy import StopReason
 from colabjob.runner.record import (
     RECORD_KEY,
     JobRecord,
@@ -27,7 +28,7 @@ from colabjob.runner.record import (
     read_record,
     update_record,
 )
-from colabjob.runner.states import JobEvent, JobState, LeaseStatus, StopReason
+from colabjob.runner.states import JobEvent, JobState, LeaseStatus
 from colabjob.storage import Store, open_store
 from colabjob.storage.retry import RetryPolicy
 from tests.fakes import FakeClock
@@ -193,3 +194,14 @@ def test_record_file_is_readable_json(store: Store) -> None:
     assert '"state": "created"' in text and text.endswith("\n")
     rec = dataclasses.replace(load_record(store), state=JobState.RUNNING)
     assert rec.state is JobState.RUNNING
+
+
+@pytest.mark.parametrize("reason", list(StopReason))
+def test_every_stop_reason_round_trips_through_the_record(reason: StopReason) -> None:
+    """job.json stores the enum's string value; reading it back gives the same member."""
+    rec = JobRecord(job_id="j").apply(JobEvent.START).begin_segment(seg(1))
+    rec = rec.end_segment(ended_at=200.0, last_step=3, stop_reason=reason)
+    raw = rec.to_json()
+    assert f'"stop_reason": "{reason.value}"' in raw.decode()
+    back = JobRecord.from_json(raw)
+    assert back.history[-1].stop_reason is reason and back == rec

@@ -22,12 +22,13 @@ import colabjob
 from colabjob.config import config_hash, spec_from_text
 from colabjob.errors import JobStateError, StaleEpochError
 from colabjob.jobs.context import SegmentContext, SegmentOutcome
+from colabjob.jobs.policy import StopReason
 from colabjob.jobs.session import Session
 from colabjob.runner.lease import Holder, Lease, read_lease
 from colabjob.runner.record import JobRecord, load_record
 from colabjob.runner.segment import SegmentOptions, run_segment
 from colabjob.runner.signals import forget_completion
-from colabjob.runner.states import JobState, StopReason
+from colabjob.runner.states import JobState
 from colabjob.runner.stop_request import request_stop
 from colabjob.runner.watchdog import Watchdog
 from colabjob.storage import open_store

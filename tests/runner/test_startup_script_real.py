@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 import colabjob
+from colabjob.jobs.policy import StopReason
 from colabjob.runner.record import load_record
-from colabjob.runner.states import JobState, StopReason
+from colabjob.runner.states import JobState
 from colabjob.storage.checkpoints import CheckpointStore
 from colabjob.storage.store import open_store
 from tests.cli.builders import run_cli

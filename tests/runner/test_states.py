@@ -7,11 +7,11 @@ import itertools
 import pytest
 
 from colabjob.errors import InvalidTransitionError, JobStateError
+from colabjob.jobs.policy import StopReason
 from colabjob.runner.states import (
     TRANSITIONS,
     JobEvent,
     JobState,
-    StopReason,
     allowed_events,
     is_terminal,
     transition,

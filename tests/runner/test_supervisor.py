@@ -17,19 +17,17 @@ import pytest
 from colabjob.errors import (
     ConfigError,
     CorruptCheckpointError,
+    ExitCode,
     LeaseHeldError,
     StaleEpochError,
     StoragePermissionError,
     TransientStorageError,
 )
+from colabjob.jobs.policy import StopReason
 from colabjob.runner.lease import read_lease
 from colabjob.runner.record import load_record
-from colabjob.runner.states import JobState, StopReason
+from colabjob.runner.states import JobState
 from colabjob.runner.supervisor import (
-    EXIT_DONE,
-    EXIT_FAILED,
-    EXIT_PAUSED,
-    EXIT_USAGE,
     ChildResult,
     RunRequest,
     Supervisor,
@@ -61,19 +59,19 @@ def _run(tmp_path: Path, script: list[str], retries: int = 2) -> tuple[int, int,
 
 def test_completed_segment_exits_0(tmp_path: Path) -> None:
     code, attempts, _ = _run(tmp_path, ["ok"])
-    assert (code, attempts) == (EXIT_DONE, 1)
+    assert (code, attempts) == (ExitCode.DONE, 1)
     assert load_record(open_store(tmp_path / "job")).state is JobState.COMPLETED
 
 
 def test_paused_segment_exits_75(tmp_path: Path) -> None:
     code, attempts, _ = _run(tmp_path, ["pause"])
-    assert (code, attempts) == (EXIT_PAUSED, 1)
+    assert (code, attempts) == (ExitCode.PAUSED, 1)
     assert load_record(open_store(tmp_path / "job")).state is JobState.SUSPENDED
 
 
 def test_killed_child_is_recorded_and_retried_from_the_last_checkpoint(tmp_path: Path) -> None:
     code, attempts, said = _run(tmp_path, ["kill", "ok"])
-    assert (code, attempts) == (EXIT_DONE, 2)
+    assert (code, attempts) == (ExitCode.DONE, 2)
     store = open_store(tmp_path / "job")
     record = load_record(store)
     assert record.state is JobState.COMPLETED
@@ -89,14 +87,14 @@ def test_killed_child_is_recorded_and_retried_from_the_last_checkpoint(tmp_path:
 
 def test_exception_in_training_is_retried(tmp_path: Path) -> None:
     code, attempts, _ = _run(tmp_path, ["raise", "ok"])
-    assert (code, attempts) == (EXIT_DONE, 2)
+    assert (code, attempts) == (ExitCode.DONE, 2)
     record = load_record(open_store(tmp_path / "job"))
     assert [s.stop_reason for s in record.history] == [StopReason.CRASH, StopReason.COMPLETED]
 
 
 def test_retries_are_bounded_then_failed(tmp_path: Path) -> None:
     code, attempts, said = _run(tmp_path, ["kill", "exit3", "kill"], retries=2)
-    assert (code, attempts) == (EXIT_FAILED, 3)
+    assert (code, attempts) == (ExitCode.FAILED, 3)
     store = open_store(tmp_path / "job")
     record = load_record(store)
     assert record.state is JobState.FAILED
@@ -107,7 +105,9 @@ def test_retries_are_bounded_then_failed(tmp_path: Path) -> None:
     assert lease is not None and lease[0].released  # `resume` need not wait for a TTL
 
 
-@pytest.mark.parametrize(("action", "code"), [("usage", EXIT_USAGE), ("import", EXIT_FAILED)])
+@pytest.mark.parametrize(
+    ("action", "code"), [("usage", ExitCode.USAGE), ("import", ExitCode.FAILED)]
+)
 def test_user_errors_fail_at_once(tmp_path: Path, action: str, code: int) -> None:
     got, attempts, _ = _run(tmp_path, [action, "ok"])
     assert (got, attempts) == (code, 1)
@@ -115,7 +115,7 @@ def test_user_errors_fail_at_once(tmp_path: Path, action: str, code: int) -> Non
 
 def test_no_retries_when_zero(tmp_path: Path) -> None:
     code, attempts, _ = _run(tmp_path, ["kill", "ok"], retries=0)
-    assert (code, attempts) == (EXIT_FAILED, 1)
+    assert (code, attempts) == (ExitCode.FAILED, 1)
     assert load_record(open_store(tmp_path / "job")).state is JobState.FAILED
 
 
@@ -140,7 +140,7 @@ def test_sigterm_to_the_supervisor_reaches_the_child(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == EXIT_PAUSED, out
+    assert proc.returncode == ExitCode.PAUSED, out
     assert "exit=75 attempts=1" in out
     record = load_record(open_store(tmp_path / "job"))
     assert record.state is JobState.SUSPENDED
@@ -150,15 +150,15 @@ def test_sigterm_to_the_supervisor_reaches_the_child(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("exc", "code", "retry"),
     [
-        (ConfigError("x"), EXIT_USAGE, False),
-        (LeaseHeldError("x"), EXIT_USAGE, False),
-        (StaleEpochError("x"), EXIT_USAGE, False),
-        (StoragePermissionError("x"), EXIT_FAILED, False),
-        (TransientStorageError("x"), EXIT_FAILED, True),
-        (CorruptCheckpointError("x"), EXIT_FAILED, True),
-        (RuntimeError("CUDA out of memory"), EXIT_FAILED, True),
-        (ModuleNotFoundError("my_train"), EXIT_FAILED, False),
-        (SyntaxError("bad"), EXIT_FAILED, False),
+        (ConfigError("x"), ExitCode.USAGE, False),
+        (LeaseHeldError("x"), ExitCode.USAGE, False),
+        (StaleEpochError("x"), ExitCode.USAGE, False),
+        (StoragePermissionError("x"), ExitCode.FAILED, False),
+        (TransientStorageError("x"), ExitCode.FAILED, True),
+        (CorruptCheckpointError("x"), ExitCode.FAILED, True),
+        (RuntimeError("CUDA out of memory"), ExitCode.FAILED, True),
+        (ModuleNotFoundError("my_train"), ExitCode.FAILED, False),
+        (SyntaxError("bad"), ExitCode.FAILED, False),
     ],
 )
 def test_classify_error(exc: BaseException, code: int, retry: bool) -> None:

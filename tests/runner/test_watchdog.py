@@ -13,11 +13,10 @@ from types import FrameType
 
 import pytest
 
-from colabjob.jobs.policy import StopPolicy
+from colabjob.jobs.policy import StopPolicy, StopReason
 from colabjob.runner.budget import StopBeforeDeadline
 from colabjob.runner.lease import Holder, Lease
 from colabjob.runner.platforms import PlatformInfo
-from colabjob.runner.states import StopReason
 from colabjob.runner.stop_request import (
     STOP_KEY,
     clear_stop_request,

@@ -52,7 +52,7 @@ def orphan(store: Store, step: int, uid: str = "deadbeef0000") -> str:
 
 def test_save_list_latest_read_fetch(store: Store, tmp_path: Path) -> None:
     clock = FakeClock()
-    ckpts = CheckpointStore(store, clock=clock.time)
+    ckpts = CheckpointStore(store, clock=clock)
     src = tmp_path / "big.bin"
     src.write_bytes(payload(2, "from-path", 100_000))
     assert ckpts.latest() is None and ckpts.list() == []
@@ -105,7 +105,7 @@ def test_a_prefix_without_manifest_does_not_exist(store: Store) -> None:
 
 def test_latest_is_by_step_never_by_time(store: Store) -> None:
     clock = FakeClock()
-    ckpts = CheckpointStore(store, clock=clock.time, keep=5)
+    ckpts = CheckpointStore(store, clock=clock, keep=5)
     ckpts.save(10, files_for(10))
     clock.advance(100)
     ckpts.save(5, files_for(5))  # written later, but an older step

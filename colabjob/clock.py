@@ -1,10 +1,10 @@
-"""The one source of time for the runner layer.
+"""The one source of time for every layer (top level, so storage, jobs and runner share it).
 
 Every decision about time (deadlines, heartbeats, lease expiry, checkpoint intervals) goes
 through a ``Clock``: wall time for what is written down and compared across machines,
 monotonic time for every duration measured on this machine, and ``sleep`` for waiting.
-Production code uses ``SYSTEM_CLOCK``; tests pass a fake one that advances instantly, so no
-test ever sleeps to reach a deadline.
+Production code uses ``SYSTEM_CLOCK``; tests pass a fake one (``tests/fakes.py``) that
+advances instantly, so no test ever sleeps to reach a deadline. No torch here.
 """
 
 from __future__ import annotations
