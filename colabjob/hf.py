@@ -36,11 +36,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-from colabjob.clock import SYSTEM_CLOCK, Clock
+from colabjob.clock import Clock
 from colabjob.errors import ConfigError, ExitCode
 from colabjob.jobs.context import SegmentOutcome
 from colabjob.jobs.hf import ResumableTrainerMixin
 from colabjob.jobs.policy import StopReason
+from colabjob.runner.options import DEFAULTS, SegmentOptions
 from colabjob.runner.record import (
     SCRIPT_KEY,
     JobRecord,
@@ -49,15 +50,11 @@ from colabjob.runner.record import (
     update_record,
 )
 from colabjob.runner.script_errors import interactive, reported_for_script
-from colabjob.runner.segment import SegmentOptions, open_segment
+from colabjob.runner.segment import open_segment
 from colabjob.runner.states import JobEvent, JobState
 from colabjob.storage.store import Store, open_store
 
 __all__ = ["resumable"]
-
-
-def _print(message: str) -> None:
-    print(f"colabjob: {message}", flush=True)
 
 
 def _config_of(trainer: Any) -> dict[str, Any]:
@@ -190,25 +187,25 @@ def resumable(
     trainer: Any,
     url: str | os.PathLike[str] | Store,
     *,
-    budget: str | float | None = None,
-    platform: str | None = None,
-    session_started_at: str | float | None = None,
-    margin: str | float | None = None,
-    step_guess: str | float | None = None,
-    save_guess: str | float | None = None,
-    every_steps: int | None = None,
-    every_minutes: float | None = 30.0,
-    keep: int = 2,
-    allow_geometry_change: bool = False,
-    staging_dir: str | os.PathLike[str] | None = None,
-    force: bool = False,
+    budget: str | float | None = DEFAULTS.budget,
+    platform: str | None = DEFAULTS.platform,
+    session_started_at: str | float | None = DEFAULTS.session_started_at,
+    margin: str | float | None = DEFAULTS.margin,
+    step_guess: str | float | None = DEFAULTS.step_guess,
+    save_guess: str | float | None = DEFAULTS.save_guess,
+    every_steps: int | None = DEFAULTS.every_steps,
+    every_minutes: float | None = DEFAULTS.every_minutes,
+    keep: int = DEFAULTS.keep,
+    allow_geometry_change: bool = DEFAULTS.allow_geometry_change,
+    staging_dir: str | os.PathLike[str] | None = DEFAULTS.staging_dir,
+    force: bool = DEFAULTS.force,
     exit_on_pause: bool | None = None,
-    log: Callable[[str], None] | None = _print,
-    tensorboard: bool | Literal["auto"] = "auto",
-    wandb: bool = False,
-    wandb_project: str | None = None,
-    clock: Clock = SYSTEM_CLOCK,
-    async_checkpoint: bool | Literal["auto"] = "auto",
+    log: Callable[[str], None] | None = DEFAULTS.log,
+    tensorboard: bool | Literal["auto"] = DEFAULTS.tensorboard,
+    wandb: bool = DEFAULTS.wandb,
+    wandb_project: str | None = DEFAULTS.wandb_project,
+    clock: Clock = DEFAULTS.clock,
+    async_checkpoint: bool | Literal["auto"] = DEFAULTS.async_checkpoint,
 ) -> Any:
     """Make ``trainer`` (a ``transformers.Trainer``, any subclass) resumable at ``url``.
 
@@ -226,6 +223,11 @@ def resumable(
     (one line on stderr) after a usage error (default: yes in a script, no in a notebook).
     Returns the same trainer object.
     """
+    opts = SegmentOptions.from_arguments(
+        locals(),
+        besides=("trainer", "url", "exit_on_pause"),
+        log_metrics=False,  # HF prints its own log rows
+    )
     from transformers import Trainer
 
     if not isinstance(trainer, Trainer):
@@ -238,26 +240,6 @@ def resumable(
         trainer.__class__ = _CLASSES[cls]
     t: Any = trainer
     t._colabjob_store = url if isinstance(url, Store) else open_store(url)
-    t._colabjob_opts = SegmentOptions(
-        budget=budget,
-        platform=platform,
-        session_started_at=session_started_at,
-        margin=margin,
-        step_guess=step_guess,
-        save_guess=save_guess,
-        every_steps=every_steps,
-        every_minutes=every_minutes,
-        keep=keep,
-        staging_dir=staging_dir,
-        allow_geometry_change=allow_geometry_change,
-        force=force,
-        tensorboard=tensorboard,
-        wandb=wandb,
-        wandb_project=wandb_project,
-        clock=clock,
-        log=log,
-        log_metrics=False,  # HF prints its own log rows
-        async_checkpoint=async_checkpoint,
-    )
+    t._colabjob_opts = opts
     t._colabjob_exit = exit_on_pause
     return trainer

@@ -326,7 +326,8 @@ def _check_lease(store: Store, *, force: bool, why: str = "") -> None:
     ``force`` (the child then watches the lease for at most our TTL). A holder that died on
     this machine is not refused: the child takes its lease over at once."""
     from colabjob.errors import InvalidLeaseError
-    from colabjob.runner.lease import DEFAULT_TTL, LeaseObserver, held_error
+    from colabjob.runner.lease import DEFAULT_TTL
+    from colabjob.runner.lease_info import LeaseObserver, held_error
     from colabjob.runner.states import LeaseStatus
 
     try:

@@ -52,7 +52,8 @@ from colabjob.runner.gcloud import (
     parse_accelerator,
     run_gcloud,
 )
-from colabjob.runner.lease import Holder, Lease, LeaseObserver, format_time
+from colabjob.runner.lease import Lease
+from colabjob.runner.lease_info import Holder, LeaseObserver, format_time
 from colabjob.runner.record import JobRecord, load_record, read_record
 from colabjob.runner.startup_script import render_startup_script
 from colabjob.runner.states import JobState, LeaseStatus

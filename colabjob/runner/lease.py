@@ -3,7 +3,7 @@
 A runner acquires the lease with a create-only write (or a compare-and-swap over a released
 or expired one), renews it by compare-and-swap from a ``Heartbeat`` thread, and releases it on
 a clean stop. Expiry is judged on the *reader's* monotonic clock (``colabjob.runner.lease_info``
-holds the file's content and that judgement; its names are re-exported here). Every takeover
+holds the file's content and that judgement). Every takeover
 bumps the fencing epoch (also stored in ``job.json``); a checkpoint commit calls
 ``current_epoch()`` and rejects a manifest carrying an older epoch, so a runner that was paused
 and lost its lease cannot commit over the new one. A holder that provably died on this machine
@@ -36,8 +36,6 @@ from colabjob.runner.lease_info import (
     LEASE_KEY,
     Holder,
     LeaseInfo,
-    LeaseObserver,
-    format_time,
     held_error,
     read_lease,
 )
@@ -47,18 +45,7 @@ from colabjob.runner.record import RECORD_KEY, read_record, update_record
 if TYPE_CHECKING:
     from colabjob.storage.store import Store, Version
 
-__all__ = [
-    "DEFAULT_TTL",
-    "LEASE_KEY",
-    "Heartbeat",
-    "Holder",
-    "Lease",
-    "LeaseInfo",
-    "LeaseObserver",
-    "format_time",
-    "held_error",
-    "read_lease",
-]
+__all__ = ["DEFAULT_TTL", "Heartbeat", "Lease"]
 
 DEFAULT_TTL = 120.0
 

@@ -21,15 +21,13 @@ import os
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
-from colabjob.clock import SYSTEM_CLOCK, Clock
+from colabjob.clock import Clock
 from colabjob.errors import JobStateError
 from colabjob.jobs.context import SegmentContext, SegmentOutcome
 from colabjob.jobs.session import Session
-from colabjob.runner.lease import DEFAULT_TTL
-from colabjob.runner.options import SegmentOptions, with_spec_defaults
+from colabjob.runner.options import DEFAULTS, SegmentOptions, with_spec_defaults
 from colabjob.runner.script_errors import reported_for_script
 from colabjob.runner.segment_run import SegmentRun
-from colabjob.runner.watchdog import STOP_POLL_SECONDS
 from colabjob.storage.store import Store, open_store
 
 if TYPE_CHECKING:
@@ -37,10 +35,6 @@ if TYPE_CHECKING:
     from colabjob.jobs.progress import ProgressSink
 
 __all__ = ["OpenSegment", "SegmentOptions", "open_segment", "run_segment", "session"]
-
-
-def _print(message: str) -> None:
-    print(f"colabjob: {message}", flush=True)
 
 
 def _open(url: str | os.PathLike[str] | Store) -> Store:
@@ -95,30 +89,30 @@ def open_segment(
 def session(
     url: str | os.PathLike[str] | Store,
     *,
-    budget: str | float | None = None,
-    platform: str | None = None,
-    session_started_at: str | float | None = None,
-    margin: str | float | None = None,
-    step_guess: str | float | None = None,
-    save_guess: str | float | None = None,
-    every_steps: int | None = None,
-    every_minutes: float | None = 30.0,
-    keep: int = 2,
-    max_steps: int | None = None,
-    allow_geometry_change: bool = False,
-    staging_dir: str | os.PathLike[str] | None = None,
-    force: bool = False,
+    budget: str | float | None = DEFAULTS.budget,
+    platform: str | None = DEFAULTS.platform,
+    session_started_at: str | float | None = DEFAULTS.session_started_at,
+    margin: str | float | None = DEFAULTS.margin,
+    step_guess: str | float | None = DEFAULTS.step_guess,
+    save_guess: str | float | None = DEFAULTS.save_guess,
+    every_steps: int | None = DEFAULTS.every_steps,
+    every_minutes: float | None = DEFAULTS.every_minutes,
+    keep: int = DEFAULTS.keep,
+    max_steps: int | None = DEFAULTS.max_steps,
+    allow_geometry_change: bool = DEFAULTS.allow_geometry_change,
+    staging_dir: str | os.PathLike[str] | None = DEFAULTS.staging_dir,
+    force: bool = DEFAULTS.force,
     config: Mapping[str, Any] | None = None,
-    log_every_steps: int = 10,
-    log: Callable[[str], None] | None = _print,
-    progress: ProgressSink | None = None,
-    tensorboard: bool | Literal["auto"] = "auto",
-    wandb: bool = False,
-    wandb_project: str | None = None,
-    clock: Clock = SYSTEM_CLOCK,
-    lease_ttl: float = DEFAULT_TTL,
-    stop_poll_seconds: float = STOP_POLL_SECONDS,
-    async_checkpoint: bool | Literal["auto"] = "auto",
+    log_every_steps: int = DEFAULTS.log_every_steps,
+    log: Callable[[str], None] | None = DEFAULTS.log,
+    progress: ProgressSink | None = DEFAULTS.progress,
+    tensorboard: bool | Literal["auto"] = DEFAULTS.tensorboard,
+    wandb: bool = DEFAULTS.wandb,
+    wandb_project: str | None = DEFAULTS.wandb_project,
+    clock: Clock = DEFAULTS.clock,
+    lease_ttl: float = DEFAULTS.lease_ttl,
+    stop_poll_seconds: float = DEFAULTS.stop_poll_seconds,
+    async_checkpoint: bool | Literal["auto"] = DEFAULTS.async_checkpoint,
 ) -> Iterator[Session]:
     """Run one segment of the job at ``url`` around a plain PyTorch loop; yields a Session.
 
@@ -145,31 +139,7 @@ def session(
     as one line and exits 2 in a script, like the CLI; in a notebook it is raised. Its
     hint names keyword arguments (``force=True``, ``allow_geometry_change=True``).
     """
-    opts = SegmentOptions(
-        budget=budget,
-        platform=platform,
-        session_started_at=session_started_at,
-        margin=margin,
-        step_guess=step_guess,
-        save_guess=save_guess,
-        every_steps=every_steps,
-        every_minutes=every_minutes,
-        keep=keep,
-        max_steps=max_steps,
-        staging_dir=staging_dir,
-        log_every_steps=log_every_steps,
-        allow_geometry_change=allow_geometry_change,
-        force=force,
-        lease_ttl=lease_ttl,
-        stop_poll_seconds=stop_poll_seconds,
-        tensorboard=tensorboard,
-        wandb=wandb,
-        wandb_project=wandb_project,
-        clock=clock,
-        log=log,
-        progress=progress,
-        async_checkpoint=async_checkpoint,
-    )
+    opts = SegmentOptions.from_arguments(locals(), besides=("url", "config"))
     with reported_for_script(), open_segment(url, opts, config=config) as seg:
         s = Session(seg.context)
         try:
@@ -188,9 +158,10 @@ def run_segment(
 ) -> SegmentOutcome:
     """Run one segment of a built-in job kind (``colabjob.jobs.kinds.run_kind``).
 
-    The context is built exactly as ``session()`` builds it; ``options`` fields left None
-    take the spec's checkpoint, budget, training and logging settings. Exceptions propagate
-    after the record is closed as FAILED (the supervisor decides whether to retry).
+    The context is built exactly as ``session()`` builds it; ``options`` fields left at
+    their defaults take the spec's checkpoint, budget, training and logging settings.
+    Exceptions propagate after the record is closed as FAILED (the supervisor decides
+    whether to retry).
     """
     from colabjob.config import config_hash
 

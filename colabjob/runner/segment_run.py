@@ -25,7 +25,7 @@ import dataclasses
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from colabjob.errors import (
     AlreadyExistsError,
@@ -59,7 +59,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SegmentRun"]
 
-log = logging.getLogger("colabjob.runner.segment")  # the logger's name from before the split
+log = logging.getLogger(__name__)
 
 
 class SegmentRun:
@@ -89,7 +89,7 @@ class SegmentRun:
         self.own_group = not in_process_group()
         if not init_distributed().is_main:  # the group of --nproc / torchrun, if any
             return self._open_follower()
-        require_trackers(tensorboard=self._tensorboard, wandb=bool(self.opts.wandb))
+        require_trackers(tensorboard=self.opts.tensorboard, wandb=self.opts.wandb)
         record = self._load_or_create_record()
         check_not_moved(self.store, record)
         if record.state in (JobState.COMPLETED, JobState.CANCELLED):
@@ -146,8 +146,8 @@ class SegmentRun:
             )
             self.trackers = trackers_for(
                 self.store,
-                tensorboard=self._tensorboard,
-                wandb=bool(opts.wandb),
+                tensorboard=self.opts.tensorboard,
+                wandb=opts.wandb,
                 wandb_id=record.extras.get(WANDB_ID_KEY),
                 wandb_project=opts.wandb_project,
                 job_name=record.job_id,
@@ -177,7 +177,7 @@ class SegmentRun:
         opts = self.opts
         return CheckpointStore(
             self.store,
-            keep=2 if opts.keep is None else opts.keep,
+            keep=opts.keep,
             fence=lease.current_epoch,
             clock=self.clock,  # save costs on the clock that times the steps
             staging_dir=None if opts.staging_dir is None else Path(opts.staging_dir),
@@ -197,16 +197,10 @@ class SegmentRun:
             "every_steps": opts.every_steps,
             "max_steps": opts.max_steps,
             "resume": opts.resume,
-            "log_every_steps": opts.log_every_steps or 10,
+            "log_every_steps": opts.log_every_steps,
             "clock": self.clock,
-            "async_checkpoint": parse_async(
-                "auto" if opts.async_checkpoint is None else opts.async_checkpoint
-            ),
+            "async_checkpoint": parse_async(opts.async_checkpoint),
         }
-
-    @property
-    def _tensorboard(self) -> bool | Literal["auto"]:
-        return "auto" if self.opts.tensorboard is None else self.opts.tensorboard
 
     def _progress(self) -> ProgressSink | None:
         """The display (or, with trackers and no display, log lines) plus the trackers."""

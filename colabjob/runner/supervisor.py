@@ -39,7 +39,8 @@ from colabjob.runner.child import (
     exit_code_for,
     run_in_process,
 )
-from colabjob.runner.lease import Lease, read_lease
+from colabjob.runner.lease import Lease
+from colabjob.runner.lease_info import read_lease
 from colabjob.runner.record import JobRecord, read_record, update_record
 from colabjob.runner.signals import ForwardedSignals, as_child_signal
 from colabjob.runner.states import JobEvent, JobState

@@ -40,7 +40,7 @@ from .staging import parallel
 if TYPE_CHECKING:
     from .store import Store
 
-log = logging.getLogger("colabjob.storage.checkpoints")
+log = logging.getLogger(__name__)
 
 Verify = Literal["none", "size", "full"]
 

@@ -47,7 +47,7 @@ __all__ = [
     "translate",
 ]
 
-log = logging.getLogger("colabjob.storage")
+log = logging.getLogger(__name__)
 
 P = ParamSpec("P")
 T = TypeVar("T")

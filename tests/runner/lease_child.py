@@ -12,7 +12,8 @@ import sys
 from typing import Any
 
 from colabjob.errors import LeaseHeldError, StaleEpochError
-from colabjob.runner.lease import Holder, Lease
+from colabjob.runner.lease import Lease
+from colabjob.runner.lease_info import Holder
 from colabjob.storage import open_store
 from colabjob.storage.checkpoints import CheckpointStore
 

@@ -26,7 +26,8 @@ from colabjob.errors import ConfigError
 from colabjob.jobs.context import SegmentOutcome
 from colabjob.jobs.policy import StopReason
 from colabjob.runner.child import RunRequest, child_main
-from colabjob.runner.lease import Holder, Lease
+from colabjob.runner.lease import Lease
+from colabjob.runner.lease_info import Holder
 from colabjob.runner.record import Segment, create_record, read_record, update_record
 from colabjob.runner.states import JobEvent, JobState
 from colabjob.runner.supervisor import Supervisor

@@ -37,7 +37,8 @@ from colabjob.runner.gcloud import (
     parse_accelerator,
 )
 from colabjob.runner.handoff import handoff
-from colabjob.runner.lease import LEASE_KEY, Holder, Lease, read_lease
+from colabjob.runner.lease import Lease
+from colabjob.runner.lease_info import LEASE_KEY, Holder, read_lease
 from colabjob.runner.record import create_record, load_record, update_record
 from colabjob.runner.states import JobEvent
 from colabjob.runner.transfer import MOVED_KEY, check_not_moved, read_moved

@@ -21,7 +21,7 @@ from colabjob.jobs.demo import StepBudget
 from colabjob.jobs.policy import AnyOf, StopReason
 from colabjob.jobs.session import Session
 from colabjob.runner.budget import StopBeforeDeadline
-from colabjob.runner.lease import read_lease
+from colabjob.runner.lease_info import read_lease
 from colabjob.runner.record import create_record, load_record
 from colabjob.runner.segment import OpenSegment, SegmentOptions, open_segment
 from colabjob.runner.states import JobState
@@ -177,7 +177,7 @@ def test_an_extra_stop_policy_and_the_progress_sink(url: str) -> None:
     opts = SegmentOptions(
         platform="local", budget="2h", session_started_at=clock.time(), every_minutes=10,
         every_steps=4, max_steps=100, log_every_steps=2, clock=clock, progress=sink,
-        stop_policy=StepBudget(6), tensorboard=False,
+        stop_policy=StepBudget(6), tensorboard=False, log=None,  # as the CLI's child
     )  # fmt: skip
     with open_segment(url, opts) as seg, Session(seg.context) as s:
         _train(s, clock=clock, step_seconds=2.0)

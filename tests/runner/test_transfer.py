@@ -19,7 +19,8 @@ from colabjob.errors import (
     CorruptCheckpointError,
     JobMovedError,
 )
-from colabjob.runner.lease import LEASE_KEY, Holder, Lease
+from colabjob.runner.lease import Lease
+from colabjob.runner.lease_info import LEASE_KEY, Holder
 from colabjob.runner.record import RECORD_KEY, create_record, load_record
 from colabjob.runner.transfer import (
     MOVED_KEY,
