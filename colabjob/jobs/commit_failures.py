@@ -1,7 +1,7 @@
 """When failing periodic checkpoints stop the run: ``MAX_FAILED_CHECKPOINTS`` in a row.
 
-A periodic checkpoint that fails is retried at the next boundary (``Checkpointer.reap`` for the
-Session API, ``Committer.reap`` for the HF Trainer). A few failures in a row mean the storage
+A periodic checkpoint that fails is retried at the next boundary (``Committer.reap``, the one
+committer of the Session API and the HF Trainer). A few failures in a row mean the storage
 itself is failing (disk full, read-only, unreachable): training on would only pile up work that
 is never saved, and the lease would stay held by a run that cannot commit. ``CommitFailures``
 counts them and, at the limit, raises a ``StorageError`` saying so and since which step the work

@@ -34,10 +34,9 @@ from torch.utils.data import IterableDataset
 
 from colabjob.errors import ConfigError
 from colabjob.jobs.data import ResumableLoader, ResumableSampler
-from colabjob.jobs.policy import StopReason
+from colabjob.jobs.decision import Vote
 
 __all__ = [
-    "STOP_CODES",
     "Coordinator",
     "DistributedResumableSampler",
     "World",
@@ -49,17 +48,6 @@ __all__ = [
     "shutdown_distributed",
     "unwrap_model",
 ]
-
-#: Stop reasons as agreed over ranks: the highest code wins (``completed`` over any other,
-#: a preemption over a signal, ...); 0 is "keep going".
-STOP_CODES: dict[StopReason, int] = {
-    StopReason.BUDGET: 1,
-    StopReason.STOP_REQUEST: 2,
-    StopReason.SIGNAL: 3,
-    StopReason.PREEMPTION: 4,
-    StopReason.COMPLETED: 5,
-}
-_REASONS = {code: reason for reason, code in STOP_CODES.items()}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -215,21 +203,12 @@ class Coordinator:
     def world_size(self) -> int:
         return self.world.world_size
 
-    def agree(
-        self,
-        reason: StopReason | None,
-        *,
-        save: bool,
-        busy: bool = False,
-        emergency: bool = False,
-    ) -> tuple[StopReason | None, bool, bool, bool]:
-        """Every rank's (reason, save, busy, emergency) folded into one answer: the highest
-        ``STOP_CODES`` reason, and each flag set if any rank set it."""
-        code = STOP_CODES[reason] if reason is not None else 0
-        t = torch.tensor([code, save, busy, emergency], dtype=torch.int64)
+    def agree(self, vote: Vote) -> Vote:
+        """Every rank's vote folded into one (``colabjob.jobs.decision.combine``): the
+        highest stop reason, and each flag set if any rank set it."""
+        t = torch.tensor(vote.codes(), dtype=torch.int64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        got, s, b, e = t.tolist()
-        return _REASONS.get(got), bool(s), bool(b), bool(e)
+        return Vote.from_codes(t.tolist())
 
     def main_says(self, flag: bool) -> bool:
         """Rank 0's ``flag``, on every rank."""

@@ -57,6 +57,7 @@ from colabjob.jobs.hf_finish import JobLossMixin, job_train_loss
 from colabjob.jobs.loader import quiet_workers
 from colabjob.jobs.policy import StopReason
 from colabjob.jobs.saver import gather_rank_states, seed_missing_rank, send_rank_state
+from colabjob.jobs.sizing import checkpoint_nbytes
 from colabjob.jobs.state import STATE_FILE, Counters, restore, snapshot
 
 __all__ = ["ColabJobTrainer", "ResumableTrainerMixin", "job_train_loss", "make_resumable"]
@@ -252,9 +253,8 @@ class ResumableTrainerMixin(JobLossMixin):
             run.pending_restore = False
             self._colabjob_restore(loader)
         if run.stop_reason is None and run.first_step == self.state.global_step:
-            run.stop_reason = run.ctx.policy.should_stop()
-            if run.sync is not None:  # no rank may start a step the others skip
-                run.stop_reason = run.sync.agree(run.stop_reason, save=False)[0]
+            # agreed: no rank may start a step the others skip
+            run.stop_reason = run.decide_start(self.state.global_step, int(self.state.max_steps))
         if run.stop_reason is not None or self.state.global_step >= self.state.max_steps:
             self.control.should_training_stop = True  # nothing to do in this segment
             return None
@@ -355,7 +355,9 @@ class ResumableTrainerMixin(JobLossMixin):
         }
         scaler = getattr(self.accelerator, "scaler", None)
         # A background save copies the state first: only when that copy fits in host memory.
-        clone = not final and run.committer.background_fits(self.model, self.optimizer)
+        clone = not final and run.committer.background_fits(
+            checkpoint_nbytes(self.model, self.optimizer)
+        )
         snap = snapshot(
             counters=Counters(
                 step=int(self.state.global_step),
@@ -378,11 +380,11 @@ class ResumableTrainerMixin(JobLossMixin):
             snap = gather_rank_states(run.sync, snap)
         snap_s = run.ctx.monotonic() - t0
         extra = {TRAINER_STATE_FILE: state_json}
-        meta = {**run.extra_meta, "epoch": epoch_index, "hf": True}
+        meta = {**run.extra_meta, "hf": True}  # samples_seen and epoch: the committer's
         if final:
-            run.committer.save_final(step, snap, snap_seconds=snap_s, extra=extra, meta=meta)
+            run.committer.save_final(snap, snap_seconds=snap_s, extra=extra, meta=meta)
         else:
-            run.committer.save_async(step, snap, snap_seconds=snap_s, extra=extra, meta=meta)
+            run.committer.save_async(snap, snap_seconds=snap_s, extra=extra, meta=meta)
         run.save_due = False
 
 

@@ -3,13 +3,15 @@
 ``HFRun`` is what one ``train()`` call (one segment) keeps: the context, the ``Committer``,
 the fetched checkpoint it resumes from, where the data stands in the epoch (for the exact
 hand-over of a resumed epoch to the Trainer), the stop reason. ``ColabJobCallback`` turns
-the stop policy into ``control.should_training_stop`` / ``should_save`` at every optimizer
-step, measures step time for the budget, pushes status and (for the built-in kinds)
-forwards HF's log rows to ``ctx.progress`` (or as lines to ``ctx.log``), and tells the
-policy the expected checkpoint size (``expect_checkpoint``) for its save guess. With several
-processes (``HFRun.sync``, a ``Coordinator``) rank 0 picks the checkpoint every rank resumes
-from, and at every optimizer step one ``Coordinator.agree`` all-reduce makes every rank take
-the same stop and save decision. The mixin that uses both is ``colabjob.jobs.hf``.
+the step-boundary decision the Session takes too (``colabjob.jobs.decision``: completed at
+``max_steps`` whatever else asked for a stop) into ``control.should_training_stop`` /
+``should_save`` at every optimizer step, measures step time for the budget, pushes status
+and (for the built-in kinds) forwards HF's log rows to ``ctx.progress`` (or as lines to
+``ctx.log``), and tells the policy the expected checkpoint size (``expect_checkpoint``) for
+its save guess. With several processes (``HFRun.sync``, a ``Coordinator``) rank 0 picks the
+checkpoint every rank resumes from, and at every optimizer step one ``Coordinator.agree``
+all-reduce makes every rank take the same stop and save decision. The mixin that uses both
+is ``colabjob.jobs.hf``.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ import torch
 from transformers import TrainerCallback
 
 from colabjob.errors import CorruptCheckpointError, ResumeError, UnsafeCheckpointError
+from colabjob.jobs.committer import Committer
 from colabjob.jobs.context import SegmentContext, SegmentOutcome
 from colabjob.jobs.data import ResumableLoader
+from colabjob.jobs.decision import Decision, Vote, decide_agreed
 from colabjob.jobs.distributed import Coordinator, DistributedResumableSampler
 from colabjob.jobs.formats import read_json
-from colabjob.jobs.hf_commit import Committer
 from colabjob.jobs.policy import StopReason
 from colabjob.jobs.progress import STATUS_KEYS, format_metric_line
 from colabjob.jobs.saver import fetch_agreed, refuse_silent_restart
@@ -74,7 +77,7 @@ class HFRun:
         self.batches_in_epoch = 0
         self.samples = 0
         self.stop_reason: StopReason | None = None
-        self.save_due = False
+        self.save_due = False  # a periodic checkpoint waits for the commit in flight
         self.agreed_busy = False  # several processes: rank 0's commit was uploading
         self.empty_epoch = False
         self.t_last = 0.0
@@ -104,6 +107,33 @@ class HFRun:
         self.epoch_index = int(hf["epoch_index"])
         self.committer.committed_step = info.step
         self.committer.say(f"resuming from checkpoint step {info.step}")
+
+    def decide(self, step: int, hf_max_steps: int, every_steps: int | None) -> Decision:
+        """The step-boundary decision (``colabjob.jobs.decision``, agreed over ranks), as
+        the Session takes it; the job is complete at the Trainer's ``max_steps`` too."""
+        vote = Vote.ask(
+            self.ctx.policy,
+            step=step,
+            every_steps=every_steps,
+            retry=self.save_due or self.committer.retry_due,
+            busy=self.committer.in_flight,
+        )
+        d = decide_agreed(self.sync, vote, step=step, max_steps=self._limit(hf_max_steps))
+        self.agreed_busy = d.busy
+        self.save_due = d.deferred
+        return d
+
+    def decide_start(self, step: int, hf_max_steps: int) -> StopReason | None:
+        """Before the first step of this segment (every rank at once): why it stops at once
+        (``COMPLETED`` when the job is done), as the Session decides it; None: train."""
+        policy = self.ctx.policy
+        vote = Vote(reason=policy.should_stop(), emergency=policy.emergency)
+        return decide_agreed(self.sync, vote, step=step, max_steps=self._limit(hf_max_steps)).reason
+
+    def _limit(self, hf_max_steps: int) -> int:
+        """The job's last step: the Trainer's ``max_steps`` or the context's, the lower."""
+        ctx_max = self.ctx.max_steps
+        return hf_max_steps if ctx_max is None else min(hf_max_steps, ctx_max)
 
     @property
     def busy(self) -> bool:
@@ -195,28 +225,15 @@ class ColabJobCallback(TrainerCallback):
         if not run.sized:  # after the first optimizer step its state exists: the exact size
             run.sized = True
             self._expect_size(kwargs)
-        run.committer.reap(block=False)
+        run.committer.reap(block=False)  # a failed one sets retry_due
         if run.epoch_batches:
             state.epoch = run.epoch_index + run.batches_in_epoch / run.epoch_batches
         step = state.global_step
-        reason = ctx.policy.should_stop()
-        if step >= state.max_steps or (ctx.max_steps is not None and step >= ctx.max_steps):
-            reason = StopReason.COMPLETED  # the job is done, whatever else asked for a stop
-        if reason is None and (
-            (ctx.every_steps is not None and step % ctx.every_steps == 0)
-            or ctx.policy.checkpoint_due()
-            or run.committer.retry_due
-        ):
-            run.save_due = True
-        if run.sync is not None:  # every rank stops / saves at the same step
-            reason, run.save_due, run.agreed_busy, _ = run.sync.agree(
-                reason, save=run.save_due, busy=run.committer.busy
-            )
-        if reason is not None:
-            run.stop_reason = reason
+        d = run.decide(step, int(state.max_steps), ctx.every_steps)
+        if d.reason is not None:
+            run.stop_reason = d.reason
             control.should_training_stop = True
-            control.should_save = True
-        if run.save_due and not run.busy:
+        if d.save:
             control.should_save = True
         if ctx.on_status is not None and now >= run.next_status:
             run.next_status = now + STATUS_EVERY

@@ -6,13 +6,8 @@ byte verified) and loads it, quarantining one that does not load and falling bac
 previous one (``ctx.resume`` may choose one by hand; a job whose record shows committed
 progress never starts over silently when none is left); ``snapshot()`` copies the state
 to CPU memory on the training thread, the only part the loop waits for (GPU tensors into
-pinned buffers reused by every background snapshot of the session, ``staging``); ``start()`` hands
-the write and the upload to the ``CheckpointStore``'s background thread (one commit in
-flight); ``commit()`` does both synchronously for a final checkpoint. ``reap()`` collects
-a finished background commit, feeds its measured costs to the stop policy, and decides what
-a failure means: a fenced-out commit (``StaleEpochError``: another runner owns the job) is
-raised, any other failure of a periodic checkpoint is logged and retried at the next
-boundary, a final one is raised.
+the pinned buffers of the committer's ``staging`` pool). Committing is the ``committer``'s
+(``colabjob.jobs.committer.Committer``, the same one the HF Trainer path uses).
 
 With a ``Coordinator`` (several processes) rank 0 picks the checkpoint to restore and every
 rank loads it (its own RNGs and loader position; a rank the checkpoint has none for seeds
@@ -30,24 +25,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from colabjob.errors import (
     CheckpointError,
     CorruptCheckpointError,
     NoCheckpointError,
     ResumeError,
-    StaleEpochError,
     UnsafeCheckpointError,
 )
-from colabjob.jobs.commit_failures import CommitFailures
+from colabjob.jobs.committer import Committer
 from colabjob.jobs.context import SegmentContext
 from colabjob.jobs.distributed import Coordinator
 from colabjob.jobs.formats import deep_cpu_copy, read_json
-from colabjob.jobs.memory import SaveChooser, parse_async
 from colabjob.jobs.rng import capture_rng, derive_seed, seed_everything
 from colabjob.jobs.sizing import checkpoint_nbytes
-from colabjob.jobs.staging_buffers import StagingPool
 from colabjob.jobs.state import (
     STATE_FILE,
     Counters,
@@ -56,7 +46,6 @@ from colabjob.jobs.state import (
     Snapshot,
     restore,
     snapshot,
-    write_snapshot,
 )
 from colabjob.jobs.tracking import Tracked
 from colabjob.storage.selection import (
@@ -69,7 +58,7 @@ from colabjob.storage.selection import (
 )
 
 if TYPE_CHECKING:
-    from colabjob.storage.checkpoints import CheckpointInfo, CheckpointStore, PendingCommit
+    from colabjob.storage.checkpoints import CheckpointInfo, CheckpointStore
 
 __all__ = [
     "Checkpointer",
@@ -78,7 +67,6 @@ __all__ = [
     "fetch_agreed",
     "gather_rank_states",
     "refuse_silent_restart",
-    "report_commit",
     "seed_missing_rank",
     "send_rank_state",
 ]
@@ -94,20 +82,15 @@ class Checkpointer:
         ctx: SegmentContext,
         *,
         say: Callable[[str], None],
-        on_commit: Callable[[], None] | None = None,
+        on_commit: Callable[[int], None] | None = None,
         sync: Coordinator | None = None,
     ) -> None:
         self.ctx = ctx
         self.sync = sync
         self.rank = 0 if sync is None else sync.rank
         self.tracked = Tracked()
-        self.committed_step: int | None = None
-        self.pending: PendingCommit[CheckpointInfo] | None = None
-        self.failures = CommitFailures()  # consecutive failed periodic commits
-        self._say, self._on_commit = say, on_commit
-        self._pending_snap_s = 0.0
-        self._chooser: SaveChooser | None = None  # background or synchronous saves
-        self.staging = StagingPool()  # pinned host buffers for background GPU snapshots
+        self.committer = Committer(ctx, sync=sync, on_commit=on_commit)
+        self._say = say
 
     # -- restore ------------------------------------------------------------------------------
     def restore(self) -> tuple[CheckpointInfo, Restored] | None:
@@ -152,7 +135,7 @@ class Checkpointer:
         if self.rank and not got.rng_found:  # a rank the checkpoint's run did not have
             seed = int(getattr(self.tracked.loader, "seed", 0) or 0)
             seed_missing_rank(seed, self.rank, got, self._say)
-        self.committed_step = info.step
+        self.committer.committed_step = info.step
         return info, got
 
     def _load(self, tmp: str, info: CheckpointInfo) -> Restored:
@@ -194,9 +177,9 @@ class Checkpointer:
     ) -> tuple[Snapshot, float]:
         """The state in CPU memory and how long copying it took (the loop's pause). With
         several processes every rank must call it at the same step (rank 0 gathers).
-        ``background``: for ``start()``; a copy is taken only when it fits in host memory
-        (``ctx.async_checkpoint``, ``colabjob.jobs.memory``), else the snapshot refers to
-        the live tensors and ``start()`` saves it synchronously, as ``commit()`` always does."""
+        ``background``: for ``Committer.save_async``; a copy is taken only when it fits in
+        host memory (``ctx.async_checkpoint``, ``colabjob.jobs.memory``), else the snapshot
+        refers to the live tensors and ``save_async`` commits it synchronously."""
         t = self.tracked
         mono = self.ctx.monotonic
         t0 = mono()
@@ -204,14 +187,7 @@ class Checkpointer:
         if sync is not None and sync.rank != 0:
             send_rank_state(sync, t.loader)
             return Snapshot(counters=counters), mono() - t0
-        if self._chooser is None:
-            self._chooser = SaveChooser(
-                parse_async(self.ctx.async_checkpoint),
-                say=self._say,
-                on_status=self.ctx.on_status,
-                buffers=self.staging,
-            )
-        clone = background and self._chooser.background(
+        clone = background and self.committer.background_fits(
             checkpoint_nbytes(t.model, t.optimizer, trainable_only=t.trainable_only)
         )
         snap = snapshot(
@@ -227,106 +203,11 @@ class Checkpointer:
             meta={**meta, "emergency": emergency},
             trainable_only=t.trainable_only,
             clone=clone,
-            staging=self.staging,
+            staging=self.committer.staging,
         )
         if sync is not None:
             snap = gather_rank_states(sync, snap)
         return snap, mono() - t0
-
-    @property
-    def commits(self) -> bool:
-        """Whether this process writes checkpoints (rank 0 only)."""
-        return self.rank == 0
-
-    def _kwargs(self, snap: Snapshot) -> dict[str, Any]:
-        c = snap.counters
-        return {
-            "epoch": self.ctx.epoch,
-            "config_hash": self.ctx.config_hash,
-            "meta": {"samples_seen": c.samples_seen, "epoch": c.epoch, **snap.meta},
-            "versions": {"torch": torch.__version__},
-        }
-
-    def start(self, snap: Snapshot, snap_s: float) -> PendingCommit[CheckpointInfo] | None:
-        """Write and commit ``snap`` on the background thread (None on ranks other than 0,
-        which count it as committed: rank 0 commits it or fails the run). A snapshot of the
-        live tensors (no room for a copy) is committed now instead (None)."""
-        if not self.commits:
-            self.committed_step = snap.counters.step
-            return None
-        if snap.live:
-            step = snap.counters.step
-            try:
-                self.commit(snap, snap_s)
-            except StaleEpochError:
-                raise
-            except Exception as e:  # a periodic checkpoint, as in reap(): the next one retries
-                url = self.ctx.store.url
-                self.failures.failed(e, step=step, saved_step=self.committed_step, url=url)
-                self._say(f"checkpoint of step {step} failed ({e}); retrying at the next one")
-                return None
-            self.failures.succeeded()
-            return None
-
-        def write(staging: Path) -> dict[str, Path]:  # runs on the upload thread
-            return write_snapshot(snap, staging, consume=True)
-
-        step = snap.counters.step
-        try:
-            self.pending = self.ctx.checkpoints.save_async(step, write, **self._kwargs(snap))
-        except BaseException:
-            if snap.release is not None:  # never written: its staging buffers are free again
-                snap.release()
-            raise
-        self._pending_snap_s = snap_s
-        return self.pending
-
-    def commit(self, snap: Snapshot, snap_s: float) -> CheckpointInfo | None:
-        """Write and commit ``snap`` now (after any background commit); blocks until done.
-        None on ranks other than 0 (see ``start``)."""
-        if not self.commits:
-            self.committed_step = snap.counters.step
-            return None
-        self.reap(final=True)
-
-        def write(staging: Path) -> dict[str, Path]:
-            return write_snapshot(snap, staging, consume=True)
-
-        step = snap.counters.step
-        info = self.ctx.checkpoints.save(step, write, **self._kwargs(snap))
-        self._committed(info, snap_s)
-        return info
-
-    @property
-    def uploading(self) -> bool:
-        return self.pending is not None and not self.pending.done()
-
-    def reap(self, *, final: bool = False) -> bool:
-        """Collect the background commit, waiting for it. False when a periodic commit
-        failed (log it; the caller retries); raises a fenced-out one, any when ``final``, and
-        a ``StorageError`` after ``MAX_FAILED_CHECKPOINTS`` failures in a row."""
-        pending, self.pending = self.pending, None
-        if pending is None:
-            return True
-        try:
-            self._committed(pending.wait(), self._pending_snap_s)
-        except StaleEpochError:
-            raise
-        except Exception as e:
-            if final:
-                raise
-            url = self.ctx.store.url  # the storage fails: stop after a few in a row
-            self.failures.failed(e, step=pending.step, saved_step=self.committed_step, url=url)
-            self._say(f"checkpoint of step {pending.step} failed ({e}); retrying at the next one")
-            return False
-        self.failures.succeeded()
-        return True
-
-    def _committed(self, info: CheckpointInfo, snap_s: float) -> None:
-        self.committed_step = info.step
-        report_commit(self.ctx, info, snap_s, self._say)
-        if self._on_commit is not None:
-            self._on_commit()
 
 
 def fetch_agreed(
@@ -404,22 +285,3 @@ def gather_rank_states(sync: Coordinator, snap: Snapshot) -> Snapshot:
     """Rank 0: ``snap`` with the RNGs and loader position of every other rank."""
     ranks = sync.gather(None) or []
     return dataclasses.replace(snap, ranks=tuple(ranks[1:]))
-
-
-def report_commit(
-    ctx: SegmentContext, info: CheckpointInfo, snap_s: float, say: Callable[[str], None]
-) -> None:
-    """Tell the stop policy what a committed checkpoint cost (the snapshot and the write,
-    then upload and commit) so the budget learns real save times, and say so in the log."""
-    stats = info.stats
-    if stats is None:
-        return
-    ctx.policy.observe_checkpoint(
-        write_seconds=snap_s + stats.write_seconds,
-        upload_seconds=stats.upload_seconds + stats.commit_seconds,
-        nbytes=stats.nbytes,
-    )
-    say(
-        f"checkpoint step {info.step} committed ({stats.nbytes / 1e6:.1f} MB, "
-        f"{snap_s + stats.total_seconds:.1f} s)"
-    )

@@ -42,6 +42,7 @@ import torch
 from colabjob.errors import CheckpointError, ConfigError
 from colabjob.jobs.context import SegmentContext, SegmentOutcome
 from colabjob.jobs.data import Geometry
+from colabjob.jobs.decision import Vote, decide_agreed
 from colabjob.jobs.distributed import Coordinator
 from colabjob.jobs.metrics import MetricsLog
 from colabjob.jobs.policy import StopReason
@@ -72,8 +73,8 @@ class Session:
         self._log_every = ctx.log_every_steps
         self._sync = Coordinator.current()  # None: a single process
         self._world = 1 if self._sync is None else self._sync.world_size
-        self._save_busy = self._agreed_emergency = False  # agreed over ranks (_agree)
         self._saver = Checkpointer(ctx, say=self._say, on_commit=self._on_commit, sync=self._sync)
+        self._committer = self._saver.committer
         self._tracked = False
         self._loader: Any = None
         self._optimizer: torch.optim.Optimizer | None = None
@@ -87,7 +88,8 @@ class Session:
         self._t_last = 0.0
         self._next_status = 0.0
         self._sized = False  # expect_checkpoint() told the exact size (first boundary)
-        self._save_due = False
+        self._save_due = False  # a periodic checkpoint waits for the commit in flight
+        self._emergency = False  # agreed at the last boundary: a preemption notice
         self._complete_at_boundary = False
         self.resumed_from: CheckpointInfo | None = None
         self._stop_reason: StopReason | None = None
@@ -267,58 +269,43 @@ class Session:
         self._metrics.steps += 1
         if self._metrics.steps >= self._log_every:
             self._flush_metrics()
-        saver = self._saver
-        if saver.pending is not None and saver.pending.done() and not saver.reap():
-            self._save_due = True
-        reason = policy.should_stop()
-        if reason is None and (
-            (self._max_steps is not None and self._step >= self._max_steps)
-            or self._complete_at_boundary
-        ):
-            reason = StopReason.COMPLETED
-        if self._sync is not None:
-            reason = self._agree(reason)
-        if reason is not None:
-            self._finish(reason)
+        committer = self._committer
+        committer.reap(block=False)  # a failed one sets retry_due
+        vote = Vote.ask(
+            policy,
+            step=self._step,
+            every_steps=self._every,
+            retry=self._save_due or committer.retry_due,
+            busy=committer.in_flight,
+        )
+        d = decide_agreed(
+            self._sync,
+            vote,
+            step=self._step,
+            max_steps=self._max_steps,
+            complete=self._complete_at_boundary,
+        )
+        self._emergency = d.emergency
+        if d.reason is not None:
+            self._finish(d.reason)
             return True
-        if self._sync is None and (
-            (self._every is not None and self._step % self._every == 0) or policy.checkpoint_due()
-        ):
-            self._save_due = True
-        if self._save_due and saver.pending is None and not self._save_busy:
+        self._save_due = d.deferred
+        if d.save:
             self._save_async()
         if self.ctx.on_status is not None and now >= self._next_status:
             self._push_status(now)
         return False
 
     def _stopped_at_start(self) -> bool:
-        if self._max_steps is not None and self._step >= self._max_steps:
-            self._finish(StopReason.COMPLETED)
-            return True
-        reason = self._policy.should_stop()
-        if self._sync is not None:
-            reason = self._sync.agree(reason, save=False)[0]
-        if reason is not None:
-            self._finish(reason)
-            return True
-        return False
-
-    def _agree(self, reason: StopReason | None) -> StopReason | None:
-        """Several processes: every rank's stop reason and checkpoint wish become one
-        decision that all ranks take at this step (a deferred save stays wished for)."""
-        assert self._sync is not None
-        due = (
-            self._save_due
-            or (self._every is not None and self._step % self._every == 0)
-            or self._policy.checkpoint_due()
-        )
-        reason, self._save_due, self._save_busy, self._agreed_emergency = self._sync.agree(
-            reason,
-            save=due,
-            busy=self._saver.pending is not None,
-            emergency=self._policy.emergency,
-        )
-        return reason
+        """Before the first step of this segment: stop at once when the job is done or the
+        policy (on any rank) says so; no checkpoint is wished for here."""
+        vote = Vote(reason=self._policy.should_stop(), emergency=self._policy.emergency)
+        d = decide_agreed(self._sync, vote, step=self._step, max_steps=self._max_steps)
+        if d.reason is None:
+            return False
+        self._emergency = d.emergency
+        self._finish(d.reason)
+        return True
 
     def _batch_len(self) -> int:
         geometry = self._saver.tracked.geometry
@@ -361,7 +348,8 @@ class Session:
         )
 
     def _save_async(self) -> PendingCommit[CheckpointInfo] | None:
-        pending = self._saver.start(*self._snapshot(emergency=False, background=True))
+        snap, snap_s = self._snapshot(emergency=False, background=True)
+        pending = self._committer.save_async(snap, snap_seconds=snap_s)
         self._save_due = False
         self._t_last = self._mono()  # the pause is a checkpoint cost, not step time
         return pending
@@ -371,28 +359,29 @@ class Session:
         the committed checkpoint; else in the background, returning its ``PendingCommit``.
         With several processes every rank calls it; ranks other than 0 get None."""
         if final:
-            return self._saver.commit(*self._snapshot(emergency=False))
-        self._saver.reap()
+            snap, snap_s = self._snapshot(emergency=False)
+            return self._committer.save_final(snap, snap_seconds=snap_s)
         return self._save_async()
 
     @property
     def committed_step(self) -> int | None:
         """The newest step committed to storage (restored or written by this session)."""
-        return self._saver.committed_step
+        return self._committer.committed_step
 
     # ---- stopping --------------------------------------------------------------------------
 
     def _finish(self, reason: StopReason) -> None:
         """Stop at this optimizer-step boundary with a committed final checkpoint."""
         emergency = (
-            reason is StopReason.PREEMPTION or self._agreed_emergency or self._policy.emergency
+            reason is StopReason.PREEMPTION or self._emergency or self._policy.emergency
         )
-        self._saver.reap(final=True)
+        self._committer.reap(final=True)
         need = self._step > 0 and self.committed_step != self._step
         if self._sync is not None:
             need = self._sync.main_says(need)  # rank 0 commits; the others gather for it
         if need:
-            self._saver.commit(*self._snapshot(emergency=emergency))
+            snap, snap_s = self._snapshot(emergency=emergency)
+            self._committer.save_final(snap, snap_seconds=snap_s)
         self._stop_reason = reason
         self._say(f"stopping at step {self._step}: {reason}")
 
@@ -421,7 +410,7 @@ class Session:
             reason = StopReason.SIGNAL if isinstance(error, KeyboardInterrupt) else StopReason.CRASH
             message = f"{type(error).__name__}: {error}"
             try:  # a consistent snapshot already uploading is still worth committing
-                self._saver.reap(final=True)
+                self._committer.reap(final=True)
             except Exception as e:
                 log.warning("background checkpoint failed while handling an error: %s", e)
         elif reason is None:
@@ -430,7 +419,7 @@ class Session:
                     f"the loop ended mid-accumulation ({self._micro} of {self._grad_accum} "
                     f"micro-batches): the newest checkpoint is step {self.committed_step}"
                 )
-                self._saver.reap(final=True)
+                self._committer.reap(final=True)
                 self._stop_reason = StopReason.COMPLETED
             else:
                 self._finish(StopReason.COMPLETED)
@@ -482,10 +471,10 @@ class Session:
             "epoch": self._epoch,
             "samples_seen": self._samples,
             "checkpoint_step": self.committed_step,
-            "uploading": self._saver.uploading,
+            "uploading": self._committer.busy,
         }
 
-    def _on_commit(self) -> None:
+    def _on_commit(self, step: int) -> None:
         if self.ctx.on_status is not None:
             self._push_status(self._mono())
 

@@ -327,8 +327,8 @@ def test_short_of_memory_a_job_saves_synchronously_and_resumes_exactly(tmp_path:
 def test_hf_trainer_short_of_memory_saves_synchronously_and_resumes_exactly(
     hf_assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from colabjob.jobs.committer import Committer
     from colabjob.jobs.demo import compare_final_weights
-    from colabjob.jobs.hf_commit import Committer
     from colabjob.runner.signals import forget_completion
     from tests.fakes import FakeClock
 
@@ -343,9 +343,9 @@ def test_hf_trainer_short_of_memory_saves_synchronously_and_resumes_exactly(
     live: list[bool] = []
     save_async = Committer.save_async
 
-    def spy(self: Committer, step: int, snap: Snapshot, **kw: object) -> None:
+    def spy(self: Committer, snap: Snapshot, **kw: object) -> None:
         live.append(snap.live)
-        save_async(self, step, snap, **kw)  # type: ignore[arg-type]
+        save_async(self, snap, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(Committer, "save_async", spy)
     for _ in range(8):
