@@ -44,3 +44,16 @@ def _no_sleep(_seconds: float) -> None:
 def fast_retry() -> RetryPolicy:
     """The default retry policy (classification, attempts) with backoff that never waits."""
     return RetryPolicy(attempts=5, sleep=_no_sleep)
+
+
+@pytest.fixture(autouse=True)
+def _completed_jobs_leave_no_signal_handlers() -> Iterator[None]:
+    """A job completed in-process keeps note-and-survive handlers for SIGTERM/SIGINT/SIGUSR1
+    (by design: ``colabjob.runner.signals``); put the defaults back after every test so no
+    test sees handlers another one left."""
+    yield
+    import signal
+
+    from colabjob.runner.signals import forget_completion
+
+    forget_completion([signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])

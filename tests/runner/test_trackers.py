@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import colabjob
-from colabjob.errors import ConfigError
+from colabjob.errors import ConfigError, ExitCode
 from colabjob.jobs.session import Session
 from colabjob.runner.record import load_record
 from colabjob.runner.trackers import WANDB_ID_KEY
@@ -177,20 +177,22 @@ def test_wandb_resumes_one_run_per_job_every_session(tmp_path: Path, fake_wandb:
 
 
 def test_missing_packages_are_clear_errors_before_anything_changes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
     job, clock = tmp_path / "job", FakeClock()
-    with (
-        pytest.raises(ConfigError, match="wandb package") as info,
-        _session(job, clock, wandb=True),
-    ):
+    # in a script a usage error is the CLI's one line on stderr and exit 2
+    with pytest.raises(SystemExit) as info, _session(job, clock, wandb=True):
         pass
-    assert "pip install wandb" in (info.value.hint or "")
+    assert info.value.code == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert err.startswith("colabjob: error: ") and "wandb package" in err
+    assert "pip install wandb" in err and "Traceback" not in err
     assert not (job / "job.json").exists()
+    monkeypatch.setattr("colabjob.runner.script_errors.interactive", lambda: True)
     monkeypatch.setitem(sys.modules, "tensorboard.summary.writer.event_file_writer", None)
     with pytest.raises(ConfigError, match="tensorboard package"), _session(job, clock):
-        pass
+        pass  # in a notebook the error itself is raised
     lines: list[str] = []
     with colabjob.session(
         str(job), platform="local", max_steps=2, clock=clock, log=lines.append
