@@ -584,9 +584,9 @@ def test_public_api() -> None:
     import colabjob.config
 
     assert set(colabjob.config.__all__) == {
-        "DEFAULT_LR", "DEFAULT_MARGIN", "KINDS", "LORA_TARGET_MODULES", "SAFE_TO_CHANGE", "BudgetSpec",
-        "CheckpointSpec", "DataSpec", "JobSection", "JobSpec", "LoggingSpec", "LoraSpec",
-        "ModelSpec",
+        "DEFAULT_LR", "DEFAULT_MARGIN", "KINDS", "LORA_TARGET_MODULES", "SAFE_TO_CHANGE",
+        "BudgetSpec", "CheckpointSpec", "DataSpec", "JobSection", "JobSpec", "LoggingSpec",
+        "LoraSpec", "ModelSpec",
         "TokenizerSpec", "TokenizerTrainSpec", "TrainingSpec", "apply_overrides",
         "check_local_paths", "config_hash", "diff_for_resume", "exactness_fields", "load_spec",
         "parse_yaml", "render_template", "resolve_target_modules", "spec_from_text",
