@@ -44,6 +44,41 @@ from __future__ import annotations
 
 import enum
 
+__all__ = [
+    "AlreadyExistsError",
+    "BucketNotFoundError",
+    "CheckpointError",
+    "ColabJobError",
+    "ConfigError",
+    "CorruptCheckpointError",
+    "CredentialsError",
+    "DriveNotMountedError",
+    "ExitCode",
+    "GcloudError",
+    "GeometryChangedError",
+    "HandoffError",
+    "InvalidLeaseError",
+    "InvalidTransitionError",
+    "JobMovedError",
+    "JobNotPausedError",
+    "JobStateError",
+    "LeaseHeldError",
+    "LeaseLostError",
+    "NoCheckpointError",
+    "ObjectNotFoundError",
+    "PreconditionFailedError",
+    "ResumeError",
+    "StaleEpochError",
+    "StorageError",
+    "StorageFullError",
+    "StorageLostError",
+    "StoragePermissionError",
+    "TransientStorageError",
+    "UnsafeCheckpointError",
+    "UnsupportedTransformersError",
+    "UnsupportedURLError",
+]
+
 
 class ExitCode(enum.IntEnum):
     """How every colabjob command, script and child process exits."""

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from colabjob.errors import ColabJobError, ExitCode
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "main", "quiet_warnings"]
 
 _EPILOG = """\
 exit codes: 0 done, 75 paused (resume in the next session), 1 failed,

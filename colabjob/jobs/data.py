@@ -27,11 +27,8 @@ Where each part lives (this module re-exports them all): ``colabjob.jobs.loader`
 
 from __future__ import annotations
 
-from colabjob.jobs.geometry import ALLOW_FLAG as ALLOW_FLAG
 from colabjob.jobs.geometry import Geometry, check_geometry
 from colabjob.jobs.iterable import ResumableIterable
-from colabjob.jobs.loader import LOADER_FORMAT as LOADER_FORMAT
-from colabjob.jobs.loader import SAMPLER_FORMAT as SAMPLER_FORMAT
 from colabjob.jobs.loader import ResumableLoader, ResumableSampler, make_loader, sample_rng
 
 __all__ = [

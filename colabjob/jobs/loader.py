@@ -41,15 +41,15 @@ from colabjob.jobs.rng import derive_seed
 
 __all__ = ["ResumableLoader", "ResumableSampler", "make_loader", "quiet_workers", "sample_rng"]
 
-SAMPLER_FORMAT = "colabjob.sampler/1"
-LOADER_FORMAT = "colabjob.loader/1"
+_SAMPLER_FORMAT = "colabjob.sampler/1"
+_LOADER_FORMAT = "colabjob.loader/1"
 
 
-WORKER_IGNORES = ("SIGTERM", "SIGINT", "SIGUSR1")  # the main process's watchdog owns them
+_WORKER_IGNORES = ("SIGTERM", "SIGINT", "SIGUSR1")  # the main process's watchdog owns them
 
 
 def _quiet_worker(user_init: Callable[[int], Any] | None, worker_id: int) -> None:
-    for name in WORKER_IGNORES[1:]:
+    for name in _WORKER_IGNORES[1:]:
         signum = getattr(signal, name, None)  # SIGUSR1 does not exist on Windows
         if signum is not None:
             signal.signal(signum, signal.SIG_IGN)
@@ -142,7 +142,7 @@ class ResumableSampler(Sampler[int]):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "format": SAMPLER_FORMAT,
+            "format": _SAMPLER_FORMAT,
             "seed": self.seed,
             "epoch": self.epoch,
             "offset": self.offset,
@@ -151,7 +151,7 @@ class ResumableSampler(Sampler[int]):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("format") != SAMPLER_FORMAT:
+        if state_dict.get("format") != _SAMPLER_FORMAT:
             raise CheckpointError(f"not a ResumableSampler state: {state_dict!r:.200}")
         size = len(self.data_source)
         if int(state_dict["size"]) != size:
@@ -171,7 +171,7 @@ class ResumableSampler(Sampler[int]):
 def _find_sampler_state(obj: Any) -> dict[str, Any] | None:
     """The ResumableSampler state nested anywhere in a torchdata loader state."""
     if isinstance(obj, dict):
-        if obj.get("format") == SAMPLER_FORMAT:
+        if obj.get("format") == _SAMPLER_FORMAT:
             return obj
         children: Iterable[Any] = obj.values()
     elif isinstance(obj, (list, tuple)):
@@ -271,7 +271,7 @@ class ResumableLoader(StatefulDataLoader):
         it = self._iterator
         finished = it is not None and bool(getattr(it, "_finished", False))
         state: dict[str, Any] = {
-            "format": LOADER_FORMAT,
+            "format": _LOADER_FORMAT,
             "kind": "iterable" if self.is_iterable else "map",
             "epoch": self.epoch + 1 if finished else self.epoch,
             "batch_size": self.batch_size,
@@ -300,7 +300,7 @@ class ResumableLoader(StatefulDataLoader):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("format") != LOADER_FORMAT:
+        if state_dict.get("format") != _LOADER_FORMAT:
             raise CheckpointError(f"not a ResumableLoader state: {str(state_dict)[:200]}")
         kind = "iterable" if self.is_iterable else "map"
         if state_dict["kind"] != kind:

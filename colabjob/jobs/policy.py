@@ -15,6 +15,8 @@ from __future__ import annotations
 import enum
 from typing import Any
 
+__all__ = ["AnyOf", "NeverStop", "StopPolicy", "StopReason"]
+
 
 class StopReason(str, enum.Enum):
     """Why a segment ended. All but ``CRASH`` are what a ``StopPolicy.should_stop`` returns.

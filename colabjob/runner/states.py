@@ -22,6 +22,17 @@ from types import MappingProxyType
 
 from colabjob.errors import InvalidTransitionError
 
+__all__ = [
+    "TERMINAL_STATES",
+    "TRANSITIONS",
+    "JobEvent",
+    "JobState",
+    "LeaseStatus",
+    "allowed_events",
+    "is_terminal",
+    "transition",
+]
+
 
 class JobState(str, enum.Enum):
     """Where a job is in its life. The value is what ``job.json`` stores."""
