@@ -6,12 +6,9 @@ the block ends); ``colabjob.session(url, ...)`` (a plain PyTorch loop),
 ``run_segment(url, spec, ...)`` (the built-in job kinds, used by the supervisor) and
 ``colabjob.hf.resumable`` (an HF Trainer) are built on it. It opens the store and hands the
 rest to ``colabjob.runner.segment_run.SegmentRun``: the record, the lease, the watchdog, the
-trackers and the ``SegmentContext`` on the way in; on the way out the segment is closed with
-its stop reason and the job state (COMPLETED when the job finished, SUSPENDED after a
-budget/signal/preemption/stop-request stop, CANCELLED after ``colabjob stop --cancel``, FAILED
-with the error on an exception), the lease is released and ``store.flush()`` (the Drive push)
-runs last. A runner that lost its lease leaves the record to the new holder; under
-``--nproc N`` or torchrun only rank 0 holds record, lease and trackers.
+trackers and the ``SegmentContext`` on the way in, and on the way out the segment closed with
+its stop reason and the job state, the lease released and the store flushed (that module's
+docstring says in which order and what each outcome records).
 """
 
 from __future__ import annotations
