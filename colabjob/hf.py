@@ -151,7 +151,7 @@ class _SegmentTrainerMixin:
 
         from colabjob.jobs.context import SegmentContext
         from colabjob.jobs.hf import TRAINER_STATE_FILE, job_train_loss
-        from colabjob.jobs.state import restore
+        from colabjob.jobs.state_restore import restore
         from colabjob.storage.checkpoints import CheckpointStore
 
         checkpoints = CheckpointStore(self._colabjob_store)

@@ -34,7 +34,8 @@ from colabjob.jobs.context import SegmentContext
 from colabjob.jobs.distributed import Coordinator
 from colabjob.jobs.memory import SaveChooser, parse_async
 from colabjob.jobs.staging_buffers import StagingPool
-from colabjob.jobs.state import Snapshot, write_snapshot
+from colabjob.jobs.state_capture import write_snapshot
+from colabjob.jobs.state_format import Snapshot
 
 if TYPE_CHECKING:
     from colabjob.storage.checkpoints import CheckpointInfo, PendingCommit

@@ -58,7 +58,9 @@ from colabjob.jobs.loader import quiet_workers
 from colabjob.jobs.policy import StopReason
 from colabjob.jobs.saver import gather_rank_states, seed_missing_rank, send_rank_state
 from colabjob.jobs.sizing import checkpoint_nbytes
-from colabjob.jobs.state import STATE_FILE, Counters, restore, snapshot
+from colabjob.jobs.state_capture import snapshot
+from colabjob.jobs.state_format import STATE_FILE, Counters
+from colabjob.jobs.state_restore import restore
 
 __all__ = ["ColabJobTrainer", "ResumableTrainerMixin", "job_train_loss", "make_resumable"]
 

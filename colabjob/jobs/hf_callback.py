@@ -37,7 +37,7 @@ from colabjob.jobs.policy import StopReason
 from colabjob.jobs.progress import STATUS_KEYS, format_metric_line
 from colabjob.jobs.saver import fetch_agreed, refuse_silent_restart
 from colabjob.jobs.sizing import checkpoint_nbytes
-from colabjob.jobs.state import STATE_FILE
+from colabjob.jobs.state_format import STATE_FILE
 from colabjob.storage.selection import set_aside_unloadable
 
 if TYPE_CHECKING:

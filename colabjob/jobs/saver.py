@@ -38,15 +38,9 @@ from colabjob.jobs.distributed import Coordinator
 from colabjob.jobs.formats import deep_cpu_copy, read_json
 from colabjob.jobs.rng import capture_rng, derive_seed, seed_everything
 from colabjob.jobs.sizing import checkpoint_nbytes
-from colabjob.jobs.state import (
-    STATE_FILE,
-    Counters,
-    RankState,
-    Restored,
-    Snapshot,
-    restore,
-    snapshot,
-)
+from colabjob.jobs.state_capture import snapshot
+from colabjob.jobs.state_format import STATE_FILE, Counters, RankState, Restored, Snapshot
+from colabjob.jobs.state_restore import restore
 from colabjob.jobs.tracking import Tracked
 from colabjob.storage.selection import (
     ResumeChoice,
@@ -71,7 +65,7 @@ __all__ = [
     "send_rank_state",
 ]
 
-log = logging.getLogger("colabjob.jobs.session")
+log = logging.getLogger(__name__)
 
 
 class Checkpointer:
@@ -140,7 +134,7 @@ class Checkpointer:
 
     def _load(self, tmp: str, info: CheckpointInfo) -> Restored:
         """Load the checkpoint downloaded into ``tmp`` into the tracked objects; every file
-        is checked before an object changes (``colabjob.jobs.state.restore``)."""
+        is checked before an object changes (``colabjob.jobs.state_restore.restore``)."""
         ctx, t = self.ctx, self.tracked
         saved_hash = str(info.manifest.get("config_hash") or "")
         if ctx.config_hash and saved_hash and saved_hash != ctx.config_hash:

@@ -49,7 +49,7 @@ from colabjob.jobs.policy import StopReason
 from colabjob.jobs.progress import format_metric_line, progress_row
 from colabjob.jobs.saver import Checkpointer
 from colabjob.jobs.sizing import checkpoint_nbytes
-from colabjob.jobs.state import Counters, Snapshot, Stateful
+from colabjob.jobs.state_format import Counters, Snapshot, Stateful
 from colabjob.jobs.tracking import batch_len, build_tracked, release_loader
 
 if TYPE_CHECKING:

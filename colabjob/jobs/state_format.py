@@ -8,6 +8,14 @@ a time), ``Snapshot`` (everything to write, already in CPU memory) with a ``Rank
 extra process, ``Restored`` (what ``restore`` hands back), the ``Stateful`` protocol for
 objects saved through ``state_dict()``, and ``model_keys``, the rule for which of a model's
 tensors a checkpoint holds (all, or trainable parameters plus buffers).
+
+The files: ``model.safetensors`` (weights; tied tensors stored once),
+``optimizer.safetensors`` (optimizer, scheduler and scaler state: tensors, plus the rest as
+JSON in its metadata; older checkpoints' ``optimizer.pt`` is read only with
+``torch.load(weights_only=True)``), ``state.safetensors`` (RNG tensors and tensors from
+loader/extra states), ``metrics.json`` and, last, ``state.json`` (format, counters,
+geometry, RNG of Python and NumPy, loader and extra states, user meta, library versions;
+for every rank but 0 of a multi-process snapshot, that rank's RNGs and loader position).
 """
 
 from __future__ import annotations

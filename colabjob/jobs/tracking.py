@@ -21,11 +21,11 @@ import torch
 from colabjob.errors import ConfigError
 from colabjob.jobs.data import Geometry
 from colabjob.jobs.distributed import check_loader, unwrap_model
-from colabjob.jobs.state import Stateful
+from colabjob.jobs.state_format import Stateful
 
 __all__ = ["Tracked", "batch_len", "build_tracked", "release_loader"]
 
-log = logging.getLogger("colabjob.jobs.session")
+log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)

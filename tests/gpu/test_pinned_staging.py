@@ -14,7 +14,9 @@ from colabjob.jobs.context import SegmentContext
 from colabjob.jobs.data import make_loader
 from colabjob.jobs.session import Session
 from colabjob.jobs.staging_buffers import StagingPool
-from colabjob.jobs.state import Counters, restore, snapshot, write_snapshot
+from colabjob.jobs.state_capture import snapshot, write_snapshot
+from colabjob.jobs.state_format import Counters
+from colabjob.jobs.state_restore import restore
 from colabjob.storage import open_store
 from colabjob.storage.checkpoints import CheckpointStore
 

@@ -30,7 +30,9 @@ from colabjob.errors import CorruptCheckpointError
 from colabjob.jobs import memory
 from colabjob.jobs.formats import decode
 from colabjob.jobs.memory import SaveChooser, available_bytes, parse_async, plan_save
-from colabjob.jobs.state import Counters, Snapshot, restore, snapshot, write_snapshot
+from colabjob.jobs.state_capture import snapshot, write_snapshot
+from colabjob.jobs.state_format import Counters, Snapshot
+from colabjob.jobs.state_restore import restore
 from colabjob.jobs.tensorfile import TensorFile, write_tensors
 from colabjob.storage import open_store
 from colabjob.storage.checkpoints import CheckpointStore

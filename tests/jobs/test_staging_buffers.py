@@ -15,7 +15,9 @@ import torch
 
 from colabjob.jobs.memory import SaveChooser
 from colabjob.jobs.staging_buffers import StagingPool
-from colabjob.jobs.state import Counters, restore, snapshot, write_snapshot
+from colabjob.jobs.state_capture import snapshot, write_snapshot
+from colabjob.jobs.state_format import Counters
+from colabjob.jobs.state_restore import restore
 
 from .helpers import IN, TinyNet
 

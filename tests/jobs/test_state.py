@@ -28,15 +28,9 @@ from colabjob.errors import (
 )
 from colabjob.jobs.data import Geometry, make_loader
 from colabjob.jobs.rng import GeneratorState, capture_rng, restore_rng
-from colabjob.jobs.state import (
-    MODEL_FILE,
-    OPTIMIZER_FILE,
-    STATE_FILE,
-    Counters,
-    restore,
-    snapshot,
-    write_snapshot,
-)
+from colabjob.jobs.state_capture import snapshot, write_snapshot
+from colabjob.jobs.state_format import MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, Counters
+from colabjob.jobs.state_restore import restore
 
 from .helpers import (
     NoisyDataset,
