@@ -115,7 +115,7 @@ def test_session_checkpoints_stage_through_one_state_sized_pool(
             opt.zero_grad(set_to_none=True)
             if s.step():
                 break
-        pool = s._saver.staging
+        pool = s._saver.committer.staging
     assert s.outcome is not None and s.outcome.completed
     weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
     assert pool.nbytes > weights  # the weights and AdamW's moments: one pinned copy, kept
