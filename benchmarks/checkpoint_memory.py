@@ -157,7 +157,7 @@ def child(case: str, workdir: str) -> None:
     if case in ("async", "sync"):
         _session(os.path.join(workdir, f"job-{case}"), case == "async", out, note)
     elif case == "resume":
-        from colabjob.jobs.state_restore import restore
+        from colabjob.jobs.state.restore import restore
         from colabjob.storage import open_store
         from colabjob.storage.checkpoints import CheckpointStore
 

@@ -12,7 +12,7 @@ checkpoint and, run again in the next session, continues exactly where it stoppe
 Each ``train()`` call is one segment of the job at ``url``, opened like
 ``colabjob.session()`` (``colabjob.runner.segment``): the job record, the lease (one live
 runner per job), the watchdog (budget, signals, preemption notice, stop requests) and
-checkpoints fenced by the lease. The training itself is ``colabjob.jobs.hf``: our
+checkpoints fenced by the lease. The training itself is ``colabjob.jobs.hf.trainer``: our
 checkpoints, exact data position and RNGs, never HF ``checkpoint-N`` folders.
 
 When the segment pauses (budget, signal, ...) rather than completes, the code after
@@ -39,7 +39,7 @@ from typing import Any, Literal
 from colabjob.clock import Clock
 from colabjob.errors import ConfigError, ExitCode
 from colabjob.jobs.context import SegmentOutcome
-from colabjob.jobs.hf import ResumableTrainerMixin
+from colabjob.jobs.hf.trainer import ResumableTrainerMixin
 from colabjob.jobs.policy import StopReason
 from colabjob.runner.options import DEFAULTS, SegmentOptions
 from colabjob.runner.record import (
@@ -150,8 +150,8 @@ class _SegmentTrainerMixin:
         from transformers.trainer_utils import TrainOutput
 
         from colabjob.jobs.context import SegmentContext
-        from colabjob.jobs.hf import TRAINER_STATE_FILE, job_train_loss
-        from colabjob.jobs.state_restore import restore
+        from colabjob.jobs.hf.trainer import TRAINER_STATE_FILE, job_train_loss
+        from colabjob.jobs.state.restore import restore
         from colabjob.storage.checkpoints import CheckpointStore
 
         checkpoints = CheckpointStore(self._colabjob_store)

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from colabjob.clock import SYSTEM_CLOCK, Clock
-from colabjob.runner.lease_info import LeaseObserver
+from colabjob.runner.lease.info import LeaseObserver
 from colabjob.runner.platforms import (
     PlatformInfo,
     describe_platform,

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from colabjob.errors import ConfigError
 
 if TYPE_CHECKING:
-    from colabjob.runner.metrics import JobHistory
+    from colabjob.runner.history import JobHistory
     from colabjob.storage.store import Store
 
 
@@ -126,6 +126,6 @@ def plot_history(
 
 def plot_job(store: Store, out: str | os.PathLike[str]) -> PlotResult:
     """Load a job's committed history from ``store`` and plot it to ``out``."""
-    from colabjob.runner.metrics import load_history
+    from colabjob.runner.history import load_history
 
     return plot_history(load_history(store), out)

@@ -19,8 +19,8 @@ def main(session: Any, spec: Any) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel, get_cosine_schedule_with_warmup
 
     from colabjob.jobs.data import make_loader
-    from colabjob.jobs.datasets import build_dataset
-    from colabjob.jobs.hf_job import load_tokenizer
+    from colabjob.jobs.data.text import build_dataset
+    from colabjob.jobs.kinds.hf_trainer import load_tokenizer
 
     args, tr = spec.job.args, spec.training
     torch.manual_seed(tr.seed)

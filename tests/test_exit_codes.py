@@ -7,7 +7,7 @@ import inspect
 
 import colabjob.errors as errors
 from colabjob.errors import ColabJobError, ExitCode
-from colabjob.runner.startup_script import render_startup_script
+from colabjob.runner.handoff.startup_script import render_startup_script
 
 
 def test_exit_codes_are_the_documented_ones() -> None:

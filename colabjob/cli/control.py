@@ -40,7 +40,7 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from colabjob.runner.lease_info import LeaseObserver
+    from colabjob.runner.lease.info import LeaseObserver
     from colabjob.runner.record import JobRecord, update_record
     from colabjob.runner.states import JobEvent, JobState, LeaseStatus, is_terminal
     from colabjob.runner.stop_request import request_stop

@@ -1,4 +1,4 @@
-"""``colabjob handoff``: the argparse face of ``colabjob.runner.handoff``.
+"""``colabjob handoff``: the argparse face of ``colabjob.runner.handoff.to_vm``.
 
 ``configure_parser(subparsers, common)`` adds the subcommand; ``cmd_handoff(args)`` runs it,
 prints the plan (the exact gcloud command, warnings, what to do next) and returns 0 when the
@@ -14,7 +14,11 @@ import argparse
 import sys
 from typing import Any, TextIO
 
-from colabjob.runner.gcloud import DEFAULT_DISK_GB, DEFAULT_IMAGE_FAMILY, DEFAULT_IMAGE_PROJECT
+from colabjob.runner.handoff.gcloud import (
+    DEFAULT_DISK_GB,
+    DEFAULT_IMAGE_FAMILY,
+    DEFAULT_IMAGE_PROJECT,
+)
 
 __all__ = ["cmd_handoff", "configure_parser"]
 
@@ -77,7 +81,7 @@ def configure_parser(
 
 def cmd_handoff(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     """Run ``colabjob handoff`` from parsed ``args``; return the exit code."""
-    from colabjob.runner.handoff import handoff
+    from colabjob.runner.handoff.to_vm import handoff
 
     stdout = out or sys.stdout
 

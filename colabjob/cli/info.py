@@ -72,7 +72,7 @@ def _fmt_step(step: int | None, total: int | None) -> str:
 
 
 def status_lines(s: JobSummary) -> list[str]:
-    from colabjob.runner.lease_info import format_time
+    from colabjob.runner.lease.info import format_time
     from colabjob.runner.platforms import format_duration
 
     state = s.state.upper()
@@ -186,8 +186,8 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 # -- logs --------------------------------------------------------------------------------
 def cmd_logs(args: argparse.Namespace) -> int:
-    from colabjob.runner.lease_info import LeaseObserver
-    from colabjob.runner.metrics import job_log, load_history
+    from colabjob.runner.history import job_log, load_history
+    from colabjob.runner.lease.info import LeaseObserver
     from colabjob.runner.record import effective_state
     from colabjob.runner.states import JobState
 
@@ -247,7 +247,7 @@ def _mb(n: int) -> str:
 
 def cmd_gc(args: argparse.Namespace) -> int:
     from colabjob.errors import ConfigError
-    from colabjob.runner.lease_info import LeaseObserver
+    from colabjob.runner.lease.info import LeaseObserver
     from colabjob.runner.states import LeaseStatus
     from colabjob.storage.checkpoints import CheckpointStore
 

@@ -26,7 +26,7 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
 
 def cmd_repair(args: argparse.Namespace) -> int:
     from colabjob.errors import ConfigError
-    from colabjob.runner.lease_info import LeaseObserver
+    from colabjob.runner.lease.info import LeaseObserver
     from colabjob.runner.repair import repair_record
     from colabjob.runner.states import LeaseStatus
     from colabjob.storage.store import open_store

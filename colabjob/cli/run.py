@@ -205,8 +205,8 @@ def _request(
 def cmd_start(args: argparse.Namespace) -> int:
     from colabjob.config import check_local_paths, load_spec
     from colabjob.jobs.kinds import preflight  # torch/transformers: only `start` pays for it
+    from colabjob.runner.handoff.transfer import check_not_moved
     from colabjob.runner.record import read_record
-    from colabjob.runner.transfer import check_not_moved
     from colabjob.storage.store import open_store
 
     check_session_flags(args)
@@ -251,9 +251,9 @@ def _existing_store(url: str) -> Store | None:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     from colabjob.config import JobSpec, apply_overrides, diff_for_resume
+    from colabjob.runner.handoff.transfer import check_not_moved
     from colabjob.runner.record import script_config
     from colabjob.runner.states import JobState
-    from colabjob.runner.transfer import check_not_moved
 
     check_session_flags(args)
     store, record = open_job(args.job)
@@ -326,8 +326,8 @@ def _check_lease(store: Store, *, force: bool, why: str = "") -> None:
     ``force`` (the child then watches the lease for at most our TTL). A holder that died on
     this machine is not refused: the child takes its lease over at once."""
     from colabjob.errors import InvalidLeaseError
-    from colabjob.runner.lease import DEFAULT_TTL
-    from colabjob.runner.lease_info import LeaseObserver, held_error
+    from colabjob.runner.lease.claim import DEFAULT_TTL
+    from colabjob.runner.lease.info import LeaseObserver, held_error
     from colabjob.runner.states import LeaseStatus
 
     try:
@@ -369,7 +369,7 @@ def run_request(request: RunRequest, args: argparse.Namespace) -> int:
             request,
             retries=args.retries,
             backoff=args.retry_backoff,
-            child_module="colabjob.cli.child",
+            child_module="colabjob.cli.train_child",
         )
     last: ChildResult | None = result.last
     if last is not None and last.error and last.exit_code in (ExitCode.USAGE, ExitCode.FAILED):
@@ -445,14 +445,14 @@ def _interrupted(url: str, what: str) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     """The embedded demo (``colabjob.jobs.demo``): a tiny GPT-2 trained from scratch on the
     standard library's sources in simulated sessions, each a real runner segment
-    (``colabjob.runner.demo``), then uninterrupted; exit 0 when the final weights are
+    (``colabjob.runner.demo_run``), then uninterrupted; exit 0 when the final weights are
     bit-identical."""
     import tempfile
 
     from colabjob.display import make_progress
     from colabjob.jobs.demo import DEMO_SIZES
     from colabjob.jobs.progress import close_progress
-    from colabjob.runner.demo import run_demo
+    from colabjob.runner.demo_run import run_demo
 
     if args.size not in DEMO_SIZES:
         raise ConfigError(

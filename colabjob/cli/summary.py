@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from colabjob.config.schema import DEFAULT_MARGIN
 from colabjob.errors import ColabJobError, CorruptCheckpointError, ObjectNotFoundError
 from colabjob.jobs.policy import StopReason
-from colabjob.runner.lease_info import LeaseObserver
+from colabjob.runner.lease.info import LeaseObserver
 from colabjob.runner.platforms import PRESETS, describe_platform
 from colabjob.runner.record import JobRecord, effective_state, script_config
 from colabjob.runner.states import JobState, LeaseStatus

@@ -63,7 +63,7 @@ class SegmentContext:
     progress: ProgressSink | None = None
     resume: ResumeChoice | None = None
     committed_step: int = 0
-    async_checkpoint: str = "auto"  # "auto" | "true" | "false": see colabjob.jobs.memory
+    async_checkpoint: str = "auto"  # "auto" | "true" | "false": see colabjob.jobs.state.host_memory
 
     def __post_init__(self) -> None:
         if self.every_steps is not None and self.every_steps < 1:

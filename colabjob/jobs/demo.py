@@ -9,7 +9,7 @@ the same job uninterrupted and reports whether the final weights are bit-identic
 loss at the start and the end. ``DEMO_SIZES`` has a ``tiny`` size for tests and the
 ``default`` one (about a minute or two on two CPU cores). By default each session runs the
 job kind directly in this process; ``colabjob demo`` passes ``segment=`` to run each as a
-real runner segment (``colabjob.runner.demo``: job record, lease, the step budget as the
+real runner segment (``colabjob.runner.demo_run``: job record, lease, the step budget as the
 watchdog's extra policy), so ``colabjob status`` and ``plot`` work on the demo job.
 """
 
@@ -112,7 +112,7 @@ def stdlib_sources(files: int, max_bytes: int) -> list[tuple[str, str]]:
 def prepare_demo(directory: str | Path, size: DemoSize) -> tuple[Path, Path]:
     """Write the demo text (JSON lines, one module per line) and train its tokenizer once,
     so every run of the demo (split or not) uses the same vocabulary. Returns both paths."""
-    from colabjob.jobs.tokenize import train_bpe, wrap_tokenizer
+    from colabjob.jobs.data.tokenizer import train_bpe, wrap_tokenizer
 
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)

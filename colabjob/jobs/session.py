@@ -40,16 +40,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from colabjob.errors import CheckpointError, ConfigError
+from colabjob.jobs.checkpointing.saver import Checkpointer
 from colabjob.jobs.context import SegmentContext, SegmentOutcome
 from colabjob.jobs.data import Geometry
 from colabjob.jobs.decision import Vote, decide_agreed
 from colabjob.jobs.distributed import Coordinator
-from colabjob.jobs.metrics import MetricsLog
 from colabjob.jobs.policy import StopReason
 from colabjob.jobs.progress import format_metric_line, progress_row
-from colabjob.jobs.saver import Checkpointer
-from colabjob.jobs.sizing import checkpoint_nbytes
-from colabjob.jobs.state_format import Counters, Snapshot, Stateful
+from colabjob.jobs.state.format import Counters, Snapshot, Stateful
+from colabjob.jobs.state.sizing import checkpoint_nbytes
+from colabjob.jobs.step_metrics import MetricsLog
 from colabjob.jobs.tracking import batch_len, build_tracked, release_loader
 
 if TYPE_CHECKING:

@@ -21,7 +21,7 @@ import torch
 from colabjob.errors import ConfigError
 from colabjob.jobs.data import Geometry
 from colabjob.jobs.distributed import check_loader, unwrap_model
-from colabjob.jobs.state_format import Stateful
+from colabjob.jobs.state.format import Stateful
 
 __all__ = ["Tracked", "batch_len", "build_tracked", "release_loader"]
 

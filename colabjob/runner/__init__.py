@@ -2,10 +2,13 @@
 
 ``states`` (the job state machine), ``record`` (``job.json``), ``platforms`` (session
 limits per platform), ``budget`` (predictive stop), ``watchdog`` (every reason to stop as
-one event), ``lease`` (one live runner per job, fencing epoch; ``lease_info`` reads it),
-``clock`` (injected time), ``segment`` (``session()``/``run_segment``: one segment from
-lease to release; ``segment_run`` opens and closes it), ``supervisor``/``child`` (the CLI's
-runner process), ``launch`` (N ranks), ``handoff``/``transfer``/``gcloud`` (to a GCP VM).
+one event), ``stop_request`` (``colabjob stop``), ``lease/`` (one live runner per job:
+``claim`` holds it with its fencing epoch, ``info`` reads it), ``options`` (how a segment
+runs), ``segment`` (``session()``/``run_segment``: one segment from lease to release;
+``segment_run`` opens and closes it), ``supervisor``/``child_protocol`` (the CLI's runner
+process), ``launch`` (N ranks), ``signals`` (forwarding), ``history`` (metrics read back),
+``repair`` (``job.json`` rebuilt), ``handoff/`` (to a GCP VM: ``to_vm``, ``transfer``,
+``gcloud``, ``startup_script``). The clock is ``colabjob.clock``.
 The time and control modules import no torch (``segment`` does: it runs training);
 import the submodule you need.
 """

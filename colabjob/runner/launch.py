@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from colabjob.errors import ConfigError, ExitCode
-from colabjob.runner.child import ChildResult, RunRequest
+from colabjob.runner.child_protocol import ChildResult, RunRequest
 from colabjob.runner.signals import ForwardedSignals, as_child_signal
 
 __all__ = [
@@ -340,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Run N training processes on this machine (torchrun-style environment).",
     )
     p.add_argument("--nproc", type=int, required=True, help="processes (ranks) to start")
-    p.add_argument("--module", default="colabjob.runner.child", help="the child module")
+    p.add_argument("--module", default="colabjob.runner.child_protocol", help="the child module")
     p.add_argument("command", nargs=argparse.REMAINDER, help="child REQ RES, or -- CMD ...")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     command = list(args.command)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from colabjob.clock import SYSTEM_CLOCK, Clock
 from colabjob.config.schema import CheckpointSpec, LoggingSpec, TrainingSpec
-from colabjob.runner.lease import DEFAULT_TTL
+from colabjob.runner.lease.claim import DEFAULT_TTL
 from colabjob.runner.watchdog import STOP_POLL_SECONDS
 
 if TYPE_CHECKING:
@@ -60,7 +60,8 @@ class SegmentOptions:
     (``"auto"``: when installed) and ``wandb``: the experiment trackers
     (``colabjob.runner.trackers``). ``async_checkpoint``: periodic checkpoints copy the
     state and save in the background (True), save synchronously (False), or background
-    only when the copy fits in host memory ("auto", the default; ``colabjob.jobs.memory``).
+    only when the copy fits in host memory ("auto", the default;
+    ``colabjob.jobs.state.host_memory``).
     """
 
     budget: str | float | None = None

@@ -37,18 +37,18 @@ from colabjob.errors import (
 )
 from colabjob.jobs.context import SegmentContext, SegmentOutcome
 from colabjob.jobs.distributed import in_process_group, init_distributed, shutdown_distributed
-from colabjob.jobs.memory import parse_async
 from colabjob.jobs.policy import StopReason
 from colabjob.jobs.progress import FanOut, LogLines, close_progress
+from colabjob.jobs.state.host_memory import parse_async
 from colabjob.runner.budget import DEFAULT_MARGIN, check_budget_fits
-from colabjob.runner.lease import Heartbeat, Lease
-from colabjob.runner.lease_info import Holder
+from colabjob.runner.handoff.transfer import check_not_moved
+from colabjob.runner.lease.claim import Heartbeat, Lease
+from colabjob.runner.lease.info import Holder
 from colabjob.runner.options import SegmentOptions
 from colabjob.runner.platforms import describe_platform
 from colabjob.runner.record import JobRecord, Segment, create_record, read_record, update_record
 from colabjob.runner.states import JobEvent, JobState
 from colabjob.runner.trackers import WANDB_ID_KEY, new_wandb_id, require_trackers, trackers_for
-from colabjob.runner.transfer import check_not_moved
 from colabjob.runner.watchdog import Watchdog, watchdog_for
 from colabjob.storage.checkpoints import CheckpointStore
 from colabjob.storage.selection import check_resume_point, set_aside_all

@@ -65,7 +65,7 @@ class JobEvent(str, enum.Enum):
 
 
 class LeaseStatus(str, enum.Enum):
-    """What a reader knows about a job's lease (see ``colabjob.runner.lease``)."""
+    """What a reader knows about a job's lease (see ``colabjob.runner.lease.claim``)."""
 
     ABSENT = "absent"  # no lease was ever written (or it was deleted)
     LIVE = "live"  # heartbeat recent, or changing while we watched

@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 from colabjob.clock import SYSTEM_CLOCK, Clock
-from colabjob.runner.lease_info import read_lease
+from colabjob.runner.lease.info import read_lease
 
 if TYPE_CHECKING:
     from colabjob.storage.store import Store

@@ -1,6 +1,6 @@
 """Runs a training segment in a child process and retries it when it crashes.
 
-``supervise(request)`` starts ``python -m colabjob.runner.child child REQUEST RESULT``
+``supervise(request)`` starts ``python -m colabjob.runner.child_protocol child REQUEST RESULT``
 (or another child module, e.g. the CLI's, which adds a progress display) in its own process
 group, forwards SIGTERM/SIGINT/SIGUSR1 to it (so the child's watchdog checkpoints and
 stops at the next step boundary: exit 75), and waits. The child writes a small JSON result
@@ -32,15 +32,15 @@ from typing import TYPE_CHECKING, Any
 from colabjob.clock import SYSTEM_CLOCK, Clock
 from colabjob.errors import ColabJobError, ExitCode, ObjectNotFoundError, StorageError
 from colabjob.jobs.policy import StopReason
-from colabjob.runner.child import (
+from colabjob.runner.child_protocol import (
     ChildResult,
     RunRequest,
     classify_error,
     exit_code_for,
     run_in_process,
 )
-from colabjob.runner.lease import Lease
-from colabjob.runner.lease_info import read_lease
+from colabjob.runner.lease.claim import Lease
+from colabjob.runner.lease.info import read_lease
 from colabjob.runner.record import JobRecord, read_record, update_record
 from colabjob.runner.signals import ForwardedSignals, as_child_signal
 from colabjob.runner.states import JobEvent, JobState
@@ -91,7 +91,7 @@ class Supervisor:
         *,
         retries: int = DEFAULT_RETRIES,
         backoff: float = DEFAULT_BACKOFF,
-        child_module: str = "colabjob.runner.child",
+        child_module: str = "colabjob.runner.child_protocol",
         python: str = sys.executable,
         clock: Clock = SYSTEM_CLOCK,
         say: Callable[[str], None] | None = None,

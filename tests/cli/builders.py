@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from colabjob.jobs.policy import StopReason
-from colabjob.runner.lease import Lease
-from colabjob.runner.lease_info import Holder
+from colabjob.runner.lease.claim import Lease
+from colabjob.runner.lease.info import Holder
 from colabjob.runner.record import Segment, create_record, update_record
 from colabjob.runner.states import JobEvent
 from colabjob.storage.checkpoints import CheckpointStore

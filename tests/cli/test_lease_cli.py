@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from colabjob.jobs.policy import StopReason
-from colabjob.runner.lease_info import LEASE_KEY, read_lease
+from colabjob.runner.lease.info import LEASE_KEY, read_lease
 from colabjob.runner.record import load_record
 from colabjob.runner.states import JobState
 from colabjob.storage.store import open_store

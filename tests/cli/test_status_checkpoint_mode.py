@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from colabjob.runner.lease import Lease
-from colabjob.runner.lease_info import Holder
+from colabjob.runner.lease.claim import Lease
+from colabjob.runner.lease.info import Holder
 from tests.cli.builders import make_job, run_main
 
 WHY = "state 6.1 GB does not fit twice in host memory, 4.2 GB free"

@@ -1,5 +1,5 @@
 """The defaults from the field on a real GPU (``colabjob.jobs.defaults`` and the kinds' use of
-them in ``colabjob.jobs.hf_job``): what ``DeviceCaps.detect()`` reads and the precision it
+them in ``colabjob.jobs.kinds.hf_trainer``): what ``DeviceCaps.detect()`` reads and the precision it
 picks, gradient checkpointing turned on by ``_checkpointing`` (same gradients, less memory),
 and the micro-batch search of ``plan_training`` meeting a real CUDA out-of-memory error.
 """
@@ -17,7 +17,6 @@ import torch
 
 from colabjob.config import JobSpec
 from colabjob.errors import ConfigError
-from colabjob.jobs import hf_job
 from colabjob.jobs.context import SegmentContext
 from colabjob.jobs.defaults import (
     DeviceCaps,
@@ -27,7 +26,8 @@ from colabjob.jobs.defaults import (
     search_micro_batch,
     training_memory_bytes,
 )
-from colabjob.jobs.hf_job import _checkpointing, plan_training
+from colabjob.jobs.kinds import hf_trainer as hf_job
+from colabjob.jobs.kinds.hf_trainer import _checkpointing, plan_training
 from colabjob.storage import open_store
 from colabjob.storage.checkpoints import CheckpointStore
 

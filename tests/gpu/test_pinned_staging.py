@@ -13,10 +13,10 @@ import torch
 from colabjob.jobs.context import SegmentContext
 from colabjob.jobs.data import make_loader
 from colabjob.jobs.session import Session
-from colabjob.jobs.staging_buffers import StagingPool
-from colabjob.jobs.state_capture import snapshot, write_snapshot
-from colabjob.jobs.state_format import Counters
-from colabjob.jobs.state_restore import restore
+from colabjob.jobs.state.capture import snapshot, write_snapshot
+from colabjob.jobs.state.format import Counters
+from colabjob.jobs.state.pinned import StagingPool
+from colabjob.jobs.state.restore import restore
 from colabjob.storage import open_store
 from colabjob.storage.checkpoints import CheckpointStore
 

@@ -21,9 +21,9 @@ import torch
 from torch import nn
 
 from colabjob.jobs.data import Geometry, sample_rng
-from colabjob.jobs.state_capture import snapshot, write_snapshot
-from colabjob.jobs.state_format import Counters
-from colabjob.jobs.state_restore import restore
+from colabjob.jobs.state.capture import snapshot, write_snapshot
+from colabjob.jobs.state.format import Counters
+from colabjob.jobs.state.restore import restore
 
 GRAD_ACCUM = 4
 IN, OUT = 8, 3

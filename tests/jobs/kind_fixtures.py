@@ -74,7 +74,7 @@ def tiny_model_dir(directory: Path, data: Path, *, vocab: int = 300, dropout: fl
     """A 2-layer GPT-2 plus a byte-level BPE tokenizer trained on ``data``, saved together."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from colabjob.jobs.tokenize import train_bpe, wrap_tokenizer
+    from colabjob.jobs.data.tokenizer import train_bpe, wrap_tokenizer
 
     texts = [json.loads(line)["text"] for line in data.read_text().splitlines()]
     tok = wrap_tokenizer(train_bpe(texts, vocab_size=vocab, min_frequency=1))

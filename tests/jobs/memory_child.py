@@ -3,7 +3,7 @@
 ``python -m tests.jobs.memory_child STORE --total N --free BYTES [--kill step:K]`` runs one
 segment of the ``equiv_child`` job ("map" config) through ``colabjob.session`` with
 ``async_checkpoint`` as given ("auto" by default). ``--free`` replaces what
-``colabjob.jobs.memory.available_bytes`` reads (the injected reading of available memory:
+``colabjob.jobs.state.host_memory.available_bytes`` reads (the injected reading of available memory:
 a real cgroup limit cannot be set up unprivileged here), so ``auto`` must fall back to
 synchronous, streaming saves. The session's log lines go to stdout.
 """
@@ -15,7 +15,7 @@ import sys
 
 import torch
 
-from colabjob.jobs import memory
+from colabjob.jobs.state import host_memory as memory
 
 from .equiv_child import _install_kill, build, train
 

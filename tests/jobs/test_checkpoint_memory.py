@@ -1,9 +1,9 @@
 """Checkpoint memory: streaming tensor files, the background-or-synchronous choice, and a job
 that cannot afford a copy of its state committing and resuming bit-identically.
 
-The writer (``colabjob.jobs.tensorfile``) must produce files safetensors itself reads, for
+The writer (``colabjob.jobs.state.tensorfile``) must produce files safetensors itself reads, for
 every dtype and layout, and free a consumed snapshot as it goes; the reader must refuse a
-damaged file before any weight changes. ``colabjob.jobs.memory`` reads free memory from
+damaged file before any weight changes. ``colabjob.jobs.state.host_memory`` reads free memory from
 ``/proc/meminfo`` and the cgroup files (here through an injected reader). The job test runs
 ``memory_child`` (the Session API through ``colabjob.session``) with a free-memory reading
 too small for a copy: it must say so, save synchronously, survive a SIGKILL and end with the
@@ -27,13 +27,13 @@ import torch
 from safetensors.torch import load_file
 
 from colabjob.errors import CorruptCheckpointError
-from colabjob.jobs import memory
-from colabjob.jobs.formats import decode
-from colabjob.jobs.memory import SaveChooser, available_bytes, parse_async, plan_save
-from colabjob.jobs.state_capture import snapshot, write_snapshot
-from colabjob.jobs.state_format import Counters, Snapshot
-from colabjob.jobs.state_restore import restore
-from colabjob.jobs.tensorfile import TensorFile, write_tensors
+from colabjob.jobs.state import host_memory as memory
+from colabjob.jobs.state.capture import snapshot, write_snapshot
+from colabjob.jobs.state.codec import decode
+from colabjob.jobs.state.format import Counters, Snapshot
+from colabjob.jobs.state.host_memory import SaveChooser, available_bytes, parse_async, plan_save
+from colabjob.jobs.state.restore import restore
+from colabjob.jobs.state.tensorfile import TensorFile, write_tensors
 from colabjob.storage import open_store
 from colabjob.storage.checkpoints import CheckpointStore
 
@@ -329,7 +329,7 @@ def test_short_of_memory_a_job_saves_synchronously_and_resumes_exactly(tmp_path:
 def test_hf_trainer_short_of_memory_saves_synchronously_and_resumes_exactly(
     hf_assets: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from colabjob.jobs.committer import Committer
+    from colabjob.jobs.checkpointing.committer import Committer
     from colabjob.jobs.demo import compare_final_weights
     from colabjob.runner.signals import forget_completion
     from tests.fakes import FakeClock

@@ -217,7 +217,7 @@ def test_hf_budget_stop_at_max_steps_completes(assets: dict[str, Path], tmp_path
     import torch
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-    from colabjob.jobs.hf import make_resumable
+    from colabjob.jobs.hf.trainer import make_resumable
 
     g = torch.Generator().manual_seed(3)
     rows = {"input_ids": torch.randint(0, 200, (48, 16), generator=g).tolist()}

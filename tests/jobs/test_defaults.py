@@ -22,7 +22,7 @@ from colabjob.jobs.defaults import (
     search_micro_batch,
     training_memory_bytes,
 )
-from colabjob.jobs.hf_job import plan_training, training_arguments
+from colabjob.jobs.kinds.hf_trainer import plan_training, training_arguments
 from tests.jobs.kind_fixtures import make_ctx
 
 GiB = 1024**3

@@ -38,11 +38,11 @@ from colabjob.jobs.distributed import (
     unwrap_model,
 )
 from colabjob.jobs.policy import StopReason
-from colabjob.jobs.rng import capture_rng, seed_everything
-from colabjob.jobs.state_capture import write_snapshot
-from colabjob.jobs.state_format import Counters, RankState, Snapshot
-from colabjob.jobs.state_restore import restore
-from colabjob.runner.child import ChildResult
+from colabjob.jobs.state.capture import write_snapshot
+from colabjob.jobs.state.format import Counters, RankState, Snapshot
+from colabjob.jobs.state.restore import restore
+from colabjob.jobs.state.rng import capture_rng, seed_everything
+from colabjob.runner.child_protocol import ChildResult
 from colabjob.runner.launch import LaunchResult, _adopt_rank_result, launch, rank_path
 from colabjob.runner.record import load_record
 from colabjob.runner.states import JobState

@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from colabjob.jobs.state_restore import read_optimizer_state
+from colabjob.jobs.state.restore import read_optimizer_state
 from colabjob.runner.record import load_record, read_record
 from colabjob.runner.states import JobState
 from colabjob.storage import open_store

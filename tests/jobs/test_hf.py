@@ -132,7 +132,7 @@ def _iterable_trainer(assets: dict[str, Path], url: Path, out: Path, stop: int |
     import datasets
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-    from colabjob.jobs.hf import make_resumable
+    from colabjob.jobs.hf.trainer import make_resumable
 
     g = torch.Generator().manual_seed(3)
     rows = {"input_ids": torch.randint(0, 200, (40, 16), generator=g).tolist()}

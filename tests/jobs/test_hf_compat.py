@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from colabjob.errors import ConfigError, UnsupportedTransformersError
-from colabjob.jobs import hf_compat
-from colabjob.jobs.hf_compat import (
+from colabjob.jobs.hf import compat as hf_compat
+from colabjob.jobs.hf.compat import (
     MIN_TRANSFORMERS,
     REQUIRED_TRAINER_ATTRIBUTES,
     REQUIRED_TRAINER_METHODS,
@@ -126,10 +126,11 @@ def test_every_member_the_integration_touches_is_checked() -> None:
     overrides and its ``self.``/``super().`` members (its ``self`` is the Trainer), and
     ``trainer.`` members anywhere in the integration."""
     jobs = REPO / "colabjob" / "jobs"
-    mixin = (jobs / "hf.py").read_text()
+    mixin = (jobs / "hf" / "trainer.py").read_text()
     used = set(re.findall(r"(?:self|super\(\))\.(_[a-z][a-z_]*)\b", mixin))
     used |= set(re.findall(r"^    def (_[a-z][a-z_]*)\(", mixin, flags=re.M))
-    for path in [*jobs.glob("hf*.py"), REPO / "colabjob" / "hf.py"]:
+    scanned = [*(jobs / "hf").glob("*.py"), jobs / "kinds" / "hf_trainer.py"]
+    for path in [*scanned, REPO / "colabjob" / "hf.py"]:
         used |= set(re.findall(r"\btrainer\.(_[a-z][a-z_]*)\b", path.read_text()))
     trainers = {name for name in used if not name.startswith("_colabjob")}
     assert {"_run_epoch", "_tr_loss", "_save_checkpoint"} <= trainers  # the scan sees them
@@ -143,7 +144,7 @@ def test_attaching_to_an_unsupported_trainer_is_refused(
     import torch
     from transformers import Trainer, TrainingArguments
 
-    from colabjob.jobs.hf import make_resumable
+    from colabjob.jobs.hf.trainer import make_resumable
 
     args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
     trainer = Trainer(model=torch.nn.Linear(2, 2), args=args)

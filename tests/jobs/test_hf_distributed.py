@@ -28,9 +28,9 @@ import torch
 from safetensors.torch import load as load_tensors
 
 from colabjob.jobs.context import SegmentContext
+from colabjob.jobs.data.tokenizer import TOKENIZER_KEY
 from colabjob.jobs.kinds import run_kind
 from colabjob.jobs.policy import StopReason
-from colabjob.jobs.tokenize import TOKENIZER_KEY
 from colabjob.runner.launch import launch
 from colabjob.storage.checkpoints import CheckpointStore
 from colabjob.storage.store import open_store
@@ -240,7 +240,7 @@ budget: {{platform: local}}
 
 @pytest.mark.slow
 def test_cli_start_nproc_2_runs_a_scratch_job(tmp_path: Path) -> None:
-    from colabjob.jobs.hf_job import fetch_final
+    from colabjob.jobs.kinds.hf_trainer import fetch_final
     from colabjob.runner.record import load_record
     from colabjob.runner.states import JobState
     from tests.cli.builders import run_cli

@@ -17,11 +17,11 @@ from safetensors.torch import load_file
 
 from colabjob.errors import ConfigError
 from colabjob.jobs.context import SegmentOutcome
+from colabjob.jobs.data.tokenizer import TOKENIZER_KEY
 from colabjob.jobs.demo import compare_final_weights
-from colabjob.jobs.hf_job import fetch_final
 from colabjob.jobs.kinds import preflight, run_kind
-from colabjob.jobs.state_restore import read_optimizer_state
-from colabjob.jobs.tokenize import TOKENIZER_KEY
+from colabjob.jobs.kinds.hf_trainer import fetch_final
+from colabjob.jobs.state.restore import read_optimizer_state
 from colabjob.storage.checkpoints import CheckpointStore
 from colabjob.storage.store import open_store
 from tests.jobs.kind_fixtures import (
@@ -242,7 +242,7 @@ class _CharTokenizer:
 def test_packing_padding_and_a_resumable_stream(tmp_path: Path) -> None:
     import datasets
 
-    from colabjob.jobs.datasets import PackedStream, PaddedDataset, pack_tokens
+    from colabjob.jobs.data.text import PackedStream, PaddedDataset, pack_tokens
 
     blocks = pack_tokens([[1, 2, 3], [4, 5]], seq_len=3, eos_id=0)
     assert blocks.tolist() == [[1, 2, 3], [0, 4, 5]]  # the tail (a lone EOS) is dropped

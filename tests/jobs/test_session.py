@@ -28,8 +28,8 @@ from colabjob.errors import (
 from colabjob.jobs.context import SegmentContext, SegmentOutcome
 from colabjob.jobs.data import ResumableIterable, make_loader
 from colabjob.jobs.policy import NeverStop, StopPolicy, StopReason
-from colabjob.jobs.rng import GeneratorState
 from colabjob.jobs.session import Session
+from colabjob.jobs.state.rng import GeneratorState
 from colabjob.storage import open_store
 from colabjob.storage.checkpoints import CheckpointStore
 from tests.fakes import FakeClock

@@ -1,4 +1,4 @@
-"""The pinned staging pool (``colabjob.jobs.staging_buffers``) without a GPU: its allocator and
+"""The pinned staging pool (``colabjob.jobs.state.pinned``) without a GPU: its allocator and
 stream synchronization are injected (plain CPU tensors, a recorder), so reuse across
 snapshots, keying by name/shape/dtype, pruning, ``clear()`` and the guard against handing out
 buffers an unfinished write still reads are all checked here; ``tests/gpu`` checks real
@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from colabjob.jobs.memory import SaveChooser
-from colabjob.jobs.staging_buffers import StagingPool
-from colabjob.jobs.state_capture import snapshot, write_snapshot
-from colabjob.jobs.state_format import Counters
-from colabjob.jobs.state_restore import restore
+from colabjob.jobs.state.capture import snapshot, write_snapshot
+from colabjob.jobs.state.format import Counters
+from colabjob.jobs.state.host_memory import SaveChooser
+from colabjob.jobs.state.pinned import StagingPool
+from colabjob.jobs.state.restore import restore
 
 from .helpers import IN, TinyNet
 

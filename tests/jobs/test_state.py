@@ -27,10 +27,10 @@ from colabjob.errors import (
     UnsafeCheckpointError,
 )
 from colabjob.jobs.data import Geometry, make_loader
-from colabjob.jobs.rng import GeneratorState, capture_rng, restore_rng
-from colabjob.jobs.state_capture import snapshot, write_snapshot
-from colabjob.jobs.state_format import MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, Counters
-from colabjob.jobs.state_restore import restore
+from colabjob.jobs.state.capture import snapshot, write_snapshot
+from colabjob.jobs.state.format import MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, Counters
+from colabjob.jobs.state.restore import restore
+from colabjob.jobs.state.rng import GeneratorState, capture_rng, restore_rng
 
 from .helpers import (
     NoisyDataset,

@@ -16,9 +16,9 @@ import sys
 
 
 def main(argv: list[str]) -> int:
+    from colabjob.runner.handoff.transfer import check_not_moved
     from colabjob.runner.platforms import describe_platform
     from colabjob.runner.record import load_record
-    from colabjob.runner.transfer import check_not_moved
     from colabjob.storage.checkpoints import CheckpointStore
     from colabjob.storage.store import open_store
 

@@ -12,8 +12,8 @@ import sys
 from typing import Any
 
 from colabjob.errors import LeaseHeldError, StaleEpochError
-from colabjob.runner.lease import Lease
-from colabjob.runner.lease_info import Holder
+from colabjob.runner.lease.claim import Lease
+from colabjob.runner.lease.info import Holder
 from colabjob.storage import open_store
 from colabjob.storage.checkpoints import CheckpointStore
 

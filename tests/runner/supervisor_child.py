@@ -25,9 +25,9 @@ from typing import Any
 from colabjob.errors import ConfigError
 from colabjob.jobs.context import SegmentOutcome
 from colabjob.jobs.policy import StopReason
-from colabjob.runner.child import RunRequest, child_main
-from colabjob.runner.lease import Lease
-from colabjob.runner.lease_info import Holder
+from colabjob.runner.child_protocol import RunRequest, child_main
+from colabjob.runner.lease.claim import Lease
+from colabjob.runner.lease.info import Holder
 from colabjob.runner.record import Segment, create_record, read_record, update_record
 from colabjob.runner.states import JobEvent, JobState
 from colabjob.runner.supervisor import Supervisor

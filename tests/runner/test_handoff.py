@@ -29,19 +29,19 @@ from colabjob.errors import (
     JobNotPausedError,
     JobStateError,
 )
-from colabjob.runner.gcloud import (
+from colabjob.runner.handoff.gcloud import (
     Accelerator,
     VmSpec,
     create_argv,
     instance_name_for,
     parse_accelerator,
 )
-from colabjob.runner.handoff import handoff
-from colabjob.runner.lease import Lease
-from colabjob.runner.lease_info import LEASE_KEY, Holder, read_lease
+from colabjob.runner.handoff.to_vm import handoff
+from colabjob.runner.handoff.transfer import MOVED_KEY, check_not_moved, read_moved
+from colabjob.runner.lease.claim import Lease
+from colabjob.runner.lease.info import LEASE_KEY, Holder, read_lease
 from colabjob.runner.record import create_record, load_record, update_record
 from colabjob.runner.states import JobEvent
-from colabjob.runner.transfer import MOVED_KEY, check_not_moved, read_moved
 from colabjob.storage.checkpoints import CheckpointStore
 from colabjob.storage.store import Store, open_store
 from tests.fakes import FakeClock

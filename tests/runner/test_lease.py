@@ -20,8 +20,8 @@ from colabjob.errors import (
     StaleEpochError,
     TransientStorageError,
 )
-from colabjob.runner.lease import Lease
-from colabjob.runner.lease_info import LEASE_KEY, Holder, LeaseObserver, read_lease
+from colabjob.runner.lease.claim import Lease
+from colabjob.runner.lease.info import LEASE_KEY, Holder, LeaseObserver, read_lease
 from colabjob.runner.record import create_record, load_record
 from colabjob.runner.states import LeaseStatus
 from colabjob.storage import Store, open_store

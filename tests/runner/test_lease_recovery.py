@@ -21,8 +21,8 @@ from colabjob.errors import (
     StaleEpochError,
     StorageLostError,
 )
-from colabjob.runner.lease import Lease
-from colabjob.runner.lease_info import LEASE_KEY, Holder, LeaseObserver, process_start, read_lease
+from colabjob.runner.lease.claim import Lease
+from colabjob.runner.lease.info import LEASE_KEY, Holder, LeaseObserver, process_start, read_lease
 from colabjob.runner.record import RECORD_KEY, create_record, load_record
 from colabjob.storage import Store, open_store
 from colabjob.storage.checkpoints import CheckpointStore

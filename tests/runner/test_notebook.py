@@ -10,8 +10,8 @@ import pytest
 
 import colabjob.notebook as notebook
 from colabjob.notebook import NotebookWatchdog, watchdog
-from colabjob.runner.lease import Lease
-from colabjob.runner.lease_info import Holder
+from colabjob.runner.lease.claim import Lease
+from colabjob.runner.lease.info import Holder
 from colabjob.runner.platforms import PlatformInfo
 from colabjob.runner.record import create_record, update_record
 from colabjob.runner.states import JobEvent

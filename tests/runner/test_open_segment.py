@@ -21,11 +21,11 @@ from colabjob.jobs.demo import StepBudget
 from colabjob.jobs.policy import AnyOf, StopReason
 from colabjob.jobs.session import Session
 from colabjob.runner.budget import StopBeforeDeadline
-from colabjob.runner.lease_info import read_lease
+from colabjob.runner.handoff.transfer import MovedMarker, mark_moved
+from colabjob.runner.lease.info import read_lease
 from colabjob.runner.record import create_record, load_record
 from colabjob.runner.segment import OpenSegment, SegmentOptions, open_segment
 from colabjob.runner.states import JobState
-from colabjob.runner.transfer import MovedMarker, mark_moved
 from colabjob.runner.watchdog import Watchdog
 from colabjob.storage import open_store
 from tests.fakes import FakeClock

@@ -24,8 +24,8 @@ from colabjob.errors import JobStateError, StaleEpochError
 from colabjob.jobs.context import SegmentContext, SegmentOutcome
 from colabjob.jobs.policy import StopReason
 from colabjob.jobs.session import Session
-from colabjob.runner.lease import Lease
-from colabjob.runner.lease_info import Holder, read_lease
+from colabjob.runner.lease.claim import Lease
+from colabjob.runner.lease.info import Holder, read_lease
 from colabjob.runner.record import JobRecord, load_record
 from colabjob.runner.segment import SegmentOptions, run_segment
 from colabjob.runner.signals import forget_completion

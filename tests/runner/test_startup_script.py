@@ -23,8 +23,8 @@ import pytest
 
 import colabjob
 from colabjob.errors import ConfigError
+from colabjob.runner.handoff.startup_script import TORCH_CPU_INDEX, render_startup_script
 from colabjob.runner.record import create_record
-from colabjob.runner.startup_script import TORCH_CPU_INDEX, render_startup_script
 from colabjob.storage.checkpoints import CheckpointStore
 from colabjob.storage.store import open_store
 from tests.runner.fake_metadata import fake_metadata

@@ -15,8 +15,8 @@ import pytest
 
 import colabjob
 from colabjob.errors import StorageError, StorageLostError
-from colabjob.jobs.commit_failures import MAX_FAILED_CHECKPOINTS
-from colabjob.runner.lease_info import read_lease
+from colabjob.jobs.checkpointing.failures import MAX_FAILED_CHECKPOINTS
+from colabjob.runner.lease.info import read_lease
 from colabjob.runner.record import load_record
 from colabjob.runner.states import JobState
 from colabjob.storage import open_store

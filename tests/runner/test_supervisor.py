@@ -24,7 +24,7 @@ from colabjob.errors import (
     TransientStorageError,
 )
 from colabjob.jobs.policy import StopReason
-from colabjob.runner.lease_info import read_lease
+from colabjob.runner.lease.info import read_lease
 from colabjob.runner.record import load_record
 from colabjob.runner.states import JobState
 from colabjob.runner.supervisor import (

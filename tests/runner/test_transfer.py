@@ -19,10 +19,7 @@ from colabjob.errors import (
     CorruptCheckpointError,
     JobMovedError,
 )
-from colabjob.runner.lease import Lease
-from colabjob.runner.lease_info import LEASE_KEY, Holder
-from colabjob.runner.record import RECORD_KEY, create_record, load_record
-from colabjob.runner.transfer import (
+from colabjob.runner.handoff.transfer import (
     MOVED_KEY,
     MovedMarker,
     check_not_moved,
@@ -30,6 +27,9 @@ from colabjob.runner.transfer import (
     mark_moved,
     read_moved,
 )
+from colabjob.runner.lease.claim import Lease
+from colabjob.runner.lease.info import LEASE_KEY, Holder
+from colabjob.runner.record import RECORD_KEY, create_record, load_record
 from colabjob.storage.checkpoints import CheckpointStore
 from colabjob.storage.drive import DriveStore
 from colabjob.storage.memory import MemoryStore

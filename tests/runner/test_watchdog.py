@@ -15,8 +15,8 @@ import pytest
 
 from colabjob.jobs.policy import StopPolicy, StopReason
 from colabjob.runner.budget import StopBeforeDeadline
-from colabjob.runner.lease import Lease
-from colabjob.runner.lease_info import Holder
+from colabjob.runner.lease.claim import Lease
+from colabjob.runner.lease.info import Holder
 from colabjob.runner.platforms import PlatformInfo
 from colabjob.runner.stop_request import (
     STOP_KEY,

@@ -12,7 +12,7 @@
 All of them commit through ``ctx.checkpoints`` (manifest last, fenced by the lease), stop on
 ``ctx.policy`` and resume the data position exactly; none uses HF ``checkpoint-N`` folders.
 Each runs on several processes too (``--nproc N``): the Trainer-based kinds as DDP through
-``colabjob.jobs.hf`` (rank 0 commits), ``python`` through the user's ``Session`` loop.
+``colabjob.jobs.hf.trainer`` (rank 0 commits), ``python`` through the user's ``Session`` loop.
 Each kind module is imported only when its kind runs (transformers and peft load lazily).
 """
 
@@ -63,7 +63,7 @@ def preflight(spec: JobSpec) -> None:
         assert spec.job.entrypoint is not None
         load_entrypoint(spec.job.entrypoint)
     if spec.data is not None and spec.data.is_local:
-        from colabjob.jobs.datasets import iter_texts
+        from colabjob.jobs.data.text import iter_texts
 
         next(iter_texts(spec.data), None)  # opens the first file and reads one document
     model = spec.model

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from colabjob.jobs.defaults import DeviceCaps
-from colabjob.jobs.hf_job import (
+from colabjob.jobs.kinds.hf_trainer import (
     load_model,
     load_pretrained_data,
     plan_training,

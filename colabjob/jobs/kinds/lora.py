@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from colabjob.errors import ConfigError
 from colabjob.jobs.defaults import DeviceCaps, choose_precision
-from colabjob.jobs.hf_job import (
+from colabjob.jobs.kinds.hf_trainer import (
     load_model,
     load_pretrained_data,
     plan_training,

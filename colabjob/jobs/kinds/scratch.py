@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from colabjob.errors import ConfigError
-from colabjob.jobs.datasets import build_dataset, iter_texts
+from colabjob.jobs.data.text import build_dataset, iter_texts
+from colabjob.jobs.data.tokenizer import load_or_train_tokenizer
 from colabjob.jobs.defaults import DeviceCaps
 from colabjob.jobs.distributed import Coordinator
-from colabjob.jobs.hf_job import load_tokenizer, plan_training, run_trainer, say
-from colabjob.jobs.tokenize import load_or_train_tokenizer
+from colabjob.jobs.kinds.hf_trainer import load_tokenizer, plan_training, run_trainer, say
 
 if TYPE_CHECKING:
     from colabjob.config import JobSpec

@@ -2,7 +2,7 @@
 ``status``), without torch.
 
 Where metrics live: every checkpoint carries the job's whole metrics history up to its step
-(``metrics.json``, a JSON list of rows written by ``colabjob.jobs.state_capture``). A resumed
+(``metrics.json``, a JSON list of rows written by ``colabjob.jobs.state.capture``). A resumed
 segment restores that history and appends to it, so the newest committed checkpoint holds every
 row exactly once: rows logged after the last commit of a segment that was killed are not
 in it, and are logged again (once) by the segment that redoes those steps. Older
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: Names a checkpoint's metrics history may have (``jobs.state_format.METRICS_FILE`` first).
+#: Names a checkpoint's metrics history may have (``jobs.state.format.METRICS_FILE`` first).
 METRICS_FILES = ("metrics.json", "metrics.jsonl")
 
 

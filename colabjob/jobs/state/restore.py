@@ -22,10 +22,9 @@ from typing import Any
 import torch
 
 from colabjob.errors import CheckpointError, CorruptCheckpointError, ResumeError
-from colabjob.jobs.formats import decode, read_json, read_tensors, safe_torch_load
-from colabjob.jobs.geometry import Geometry, check_geometry
-from colabjob.jobs.rng import RngState, restore_rng
-from colabjob.jobs.state_format import (
+from colabjob.jobs.data.geometry import Geometry, check_geometry
+from colabjob.jobs.state.codec import decode, read_json, read_tensors, safe_torch_load
+from colabjob.jobs.state.format import (
     FORMAT,
     METRICS_FILE,
     MODEL_FILE,
@@ -37,7 +36,8 @@ from colabjob.jobs.state_format import (
     Stateful,
     model_keys,
 )
-from colabjob.jobs.tensorfile import TensorFile
+from colabjob.jobs.state.rng import RngState, restore_rng
+from colabjob.jobs.state.tensorfile import TensorFile
 
 __all__ = ["read_optimizer_state", "restore"]
 

@@ -38,7 +38,7 @@ from colabjob.errors import (
     LeaseLostError,
     StorageError,
 )
-from colabjob.runner.gcloud import (
+from colabjob.runner.handoff.gcloud import (
     DEFAULT_DISK_GB,
     DEFAULT_IMAGE_FAMILY,
     DEFAULT_IMAGE_PROJECT,
@@ -52,18 +52,18 @@ from colabjob.runner.gcloud import (
     parse_accelerator,
     run_gcloud,
 )
-from colabjob.runner.lease import Lease
-from colabjob.runner.lease_info import Holder, LeaseObserver, format_time
-from colabjob.runner.record import JobRecord, load_record, read_record
-from colabjob.runner.startup_script import render_startup_script
-from colabjob.runner.states import JobState, LeaseStatus
-from colabjob.runner.transfer import (
+from colabjob.runner.handoff.startup_script import render_startup_script
+from colabjob.runner.handoff.transfer import (
     MovedMarker,
     TransferReport,
     check_not_moved,
     copy_job,
     mark_moved,
 )
+from colabjob.runner.lease.claim import Lease
+from colabjob.runner.lease.info import Holder, LeaseObserver, format_time
+from colabjob.runner.record import JobRecord, load_record, read_record
+from colabjob.runner.states import JobState, LeaseStatus
 from colabjob.storage.store import open_store
 
 if TYPE_CHECKING:

@@ -6,10 +6,10 @@ instead of stored twice; optimizer, scheduler and scaler state; the RNGs; the lo
 position; extra objects' states; metrics, meta and library versions), so the loop can go on
 at once (``clone=False``: references to the live tensors, for a synchronous save that needs
 no extra memory). With a ``StagingPool`` (``staging=``), GPU tensors are copied into pinned
-host buffers reused from one snapshot to the next (``colabjob.jobs.staging_buffers``) instead
+host buffers reused from one snapshot to the next (``colabjob.jobs.state.pinned``) instead
 of freshly allocated memory. ``write_snapshot(snapshot, directory)`` turns it into the files of
-``colabjob.jobs.state_format`` and may run on a background thread: it only reads the
-snapshot's own copies, streams them tensor by tensor (``colabjob.jobs.tensorfile``) and, with
+``colabjob.jobs.state.format`` and may run on a background thread: it only reads the
+snapshot's own copies, streams them tensor by tensor (``colabjob.jobs.state.tensorfile``) and, with
 ``consume``, frees each one once written (pooled buffers stay with their pool, which may
 reuse them once the write is done). ``state.json`` is written last.
 """
@@ -31,11 +31,9 @@ import safetensors
 import torch
 
 from colabjob.errors import CheckpointError
-from colabjob.jobs.formats import atomic_write, deep_cpu_copy, encode, write_json
-from colabjob.jobs.geometry import Geometry
-from colabjob.jobs.rng import capture_rng
-from colabjob.jobs.staging_buffers import Staging, StagingPool
-from colabjob.jobs.state_format import (
+from colabjob.jobs.data.geometry import Geometry
+from colabjob.jobs.state.codec import atomic_write, deep_cpu_copy, encode, write_json
+from colabjob.jobs.state.format import (
     FORMAT,
     METRICS_FILE,
     MODEL_FILE,
@@ -47,7 +45,9 @@ from colabjob.jobs.state_format import (
     Stateful,
     model_keys,
 )
-from colabjob.jobs.tensorfile import write_tensors
+from colabjob.jobs.state.pinned import Staging, StagingPool
+from colabjob.jobs.state.rng import capture_rng
+from colabjob.jobs.state.tensorfile import write_tensors
 
 __all__ = ["snapshot", "write_snapshot"]
 

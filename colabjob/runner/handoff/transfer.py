@@ -37,7 +37,7 @@ from colabjob.errors import (
     ObjectNotFoundError,
     StorageError,
 )
-from colabjob.runner.lease_info import format_time
+from colabjob.runner.lease.info import format_time
 from colabjob.runner.record import RECORD_KEY, JobRecord, load_record, read_record, update_record
 from colabjob.storage.manifest import (
     CKPT_DIR,

@@ -229,7 +229,7 @@ def run_trainer(
     from transformers import default_data_collator
     from transformers.utils import logging as hf_logging
 
-    from colabjob.jobs.hf import ColabJobTrainer
+    from colabjob.jobs.hf.trainer import ColabJobTrainer
 
     hf_logging.disable_progress_bar()  # progress goes through ctx.log
 
@@ -259,7 +259,7 @@ def run_trainer(
 def load_pretrained_data(spec: JobSpec) -> tuple[Any, Any]:
     """The tokenizer of a pretrained model (or ``spec.tokenizer``) and the spec's data,
     tokenized: what the finetune and lora kinds start from."""
-    from colabjob.jobs.datasets import build_dataset
+    from colabjob.jobs.data.text import build_dataset
 
     assert spec.model is not None and spec.data is not None
     name = spec.tokenizer.name_or_path or spec.model.name_or_path

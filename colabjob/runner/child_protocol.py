@@ -2,7 +2,7 @@
 
 The supervisor (``colabjob.runner.supervisor``) writes a ``RunRequest`` (job URL, spec
 snapshot, this session's overrides, a session id kept across retries) as JSON and starts
-``python -m colabjob.runner.child child REQUEST RESULT``. The child runs one segment
+``python -m colabjob.runner.child_protocol child REQUEST RESULT``. The child runs one segment
 (``colabjob.runner.segment.run_segment``) and writes a ``ChildResult`` before it exits: how
 the segment ended, or the error, its hint and whether a retry could help. A child whose
 supervisor dies stops as if sent SIGTERM (checkpoint, exit 75), so none is orphaned mid-run.
@@ -205,7 +205,8 @@ def child_main(
 
     ``runner`` runs the request (the CLI passes one that adds a progress display)."""
     if len(argv) != 3 or argv[0] != "child":
-        print("usage: python -m colabjob.runner.child child REQUEST RESULT", file=sys.stderr)
+        usage = "usage: python -m colabjob.runner.child_protocol child REQUEST RESULT"
+        print(usage, file=sys.stderr)
         return ExitCode.USAGE
     request = RunRequest.from_json(Path(argv[1]).read_text())
     result_path = Path(argv[2])

@@ -7,7 +7,7 @@ previous one (``ctx.resume`` may choose one by hand; a job whose record shows co
 progress never starts over silently when none is left); ``snapshot()`` copies the state
 to CPU memory on the training thread, the only part the loop waits for (GPU tensors into
 the pinned buffers of the committer's ``staging`` pool). Committing is the ``committer``'s
-(``colabjob.jobs.committer.Committer``, the same one the HF Trainer path uses).
+(``colabjob.jobs.checkpointing.committer.Committer``, the same one the HF Trainer path uses).
 
 With a ``Coordinator`` (several processes) rank 0 picks the checkpoint to restore and every
 rank loads it (its own RNGs and loader position; a rank the checkpoint has none for seeds
@@ -32,15 +32,15 @@ from colabjob.errors import (
     ResumeError,
     UnsafeCheckpointError,
 )
-from colabjob.jobs.committer import Committer
+from colabjob.jobs.checkpointing.committer import Committer
 from colabjob.jobs.context import SegmentContext
 from colabjob.jobs.distributed import Coordinator
-from colabjob.jobs.formats import deep_cpu_copy, read_json
-from colabjob.jobs.rng import capture_rng, derive_seed, seed_everything
-from colabjob.jobs.sizing import checkpoint_nbytes
-from colabjob.jobs.state_capture import snapshot
-from colabjob.jobs.state_format import STATE_FILE, Counters, RankState, Restored, Snapshot
-from colabjob.jobs.state_restore import restore
+from colabjob.jobs.state.capture import snapshot
+from colabjob.jobs.state.codec import deep_cpu_copy, read_json
+from colabjob.jobs.state.format import STATE_FILE, Counters, RankState, Restored, Snapshot
+from colabjob.jobs.state.restore import restore
+from colabjob.jobs.state.rng import capture_rng, derive_seed, seed_everything
+from colabjob.jobs.state.sizing import checkpoint_nbytes
 from colabjob.jobs.tracking import Tracked
 from colabjob.storage.selection import (
     ResumeChoice,
@@ -134,7 +134,7 @@ class Checkpointer:
 
     def _load(self, tmp: str, info: CheckpointInfo) -> Restored:
         """Load the checkpoint downloaded into ``tmp`` into the tracked objects; every file
-        is checked before an object changes (``colabjob.jobs.state_restore.restore``)."""
+        is checked before an object changes (``colabjob.jobs.state.restore.restore``)."""
         ctx, t = self.ctx, self.tracked
         saved_hash = str(info.manifest.get("config_hash") or "")
         if ctx.config_hash and saved_hash and saved_hash != ctx.config_hash:
@@ -172,8 +172,8 @@ class Checkpointer:
         """The state in CPU memory and how long copying it took (the loop's pause). With
         several processes every rank must call it at the same step (rank 0 gathers).
         ``background``: for ``Committer.save_async``; a copy is taken only when it fits in
-        host memory (``ctx.async_checkpoint``, ``colabjob.jobs.memory``), else the snapshot
-        refers to the live tensors and ``save_async`` commits it synchronously."""
+        host memory (``ctx.async_checkpoint``, ``colabjob.jobs.state.host_memory``), else the
+        snapshot refers to the live tensors and ``save_async`` commits it synchronously."""
         t = self.tracked
         mono = self.ctx.monotonic
         t0 = mono()

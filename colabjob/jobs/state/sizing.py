@@ -4,7 +4,7 @@ The stop rule (``colabjob.runner.budget``) reserves time for the final save; bef
 measured it guesses that time from the expected size (``StopPolicy.expect_checkpoint``).
 ``checkpoint_nbytes`` gives that size from the live objects: the model tensors a checkpoint
 holds (only the trainable ones and the buffers when some parameters are frozen, as
-``jobs.state_capture.snapshot`` saves them; tied tensors once) plus the optimizer state. Before the
+``jobs.state.capture.snapshot`` saves them; tied tensors once) plus the optimizer state. Before the
 optimizer's first step its state is still empty, so it is guessed as two fp32 moments per
 trainable parameter (AdamW; more than SGD needs). Sums of tensor sizes only: cheap enough for
 a step boundary, no copies.

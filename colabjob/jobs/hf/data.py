@@ -6,7 +6,7 @@ its ``accelerate`` sharding): ``make_loader`` (a seeded per-epoch permutation th
 O(1)) on one process, ``make_distributed_loader`` (this rank's share of the same global
 order) on several. ``align_epoch`` starts the Trainer's epoch where the loader stands, so a
 resumed epoch's gradient-accumulation windows line up exactly. The mixin that uses both is
-``colabjob.jobs.hf``.
+``colabjob.jobs.hf.trainer``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 
 from colabjob.jobs.data import ResumableLoader, make_loader
 from colabjob.jobs.distributed import make_distributed_loader
-from colabjob.jobs.hf_callback import HFRun, remaining_batches
+from colabjob.jobs.hf.callback import HFRun, remaining_batches
 
 __all__ = ["align_epoch", "train_loader"]
 

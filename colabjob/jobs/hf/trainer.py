@@ -40,27 +40,27 @@ from typing import Any
 from transformers import Trainer
 
 from colabjob.errors import ConfigError, ResumeError
+from colabjob.jobs.checkpointing.saver import gather_rank_states, seed_missing_rank, send_rank_state
 from colabjob.jobs.context import SegmentContext, SegmentOutcome
 from colabjob.jobs.data import Geometry, ResumableLoader
+from colabjob.jobs.data.loader import quiet_workers
 from colabjob.jobs.distributed import in_process_group
-from colabjob.jobs.formats import read_json
-from colabjob.jobs.hf_callback import (
+from colabjob.jobs.hf.callback import (
     ColabJobCallback,
     HFRun,
     batch_len,
     metric_rows,
     remaining_batches,
 )
-from colabjob.jobs.hf_compat import check_trainer_compat
-from colabjob.jobs.hf_data import align_epoch, train_loader
-from colabjob.jobs.hf_finish import JobLossMixin, job_train_loss
-from colabjob.jobs.loader import quiet_workers
+from colabjob.jobs.hf.compat import check_trainer_compat
+from colabjob.jobs.hf.data import align_epoch, train_loader
+from colabjob.jobs.hf.finish import JobLossMixin, job_train_loss
 from colabjob.jobs.policy import StopReason
-from colabjob.jobs.saver import gather_rank_states, seed_missing_rank, send_rank_state
-from colabjob.jobs.sizing import checkpoint_nbytes
-from colabjob.jobs.state_capture import snapshot
-from colabjob.jobs.state_format import STATE_FILE, Counters
-from colabjob.jobs.state_restore import restore
+from colabjob.jobs.state.capture import snapshot
+from colabjob.jobs.state.codec import read_json
+from colabjob.jobs.state.format import STATE_FILE, Counters
+from colabjob.jobs.state.restore import restore
+from colabjob.jobs.state.sizing import checkpoint_nbytes
 
 __all__ = ["ColabJobTrainer", "ResumableTrainerMixin", "job_train_loss", "make_resumable"]
 

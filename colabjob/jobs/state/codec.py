@@ -3,7 +3,7 @@
 ``encode(obj, prefix, tensors)`` turns a nested state (dicts, lists, tuples, scalars,
 strings, bytes, NumPy arrays and scalars, tensors) into a JSON-able tree; each tensor is
 put (not copied) into ``tensors`` under ``prefix/<path>`` (saved with safetensors by
-``colabjob.jobs.tensorfile``, one at a time) and replaced by a ``{"__tensor__": key}``
+``colabjob.jobs.state.tensorfile``, one at a time) and replaced by a ``{"__tensor__": key}``
 marker. ``decode(tree, tensors)`` reverses it exactly, including tuples and non-string dict
 keys. Nothing here can execute code on load, which is the point:
 user objects' ``state_dict()`` output is restored without unpickling. The readers map
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from colabjob.errors import CheckpointError, CorruptCheckpointError, UnsafeCheckpointError
-from colabjob.jobs.tensorfile import TensorFile
+from colabjob.jobs.state.tensorfile import TensorFile
 
 __all__ = [
     "atomic_write",

@@ -5,7 +5,7 @@ data; ``read_lease`` reads it with its version, ``held_error`` is what a second 
 and ``LeaseObserver`` judges a lease from outside on the reader's own monotonic clock: expired
 only when the reader has watched its version stay unchanged for longer than its TTL, the
 holder's wall-clock heartbeat being a hint (STALE), never proof. Taking, renewing and releasing
-the lease is ``colabjob.runner.lease``'s part.
+the lease is ``colabjob.runner.lease.claim``'s part.
 
 A holder also records its machine (host name, Linux boot id, pid namespace) and its process
 start time (``/proc/<pid>/stat`` field 22), so a runner on the *same* machine can prove the

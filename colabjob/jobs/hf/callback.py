@@ -11,7 +11,7 @@ and (for the built-in kinds) forwards HF's log rows to ``ctx.progress`` (or as l
 its save guess. With several processes (``HFRun.sync``, a ``Coordinator``) rank 0 picks the
 checkpoint every rank resumes from, and at every optimizer step one ``Coordinator.agree``
 all-reduce makes every rank take the same stop and save decision. The mixin that uses both
-is ``colabjob.jobs.hf``.
+is ``colabjob.jobs.hf.trainer``.
 """
 
 from __future__ import annotations
@@ -27,17 +27,17 @@ import torch
 from transformers import TrainerCallback
 
 from colabjob.errors import CorruptCheckpointError, ResumeError, UnsafeCheckpointError
-from colabjob.jobs.committer import Committer
+from colabjob.jobs.checkpointing.committer import Committer
+from colabjob.jobs.checkpointing.saver import fetch_agreed, refuse_silent_restart
 from colabjob.jobs.context import SegmentContext, SegmentOutcome
 from colabjob.jobs.data import ResumableLoader
 from colabjob.jobs.decision import Decision, Vote, decide_agreed
 from colabjob.jobs.distributed import Coordinator, DistributedResumableSampler
-from colabjob.jobs.formats import read_json
 from colabjob.jobs.policy import StopReason
 from colabjob.jobs.progress import STATUS_KEYS, format_metric_line
-from colabjob.jobs.saver import fetch_agreed, refuse_silent_restart
-from colabjob.jobs.sizing import checkpoint_nbytes
-from colabjob.jobs.state_format import STATE_FILE
+from colabjob.jobs.state.codec import read_json
+from colabjob.jobs.state.format import STATE_FILE
+from colabjob.jobs.state.sizing import checkpoint_nbytes
 from colabjob.storage.selection import set_aside_unloadable
 
 if TYPE_CHECKING:

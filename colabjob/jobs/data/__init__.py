@@ -19,17 +19,38 @@ restored mid-epoch (a resumed worker starts from its epoch seed, not from where 
 worker stood). Draw it from ``sample_rng(seed, epoch, index)`` instead: ``make_loader``
 calls ``dataset.set_epoch(epoch)`` before each epoch when the dataset has that method.
 
-Where each part lives (this module re-exports them all): ``colabjob.jobs.loader`` holds
+Where each part lives (this module re-exports them all): ``colabjob.jobs.data.loader`` holds
 ``ResumableSampler``, ``ResumableLoader``, ``make_loader`` and ``sample_rng``;
-``colabjob.jobs.iterable`` holds ``ResumableIterable``; ``colabjob.jobs.geometry`` holds
+``colabjob.jobs.data.iterable`` holds ``ResumableIterable``; ``colabjob.jobs.data.geometry`` holds
 ``Geometry`` and ``check_geometry``.
 """
 
 from __future__ import annotations
 
-from colabjob.jobs.geometry import Geometry, check_geometry
-from colabjob.jobs.iterable import ResumableIterable
-from colabjob.jobs.loader import ResumableLoader, ResumableSampler, make_loader, sample_rng
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from colabjob.jobs.data.geometry import Geometry, check_geometry
+    from colabjob.jobs.data.iterable import ResumableIterable
+    from colabjob.jobs.data.loader import (
+        ResumableLoader,
+        ResumableSampler,
+        make_loader,
+        sample_rng,
+    )
+
+# Lazy, so that importing ``colabjob.jobs.data.geometry`` (torch-free) does not pull in the
+# loaders; each name resolves to its owning module on first use.
+_OWNERS = {
+    "Geometry": "colabjob.jobs.data.geometry",
+    "check_geometry": "colabjob.jobs.data.geometry",
+    "ResumableIterable": "colabjob.jobs.data.iterable",
+    "ResumableLoader": "colabjob.jobs.data.loader",
+    "ResumableSampler": "colabjob.jobs.data.loader",
+    "make_loader": "colabjob.jobs.data.loader",
+    "sample_rng": "colabjob.jobs.data.loader",
+}
 
 __all__ = [
     "Geometry",
@@ -40,3 +61,13 @@ __all__ = [
     "make_loader",
     "sample_rng",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _OWNERS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_OWNERS[name]), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

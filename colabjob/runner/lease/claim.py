@@ -2,7 +2,7 @@
 
 A runner acquires the lease with a create-only write (or a compare-and-swap over a released
 or expired one), renews it by compare-and-swap from a ``Heartbeat`` thread, and releases it on
-a clean stop. Expiry is judged on the *reader's* monotonic clock (``colabjob.runner.lease_info``
+a clean stop. Expiry is judged on the *reader's* monotonic clock (``colabjob.runner.lease.info``
 holds the file's content and that judgement). Every takeover
 bumps the fencing epoch (also stored in ``job.json``); a checkpoint commit calls
 ``current_epoch()`` and rejects a manifest carrying an older epoch, so a runner that was paused
@@ -32,7 +32,7 @@ from colabjob.errors import (
     StorageError,
     StorageLostError,
 )
-from colabjob.runner.lease_info import (
+from colabjob.runner.lease.info import (
     LEASE_KEY,
     Holder,
     LeaseInfo,

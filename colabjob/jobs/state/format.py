@@ -2,8 +2,8 @@
 
 A checkpoint directory holds up to five files (``FILES``), ``state.json`` (``STATE_FILE``,
 tagged ``FORMAT``) written last. This module owns those names and the plain records the
-capture side (``colabjob.jobs.state_capture``) and the restore side
-(``colabjob.jobs.state_restore``) share: ``Counters`` (progress, advanced one micro-batch at
+capture side (``colabjob.jobs.state.capture``) and the restore side
+(``colabjob.jobs.state.restore``) share: ``Counters`` (progress, advanced one micro-batch at
 a time), ``Snapshot`` (everything to write, already in CPU memory) with a ``RankState`` per
 extra process, ``Restored`` (what ``restore`` hands back), the ``Stateful`` protocol for
 objects saved through ``state_dict()``, and ``model_keys``, the rule for which of a model's
@@ -26,8 +26,8 @@ from typing import Any, Protocol
 
 import torch
 
-from colabjob.jobs.geometry import Geometry
-from colabjob.jobs.rng import RngState
+from colabjob.jobs.data.geometry import Geometry
+from colabjob.jobs.state.rng import RngState
 
 __all__ = [
     "FILES",
@@ -131,7 +131,7 @@ class Snapshot:
     ranks: tuple[RankState, ...] = ()  # ranks 1.. of a multi-process run (rank 0 is above)
     live: bool = False  # model/optimizer tensors are the live ones: write before training on
     # Called once the snapshot's tensors are no longer read (written, or never to be): its
-    # pinned staging buffers (``colabjob.jobs.staging_buffers``) may serve the next snapshot.
+    # pinned staging buffers (``colabjob.jobs.state.pinned``) may serve the next snapshot.
     release: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     @property

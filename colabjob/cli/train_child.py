@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from colabjob.runner.child import RunRequest, child_main, run_in_process
+from colabjob.runner.child_protocol import RunRequest, child_main, run_in_process
 
 
 def run_with_display(request: RunRequest, _progress: Any = None) -> Any:

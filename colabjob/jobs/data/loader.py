@@ -9,7 +9,7 @@ what workers prefetched, and whose worker seeds derive from ``(seed, epoch)``;
 ``make_loader()`` builds one and refuses datasets it could only resume by iterating and
 discarding. ``sample_rng(seed, epoch, index)`` gives a sample's random transforms a stream
 that a resumed worker reproduces. The position is in samples and checked against the batch
-``Geometry`` elsewhere (``colabjob.jobs.geometry``); ``colabjob.jobs.data`` is the overview.
+``Geometry`` elsewhere (``colabjob.jobs.data.geometry``); ``colabjob.jobs.data`` is the overview.
 
 Loader workers leave the stop signals to the main process (``quiet_workers``, composed with
 any ``worker_init_fn`` of the caller): a scheduler or a terminal that signals the whole
@@ -37,7 +37,7 @@ from torch.utils.data import IterableDataset, Sampler
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from colabjob.errors import CheckpointError, ConfigError, ResumeError
-from colabjob.jobs.rng import derive_seed
+from colabjob.jobs.state.rng import derive_seed
 
 __all__ = ["ResumableLoader", "ResumableSampler", "make_loader", "quiet_workers", "sample_rng"]
 

@@ -1,7 +1,7 @@
 """Which ``transformers.Trainer`` internals the HF integration relies on, and the check that
 they are there.
 
-``colabjob.jobs.hf`` overrides private Trainer methods (``_run_epoch``,
+``colabjob.jobs.hf.trainer`` overrides private Trainer methods (``_run_epoch``,
 ``_init_training_state``, ...) and reads private attributes (``_tr_loss``, ...). They are not
 an API: transformers renames or splits them between releases. Without a check, a version
 outside the supported range fails deep inside ``train()`` (an override never called, an

@@ -29,13 +29,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from colabjob.errors import CheckpointError, StaleEpochError
-from colabjob.jobs.commit_failures import CommitFailures
+from colabjob.jobs.checkpointing.failures import CommitFailures
 from colabjob.jobs.context import SegmentContext
 from colabjob.jobs.distributed import Coordinator
-from colabjob.jobs.memory import SaveChooser, parse_async
-from colabjob.jobs.staging_buffers import StagingPool
-from colabjob.jobs.state_capture import write_snapshot
-from colabjob.jobs.state_format import Snapshot
+from colabjob.jobs.state.capture import write_snapshot
+from colabjob.jobs.state.format import Snapshot
+from colabjob.jobs.state.host_memory import SaveChooser, parse_async
+from colabjob.jobs.state.pinned import StagingPool
 
 if TYPE_CHECKING:
     from colabjob.storage.checkpoints import CheckpointInfo, PendingCommit
