@@ -158,6 +158,7 @@ def child(case: str, workdir: str) -> None:
         _session(os.path.join(workdir, f"job-{case}"), case == "async", out, note)
     elif case == "resume":
         from colabjob.jobs.state.restore import restore
+        from colabjob.jobs.state.tracked import Tracked
         from colabjob.storage import open_store
         from colabjob.storage.checkpoints import CheckpointStore
 
@@ -165,7 +166,7 @@ def child(case: str, workdir: str) -> None:
         CheckpointStore(open_store(os.path.join(workdir, "job-sync"))).fetch_latest(local)
         model, opt = _model()  # fresh, as a new session builds them: no optimizer state yet
         with peak_extra(out):
-            restore(local, model=model, optimizer=opt)  # what s.track() does once fetched
+            restore(local, Tracked(model=model, optimizer=opt))  # what s.track() does once fetched
         state = _state_bytes(model, opt)
     else:
         model, opt = _model()

@@ -152,6 +152,7 @@ class _SegmentTrainerMixin:
         from colabjob.jobs.context import SegmentContext
         from colabjob.jobs.hf.trainer import TRAINER_STATE_FILE, job_train_loss
         from colabjob.jobs.state.restore import restore
+        from colabjob.jobs.state.tracked import Tracked
         from colabjob.storage.checkpoints import CheckpointStore
 
         checkpoints = CheckpointStore(self._colabjob_store)
@@ -162,7 +163,7 @@ class _SegmentTrainerMixin:
                 raise ConfigError(
                     f"job at {self._colabjob_store.url} completed without a checkpoint"
                 )
-            got = restore(tmp, model=self.model, restore_rngs=False)
+            got = restore(tmp, Tracked(model=self.model), restore_rngs=False)
             if (Path(tmp) / TRAINER_STATE_FILE).exists():
                 self.state = TrainerState.load_from_json(str(Path(tmp) / TRAINER_STATE_FILE))
         log = self._colabjob_opts.log

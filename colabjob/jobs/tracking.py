@@ -1,19 +1,20 @@
 """What a Session tracks: the live objects, checked once, and the size of each batch.
 
-``Tracked`` holds the objects ``Session.track()`` registers; ``build_tracked()`` checks
-them the way ``track()`` documents (a loader that can report its position, a positive
-``grad_accum``, a known batch size, no object both in ``extras`` and ``optional``, a
-loader built for the process group's geometry) and says what to do when one is wrong.
-``batch_len()`` counts the samples in a batch for the Session's ``step()``, on its hot
-path: type checks first, ``isinstance`` only for the rare mappings. ``release_loader()``
-stops a multi-worker loader's processes when the segment closes.
+``SessionTracked`` holds the objects ``Session.track()`` registers (the checkpoint's slots,
+``colabjob.jobs.state.tracked.Tracked``, plus the Session's ``optional`` extras);
+``build_tracked()`` checks them the way ``track()`` documents (a loader that can report
+its position, a positive ``grad_accum``, a known batch size, no object both in ``extras``
+and ``optional``, a loader built for the process group's geometry) and says what to do
+when one is wrong. ``batch_len()`` counts the samples in a batch for the Session's
+``step()``, on its hot path: type checks first, ``isinstance`` only for the rare mappings.
+``release_loader()`` stops a multi-worker loader's processes when the segment closes.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Generator, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -22,25 +23,32 @@ from colabjob.errors import ConfigError
 from colabjob.jobs.data import Geometry
 from colabjob.jobs.distributed import check_loader, unwrap_model
 from colabjob.jobs.state.format import Stateful
+from colabjob.jobs.state.tracked import Tracked
 
-__all__ = ["Tracked", "batch_len", "build_tracked", "release_loader"]
+__all__ = ["SessionTracked", "batch_len", "build_tracked", "release_loader"]
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(kw_only=True)
-class Tracked:
-    """The live objects of a session (set once by ``Session.track``)."""
+@dataclass(frozen=True, kw_only=True)
+class SessionTracked(Tracked):
+    """The live objects of a session (set once by ``Session.track``): the checkpoint's
+    slots (``colabjob.jobs.state.tracked.Tracked``), and ``optional`` extras, left out of
+    an emergency checkpoint and kept fresh when a checkpoint lacks them."""
 
-    model: torch.nn.Module | None = None
-    optimizer: torch.optim.Optimizer | None = None
-    scheduler: Stateful | None = None
-    scaler: Stateful | None = None
-    loader: Any = None
-    extras: dict[str, Stateful] = field(default_factory=dict)
-    optional: dict[str, Stateful] = field(default_factory=dict)
-    trainable_only: bool | None = None
-    geometry: Geometry | None = None
+    optional: Mapping[str, Stateful] = field(default_factory=dict)
+
+    def saved(self, *, emergency: bool = False) -> Tracked:
+        """The objects a checkpoint saves: the extras and, unless ``emergency``, the
+        optional ones."""
+        return self.loaded(() if emergency else self.optional)
+
+    def loaded(self, present: Iterable[str]) -> Tracked:
+        """The objects to load from a checkpoint holding the extras named in ``present``:
+        the extras, and the optional ones it holds."""
+        names = set(present)
+        optional = {k: v for k, v in self.optional.items() if k in names}
+        return replace(self, extras={**self.extras, **optional}, optional={})
 
 
 def build_tracked(
@@ -57,7 +65,7 @@ def build_tracked(
     extras: Mapping[str, Stateful] | None,
     optional: Mapping[str, Stateful] | None,
     trainable_only: bool | None,
-) -> Tracked:
+) -> SessionTracked:
     """``track()``'s arguments, checked; a ``DistributedDataParallel`` model unwrapped (so
     its state-dict keys carry no ``module.`` prefix)."""
     if not isinstance(grad_accum, int) or grad_accum < 1:
@@ -82,7 +90,7 @@ def build_tracked(
     geometry = None
     if size is not None:
         geometry = Geometry(batch_size=size, grad_accum=grad_accum, world_size=world_size)
-    return Tracked(
+    return SessionTracked(
         model=unwrap_model(model),
         optimizer=optimizer,
         scheduler=scheduler,

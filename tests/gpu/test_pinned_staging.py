@@ -17,6 +17,7 @@ from colabjob.jobs.state.capture import snapshot, write_snapshot
 from colabjob.jobs.state.format import Counters
 from colabjob.jobs.state.pinned import StagingPool
 from colabjob.jobs.state.restore import restore
+from colabjob.jobs.state.tracked import Tracked
 from colabjob.storage import open_store
 from colabjob.storage.checkpoints import CheckpointStore
 
@@ -54,7 +55,8 @@ def test_two_checkpoints_reuse_the_same_pinned_buffers(tmp_path: Path, cuda_memo
     ptrs: list[dict[str, int]] = []
     for step in (1, 2):
         _train(model, opt)
-        snap = snapshot(counters=Counters(step=step), model=model, optimizer=opt, staging=pool)
+        tracked = Tracked(model=model, optimizer=opt)
+        snap = snapshot(tracked, counters=Counters(step=step), staging=pool)
         got = _device_tensors({"model": snap.model, "optimizer": snap.optimizer})
         assert got and all(t.is_pinned() for t in got.values())
         ptrs.append({k: t.data_ptr() for k, t in got.items()})
@@ -74,7 +76,7 @@ def test_two_checkpoints_reuse_the_same_pinned_buffers(tmp_path: Path, cuda_memo
     )
     assert pool.nbytes == state + moments
     fresh, fresh_opt = _model(1)
-    restore(tmp_path / "2", model=fresh, optimizer=fresh_opt)
+    restore(tmp_path / "2", Tracked(model=fresh, optimizer=fresh_opt))
     for (name, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     for a, b in zip(opt.state.values(), fresh_opt.state.values(), strict=True):

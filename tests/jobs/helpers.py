@@ -24,6 +24,7 @@ from colabjob.jobs.data import Geometry, sample_rng
 from colabjob.jobs.state.capture import snapshot, write_snapshot
 from colabjob.jobs.state.format import Counters
 from colabjob.jobs.state.restore import restore
+from colabjob.jobs.state.tracked import Tracked
 
 GRAD_ACCUM = 4
 IN, OUT = 8, 3
@@ -127,23 +128,22 @@ class Trainer:
         geometry = Geometry(batch_size=loader.batch_size, grad_accum=GRAD_ACCUM)
         return cls(model, opt, sched, scaler, loader, geometry)
 
-    def objects(self) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "optimizer": self.optimizer,
-            "scheduler": self.scheduler,
-            "scaler": self.scaler,
-            "loader": self.loader,
-        }
+    def tracked(self) -> Tracked:
+        return Tracked(
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            scaler=self.scaler,
+            loader=self.loader,
+            geometry=self.geometry,
+        )
 
     def restore(self, directory: Path) -> None:
-        got = restore(directory, geometry=self.geometry, **self.objects())
+        got = restore(directory, self.tracked())
         self.counters, self.metrics = got.counters, got.metrics
 
     def save(self, directory: Path) -> dict[str, Path]:
-        snap = snapshot(
-            counters=self.counters, geometry=self.geometry, metrics=self.metrics, **self.objects()
-        )
+        snap = snapshot(self.tracked(), counters=self.counters, metrics=self.metrics)
         return write_snapshot(snap, directory)
 
     def train_until(self, step: int) -> None:

@@ -34,6 +34,7 @@ from colabjob.jobs.state.format import Counters, Snapshot
 from colabjob.jobs.state.host_memory import SaveChooser, available_bytes, parse_async, plan_save
 from colabjob.jobs.state.restore import restore
 from colabjob.jobs.state.tensorfile import TensorFile, write_tensors
+from colabjob.jobs.state.tracked import Tracked
 from colabjob.storage import open_store
 from colabjob.storage.checkpoints import CheckpointStore
 
@@ -143,9 +144,8 @@ def test_snapshot_round_trip_with_tied_weights_and_param_groups(
 ) -> None:
     model, opt, sched = _trained_gpt2(0)
     weights = {k: v.clone() for k, v in model.state_dict().items()}
-    snap = snapshot(
-        counters=Counters(step=1), model=model, optimizer=opt, scheduler=sched, clone=clone
-    )
+    tracked = Tracked(model=model, optimizer=opt, scheduler=sched)
+    snap = snapshot(tracked, counters=Counters(step=1), clone=clone)
     assert snap.live is not clone
     write_snapshot(snap, tmp_path, consume=True)
     assert snap.model == {} and snap.optimizer == {}  # freed as written
@@ -153,7 +153,7 @@ def test_snapshot_round_trip_with_tied_weights_and_param_groups(
     assert doc["model"]["aliases"] == {"lm_head.weight": "transformer.wte.weight"}
 
     fresh, fresh_opt, fresh_sched = _trained_gpt2(1)
-    restore(tmp_path, model=fresh, optimizer=fresh_opt, scheduler=fresh_sched)
+    restore(tmp_path, Tracked(model=fresh, optimizer=fresh_opt, scheduler=fresh_sched))
     _assert_same(weights, fresh.state_dict())
     _assert_same(opt.state_dict(), fresh_opt.state_dict())
     assert fresh_sched.state_dict() == sched.state_dict()
@@ -163,8 +163,8 @@ def test_snapshot_round_trip_with_tied_weights_and_param_groups(
 def test_live_and_copied_snapshots_write_the_same_bytes(tmp_path: Path) -> None:
     model, opt, sched = _trained_gpt2(0)
     for clone in (True, False):
-        snap = snapshot(counters=Counters(step=1), model=model, optimizer=opt, scheduler=sched,
-                        clone=clone, capture_rngs=False)  # fmt: skip
+        tracked = Tracked(model=model, optimizer=opt, scheduler=sched)
+        snap = snapshot(tracked, counters=Counters(step=1), clone=clone, capture_rngs=False)
         write_snapshot(snap, tmp_path / str(clone))
     for name in ("model.safetensors", "optimizer.safetensors"):
         assert (tmp_path / "True" / name).read_bytes() == (tmp_path / "False" / name).read_bytes()
@@ -172,8 +172,8 @@ def test_live_and_copied_snapshots_write_the_same_bytes(tmp_path: Path) -> None:
 
 def test_optimizer_file_loads_without_unpickling(tmp_path: Path) -> None:
     model, opt, sched = _trained_gpt2(0)
-    write_snapshot(snapshot(counters=Counters(step=1), model=model, optimizer=opt,
-                            scheduler=sched), tmp_path)  # fmt: skip
+    tracked = Tracked(model=model, optimizer=opt, scheduler=sched)
+    write_snapshot(snapshot(tracked, counters=Counters(step=1)), tmp_path)
     tensors = load_file(str(tmp_path / "optimizer.safetensors"))  # plain safetensors
     with TensorFile(tmp_path / "optimizer.safetensors") as f:
         state = decode(json.loads(f.metadata["tree"]), tensors)
@@ -183,8 +183,8 @@ def test_optimizer_file_loads_without_unpickling(tmp_path: Path) -> None:
 
 def test_older_checkpoint_with_optimizer_pt_still_loads(tmp_path: Path) -> None:
     model, opt, sched = _trained_gpt2(0)
-    write_snapshot(snapshot(counters=Counters(step=1), model=model, optimizer=opt,
-                            scheduler=sched), tmp_path)  # fmt: skip
+    tracked = Tracked(model=model, optimizer=opt, scheduler=sched)
+    write_snapshot(snapshot(tracked, counters=Counters(step=1)), tmp_path)
     # What colabjob 0.1 wrote: optimizer.pt (torch.save) and no "optimizer_file" entry.
     legacy = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "scaler": None}
     torch.save(legacy, tmp_path / "optimizer.pt")
@@ -193,27 +193,27 @@ def test_older_checkpoint_with_optimizer_pt_still_loads(tmp_path: Path) -> None:
     del doc["optimizer_file"]
     (tmp_path / "state.json").write_text(json.dumps(doc))
     fresh, fresh_opt, fresh_sched = _trained_gpt2(1)
-    restore(tmp_path, model=fresh, optimizer=fresh_opt, scheduler=fresh_sched)
+    restore(tmp_path, Tracked(model=fresh, optimizer=fresh_opt, scheduler=fresh_sched))
     _assert_same(opt.state_dict(), fresh_opt.state_dict())
 
 
 def test_weights_of_another_shape_are_refused_untouched(tmp_path: Path) -> None:
     torch.manual_seed(0)
-    write_snapshot(snapshot(counters=Counters(), model=TinyNet()), tmp_path)
+    write_snapshot(snapshot(Tracked(model=TinyNet()), counters=Counters()), tmp_path)
     other = torch.nn.Sequential(torch.nn.Linear(8, 17), torch.nn.ReLU(), torch.nn.Dropout(),
                                 torch.nn.Linear(17, 3))  # fmt: skip
     wrapped = torch.nn.Module()
     wrapped.body = other
     before = {k: v.clone() for k, v in wrapped.state_dict().items()}
     with pytest.raises(Exception, match="shape"):
-        restore(tmp_path, model=wrapped)
+        restore(tmp_path, Tracked(model=wrapped))
     _assert_same(before, wrapped.state_dict())
 
 
 def test_a_finished_background_commit_releases_its_snapshot(tmp_path: Path) -> None:
     store = CheckpointStore(open_store(str(tmp_path / "store")))
     model = TinyNet()
-    snap = snapshot(counters=Counters(step=1), model=model)
+    snap = snapshot(Tracked(model=model), counters=Counters(step=1))
     probe = weakref.ref(next(iter(snap.model.values())))  # type: ignore[union-attr]
 
     def writer(s: Snapshot) -> Callable[[Path], dict[str, Path]]:

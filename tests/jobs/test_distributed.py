@@ -42,6 +42,7 @@ from colabjob.jobs.state.capture import write_snapshot
 from colabjob.jobs.state.format import Counters, RankState, Snapshot
 from colabjob.jobs.state.restore import restore
 from colabjob.jobs.state.rng import capture_rng, seed_everything
+from colabjob.jobs.state.tracked import Tracked
 from colabjob.runner.child_protocol import ChildResult
 from colabjob.runner.launch import LaunchResult, _adopt_rank_result, launch, rank_path
 from colabjob.runner.record import load_record
@@ -192,7 +193,7 @@ def test_each_rank_gets_its_own_rng_and_position(tmp_path: Path) -> None:
         expected[seed] = torch.rand(4)
     for rank, seed in ((0, 0), (1, 1)):
         loader = Position()
-        got = restore(tmp_path, loader=loader, rank=rank)
+        got = restore(tmp_path, Tracked(loader=loader), rank=rank)
         assert (got.world_size, got.rng_found) == (2, True)
         assert torch.equal(torch.rand(4), expected[seed]), f"rank {rank} got another RNG"
         assert loader.state["pos"] == rank
@@ -201,7 +202,7 @@ def test_each_rank_gets_its_own_rng_and_position(tmp_path: Path) -> None:
     after = torch.rand(4)
     seed_everything(7)
     loader = Position()
-    got = restore(tmp_path, loader=loader, rank=2)  # a rank the writing run did not have
+    got = restore(tmp_path, Tracked(loader=loader), rank=2)  # a rank the writing run did not have
     assert (got.rng_found, loader.state) == (False, {"pos": 0})
     assert torch.equal(torch.rand(4), after)  # its RNGs untouched (the Session seeds them)
 

@@ -18,6 +18,7 @@ from colabjob.jobs.state.format import Counters
 from colabjob.jobs.state.host_memory import SaveChooser
 from colabjob.jobs.state.pinned import StagingPool
 from colabjob.jobs.state.restore import restore
+from colabjob.jobs.state.tracked import Tracked
 
 from .helpers import IN, TinyNet
 
@@ -118,24 +119,25 @@ def test_snapshot_keeps_cpu_tensors_out_of_the_pool_and_the_write_hands_it_back(
     opt = torch.optim.AdamW(model.parameters(), lr=0.1)
     model(torch.randn(2, IN)).sum().backward()
     opt.step()
-    snap = snapshot(counters=Counters(step=1), model=model, optimizer=opt, staging=pool)
+    snap = snapshot(Tracked(model=model, optimizer=opt), counters=Counters(step=1), staging=pool)
     assert rec.allocated == [] and pool.nbytes == 0  # CPU tensors: today's plain copies
     assert snap.release is not None and pool.in_use
-    unpooled = snapshot(counters=Counters(step=1), model=model, optimizer=opt, staging=pool)
+    unpooled = snapshot(Tracked(model=model, optimizer=opt), counters=Counters(step=1),
+                        staging=pool)  # fmt: skip
     assert unpooled.release is None  # the first one is not written yet: no lease
-    live = snapshot(counters=Counters(step=1), model=model, staging=pool, clone=False)
+    live = snapshot(Tracked(model=model), counters=Counters(step=1), staging=pool, clone=False)
     assert live.release is None  # a synchronous save copies nothing
     write_snapshot(snap, tmp_path / "a", consume=True)
     assert not pool.in_use
     fresh = TinyNet()
-    restore(tmp_path / "a", model=fresh)
+    restore(tmp_path / "a", Tracked(model=fresh))
     for key, value in model.state_dict().items():
         assert torch.equal(fresh.state_dict()[key], value), key
 
 
 def test_a_failed_write_hands_the_buffers_back(tmp_path: Path) -> None:
     pool = Recorder().pool()
-    snap = snapshot(counters=Counters(step=1), model=TinyNet(), staging=pool)
+    snap = snapshot(Tracked(model=TinyNet()), counters=Counters(step=1), staging=pool)
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     with pytest.raises(OSError):

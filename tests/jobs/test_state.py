@@ -8,10 +8,12 @@ weights are stored once, geometry changes are refused unless allowed.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import pickle
 import random
+from dataclasses import fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +29,12 @@ from colabjob.errors import (
     UnsafeCheckpointError,
 )
 from colabjob.jobs.data import Geometry, make_loader
+from colabjob.jobs.state import tracked as tracked_module
 from colabjob.jobs.state.capture import snapshot, write_snapshot
 from colabjob.jobs.state.format import MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, Counters
 from colabjob.jobs.state.restore import restore
 from colabjob.jobs.state.rng import GeneratorState, capture_rng, restore_rng
+from colabjob.jobs.state.tracked import OPTIMIZER, SCALER, SCHEDULER, SLOTS, Tracked
 
 from .helpers import (
     NoisyDataset,
@@ -89,7 +93,7 @@ def test_split_run_differs_without_rng_restore(tmp_path: Path) -> None:
     fresh = Trainer.build(
         make_loader(NoisyDataset(42), batch_size=4, seed=11), init_seed=5, total_steps=4
     )
-    got = restore(tmp_path, restore_rngs=False, geometry=fresh.geometry, **fresh.objects())
+    got = restore(tmp_path, fresh.tracked(), restore_rngs=False)
     fresh.counters, fresh.metrics = got.counters, got.metrics
     fresh.train_until(4)
     assert fresh.metrics[:2] == tr.metrics[:2]
@@ -131,7 +135,7 @@ def test_planted_pickle_is_refused(tmp_path: Path, how: str) -> None:
     )
     before = {k: v.clone() for k, v in fresh.model.state_dict().items()}
     with pytest.raises(UnsafeCheckpointError):
-        restore(tmp_path / "ckpt", **fresh.objects())
+        restore(tmp_path / "ckpt", replace(fresh.tracked(), geometry=None))
     assert not marker.exists()
     for k, v in fresh.model.state_dict().items():  # refused before anything was loaded
         assert torch.equal(v, before[k])
@@ -144,18 +148,14 @@ def test_geometry_change_refused_then_allowed(tmp_path: Path) -> None:
     tr.train_until(1)
     tr.save(tmp_path)
     model = TinyNet()
+    changed = Tracked(model=model, geometry=Geometry(batch_size=8, grad_accum=2))
     with pytest.raises(GeometryChangedError) as info:
-        restore(tmp_path, model=model, geometry=Geometry(batch_size=8, grad_accum=2))
+        restore(tmp_path, changed)
     text = str(info.value)
     assert "batch_size 4 -> 8" in text and "grad_accum 4 -> 2" in text
     assert "--allow-geometry-change" in text
     with pytest.warns(UserWarning, match="geometry"):
-        got = restore(
-            tmp_path,
-            model=model,
-            geometry=Geometry(batch_size=8, grad_accum=2),
-            allow_geometry_change=True,
-        )
+        got = restore(tmp_path, changed, allow_geometry_change=True)
     assert got.geometry_changed == ("batch_size", "grad_accum")
     assert got.counters.samples_seen == 16
     assert_same_model(model, tr.model)
@@ -163,7 +163,7 @@ def test_geometry_change_refused_then_allowed(tmp_path: Path) -> None:
 
 def test_snapshot_refused_mid_accumulation() -> None:
     with pytest.raises(CheckpointError, match="micro-step 2"):
-        snapshot(counters=Counters(step=3, micro_step=2), model=TinyNet())
+        snapshot(Tracked(model=TinyNet()), counters=Counters(step=3, micro_step=2))
 
 
 def test_counters() -> None:
@@ -180,13 +180,13 @@ def test_counters() -> None:
 
 def test_snapshot_is_a_copy(tmp_path: Path) -> None:
     model = TinyNet()
-    snap = snapshot(counters=Counters(), model=model)
+    snap = snapshot(Tracked(model=model), counters=Counters())
     with torch.no_grad():
         for p in model.parameters():
             p.add_(1.0)
     write_snapshot(snap, tmp_path)
     fresh = TinyNet()
-    restore(tmp_path, model=fresh)
+    restore(tmp_path, Tracked(model=fresh))
     for (k, a), b in zip(fresh.state_dict().items(), model.state_dict().values(), strict=True):
         assert torch.equal(a + 1.0, b), k
 
@@ -194,11 +194,11 @@ def test_snapshot_is_a_copy(tmp_path: Path) -> None:
 def test_tied_weights_stored_once_and_stay_tied(tmp_path: Path) -> None:
     model = tiny_gpt2(seed=0)
     assert model.lm_head.weight is model.transformer.wte.weight
-    write_snapshot(snapshot(counters=Counters(), model=model), tmp_path)
+    write_snapshot(snapshot(Tracked(model=model), counters=Counters()), tmp_path)
     stored = load_file(str(tmp_path / MODEL_FILE))
     assert ("lm_head.weight" in stored) != ("transformer.wte.weight" in stored)
     fresh = tiny_gpt2(seed=1)
-    restore(tmp_path, model=fresh)
+    restore(tmp_path, Tracked(model=fresh))
     assert_same_model(model, fresh)
     assert fresh.lm_head.weight is fresh.transformer.wte.weight
 
@@ -222,7 +222,8 @@ def test_lora_saves_only_adapters_and_restores_exactly(tmp_path: Path) -> None:
     ids = torch.randint(0, 50, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
-    write_snapshot(snapshot(counters=Counters(step=1), model=model, optimizer=opt), tmp_path)
+    write_snapshot(snapshot(Tracked(model=model, optimizer=opt), counters=Counters(step=1)),
+                   tmp_path)  # fmt: skip
 
     stored = load_file(str(tmp_path / MODEL_FILE))
     assert set(stored) == trainable and all("lora_" in k for k in stored)
@@ -230,19 +231,19 @@ def test_lora_saves_only_adapters_and_restores_exactly(tmp_path: Path) -> None:
 
     fresh = _lora(seed=2)
     fresh_opt = torch.optim.AdamW([p for p in fresh.parameters() if p.requires_grad], lr=1e-2)
-    restore(tmp_path, model=fresh, optimizer=fresh_opt)
+    restore(tmp_path, Tracked(model=fresh, optimizer=fresh_opt))
     assert_same_model(model, fresh)
     a, b = opt.state_dict()["state"], fresh_opt.state_dict()["state"]
     assert all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i])
 
 
 def test_lora_restore_refuses_missing_adapters(tmp_path: Path) -> None:
-    write_snapshot(snapshot(counters=Counters(), model=_lora(seed=1)), tmp_path)
+    write_snapshot(snapshot(Tracked(model=_lora(seed=1)), counters=Counters()), tmp_path)
     from peft import LoraConfig, get_peft_model
 
     wider = get_peft_model(tiny_gpt2(), LoraConfig(r=2, target_modules=["c_attn", "c_fc"]))
     with pytest.raises(ResumeError, match="lacks"):
-        restore(tmp_path, model=wider)
+        restore(tmp_path, Tracked(model=wider))
 
 
 class _UserState:
@@ -268,11 +269,11 @@ def test_extra_objects_round_trip_without_pickle(tmp_path: Path) -> None:
     gen = np.random.default_rng(5)
     gen.random(3)
     extras = {"user": _UserState(state), "np_rng": GeneratorState(gen)}
-    write_snapshot(snapshot(counters=Counters(), extras=extras), tmp_path)
+    write_snapshot(snapshot(Tracked(extras=extras), counters=Counters()), tmp_path)
     expected_draw = gen.random(4)
 
     user, gen2 = _UserState({}), np.random.default_rng(0)
-    restore(tmp_path, extras={"user": user, "np_rng": GeneratorState(gen2)})
+    restore(tmp_path, Tracked(extras={"user": user, "np_rng": GeneratorState(gen2)}))
     got = user.state
     assert torch.equal(got["ema"], state["ema"]) and got[3] == state[3]
     assert all(torch.equal(t, torch.ones(2)) for t in got["shared"])
@@ -295,3 +296,25 @@ def test_global_rngs_round_trip() -> None:
     restore_rng(type(state).from_parts(plain, state.tensors()))
     got = (random.random(), np.random.randn(), torch.rand(3))
     assert got[:2] == expected[:2] and torch.equal(got[2], expected[2])
+
+
+def test_a_new_slot_is_one_definition(tmp_path: Path) -> None:
+    """Every tracked object is a field of ``Tracked``: snapshot and restore take the object,
+    not a keyword per slot, and the key constants are exactly the slot fields."""
+    fields_ = {f.name for f in fields(Tracked)}
+    for fn in (snapshot, restore):
+        params = inspect.signature(fn).parameters
+        assert "tracked" in params and not fields_ & set(params), fn.__name__
+    public = {k: v for k, v in vars(tracked_module).items() if k in tracked_module.__all__}
+    constants = {v for k, v in public.items() if k.isupper() and isinstance(v, str)}
+    assert constants == set(SLOTS) and set(SLOTS) < fields_  # trainable_only: an option
+    assert len(SLOTS) == len(set(SLOTS)) == 7
+    # the optimizer-state keys a checkpoint holds are the slots' own keys
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    write_snapshot(snapshot(Tracked(model=model, optimizer=opt), counters=Counters()), tmp_path)
+    parts = json.loads((tmp_path / STATE_FILE).read_text())["optimizer"]
+    assert list(parts) == [k for k, _ in Tracked().optimizer_parts()] == [
+        OPTIMIZER, SCHEDULER, SCALER,
+    ]  # fmt: skip
+    assert parts == {OPTIMIZER: True, SCHEDULER: False, SCALER: False}

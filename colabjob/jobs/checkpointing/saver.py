@@ -1,6 +1,6 @@
 """The Session's checkpoints: restore the newest, snapshot, commit in the background.
 
-A ``Checkpointer`` holds the objects a session tracks (``Tracked``) and moves their state
+A ``Checkpointer`` holds the objects a session tracks (``SessionTracked``) and moves their state
 through ``ctx.checkpoints``: ``restore()`` fetches the newest committed checkpoint (every
 byte verified) and loads it, quarantining one that does not load and falling back to the
 previous one (``ctx.resume`` may choose one by hand; a job whose record shows committed
@@ -41,7 +41,7 @@ from colabjob.jobs.state.format import STATE_FILE, Counters, RankState, Restored
 from colabjob.jobs.state.restore import restore
 from colabjob.jobs.state.rng import capture_rng, derive_seed, seed_everything
 from colabjob.jobs.state.sizing import checkpoint_nbytes
-from colabjob.jobs.tracking import Tracked
+from colabjob.jobs.tracking import SessionTracked
 from colabjob.storage.selection import (
     ResumeChoice,
     fetch_choice,
@@ -56,7 +56,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Checkpointer",
-    "Tracked",
     "agree_on_load",
     "fetch_agreed",
     "gather_rank_states",
@@ -82,7 +81,7 @@ class Checkpointer:
         self.ctx = ctx
         self.sync = sync
         self.rank = 0 if sync is None else sync.rank
-        self.tracked = Tracked()
+        self.tracked = SessionTracked()
         self.committer = Committer(ctx, sync=sync, on_commit=on_commit)
         self._say = say
 
@@ -144,14 +143,8 @@ class Checkpointer:
             self._say(f"checkpoint step {info.step} holds no {name!r} (optional): kept fresh")
         return restore(
             tmp,
-            model=t.model,
-            optimizer=t.optimizer,
-            scheduler=t.scheduler,
-            scaler=t.scaler,
-            loader=t.loader,
-            geometry=t.geometry,
+            t.loaded(saved_extras),
             allow_geometry_change=ctx.allow_geometry_change,
-            extras={**t.extras, **{k: v for k, v in t.optional.items() if k in saved_extras}},
             rank=self.rank,
         )
 
@@ -185,17 +178,10 @@ class Checkpointer:
             checkpoint_nbytes(t.model, t.optimizer, trainable_only=t.trainable_only)
         )
         snap = snapshot(
+            t.saved(emergency=emergency),
             counters=counters,
-            model=t.model,
-            optimizer=t.optimizer,
-            scheduler=t.scheduler,
-            scaler=t.scaler,
-            loader=t.loader,
-            geometry=t.geometry,
-            extras=(dict(t.extras) if emergency else {**t.extras, **t.optional}) or None,
             metrics=metrics,
             meta={**meta, "emergency": emergency},
-            trainable_only=t.trainable_only,
             clone=clone,
             staging=self.committer.staging,
         )

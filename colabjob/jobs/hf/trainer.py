@@ -61,6 +61,7 @@ from colabjob.jobs.state.codec import read_json
 from colabjob.jobs.state.format import STATE_FILE, Counters
 from colabjob.jobs.state.restore import restore
 from colabjob.jobs.state.sizing import checkpoint_nbytes
+from colabjob.jobs.state.tracked import Tracked
 
 __all__ = ["ColabJobTrainer", "ResumableTrainerMixin", "job_train_loss", "make_resumable"]
 
@@ -231,7 +232,7 @@ class ResumableTrainerMixin(JobLossMixin):
         )
         if run.resume_dir is not None:
             with run.loading():
-                got = restore(run.resume_dir, model=self.model, restore_rngs=False)
+                got = restore(run.resume_dir, Tracked(model=self.model), restore_rngs=False)
             run.samples = got.counters.samples_seen
             if got.counters.step != self.state.global_step:
                 raise ResumeError(
@@ -240,6 +241,18 @@ class ResumableTrainerMixin(JobLossMixin):
                 )
         run.first_step = int(self.state.global_step)
         return run.epoch_index, 0
+
+    def _colabjob_tracked(self: Any, loader: Any, scaler: Any) -> Tracked:
+        """What this Trainer's checkpoints hold (``colabjob.jobs.state.tracked``): the
+        model, optimizer, scheduler, ``scaler``, ``loader`` and the batch geometry."""
+        return Tracked(
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.lr_scheduler,
+            scaler=scaler,
+            loader=loader,
+            geometry=self._colabjob_geometry(),
+        )
 
     def _colabjob_geometry(self: Any) -> Geometry:
         return Geometry(
@@ -295,11 +308,13 @@ class ResumableTrainerMixin(JobLossMixin):
         with run.loading():
             got = restore(
                 run.resume_dir,
-                optimizer=self.optimizer,
-                scheduler=self.lr_scheduler,
-                scaler=scaler if saved_scaler else None,
-                loader=loader if isinstance(loader, ResumableLoader) else None,
-                geometry=self._colabjob_geometry(),
+                dataclasses.replace(  # the model was loaded before HF prepared it
+                    self._colabjob_tracked(
+                        loader if isinstance(loader, ResumableLoader) else None,
+                        scaler if saved_scaler else None,
+                    ),
+                    model=None,
+                ),
                 allow_geometry_change=run.ctx.allow_geometry_change,
                 restore_rngs=True,  # last: nothing may draw from the RNGs before the next step
                 rank=run.rank,
@@ -361,18 +376,15 @@ class ResumableTrainerMixin(JobLossMixin):
             checkpoint_nbytes(self.model, self.optimizer)
         )
         snap = snapshot(
+            self._colabjob_tracked(
+                loader, scaler if scaler is not None and scaler.is_enabled() else None
+            ),
             counters=Counters(
                 step=int(self.state.global_step),
                 epoch=epoch_index,
                 samples_seen=run.samples,
                 tokens_seen=int(self.state.num_input_tokens_seen or 0),
             ),
-            model=self.model,
-            optimizer=self.optimizer,
-            scheduler=self.lr_scheduler,
-            scaler=scaler if scaler is not None and scaler.is_enabled() else None,
-            loader=loader,
-            geometry=self._colabjob_geometry(),
             metrics=metric_rows(self.state.log_history),
             meta={"hf": hf},
             clone=clone,

@@ -1,8 +1,9 @@
 """Capturing training state: copy it to CPU memory, then write it as plain files.
 
-``snapshot(...)`` runs on the training thread at an optimizer-step boundary and returns a
-``Snapshot`` of detached CPU clones (model tensors, with tied ones recorded as aliases
-instead of stored twice; optimizer, scheduler and scaler state; the RNGs; the loader
+``snapshot(tracked, ...)`` runs on the training thread at an optimizer-step boundary and
+returns a ``Snapshot`` of detached CPU clones of the objects in ``tracked``
+(``colabjob.jobs.state.tracked``: model tensors, with tied ones recorded as aliases instead
+of stored twice; optimizer, scheduler and scaler state; the RNGs; the loader
 position; extra objects' states; metrics, meta and library versions), so the loop can go on
 at once (``clone=False``: references to the live tensors, for a synchronous save that needs
 no extra memory). With a ``StagingPool`` (``staging=``), GPU tensors are copied into pinned
@@ -31,7 +32,6 @@ import safetensors
 import torch
 
 from colabjob.errors import CheckpointError
-from colabjob.jobs.data.geometry import Geometry
 from colabjob.jobs.state.codec import atomic_write, deep_cpu_copy, encode, write_json
 from colabjob.jobs.state.format import (
     FORMAT,
@@ -48,6 +48,7 @@ from colabjob.jobs.state.format import (
 from colabjob.jobs.state.pinned import Staging, StagingPool
 from colabjob.jobs.state.rng import capture_rng
 from colabjob.jobs.state.tensorfile import write_tensors
+from colabjob.jobs.state.tracked import Tracked
 
 __all__ = ["snapshot", "write_snapshot"]
 
@@ -122,25 +123,19 @@ def _capture_model(
 
 
 def snapshot(
+    tracked: Tracked,
     *,
     counters: Counters,
-    model: torch.nn.Module | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Stateful | None = None,
-    scaler: Stateful | None = None,
-    loader: Stateful | None = None,
-    geometry: Geometry | None = None,
-    extras: Mapping[str, Stateful] | None = None,
     metrics: Sequence[Mapping[str, Any]] = (),
     meta: Mapping[str, Any] | None = None,
-    trainable_only: bool | None = None,
     capture_rngs: bool = True,
     clone: bool = True,
     staging: StagingPool | None = None,
 ) -> Snapshot:
-    """Copy the training state to CPU memory; call it right after an optimizer step.
+    """Copy the state of ``tracked``'s objects to CPU memory; call it right after an
+    optimizer step.
 
-    ``trainable_only=None`` saves only trainable parameters (and buffers) when some
+    ``tracked.trainable_only=None`` saves only trainable parameters (and buffers) when some
     parameter has ``requires_grad=False``. Raises ``CheckpointError`` mid-accumulation.
     ``clone=False`` keeps references to the live model and optimizer tensors instead of
     copies (no extra memory): only for a snapshot written at once, before training goes on.
@@ -152,14 +147,13 @@ def snapshot(
             f"snapshot at micro-step {counters.micro_step} of a gradient-accumulation window",
             hint="checkpoint only after optimizer.step(); accumulated gradients are not saved",
         )
-    for name in extras or {}:
+    loader, extras = tracked.loader, tracked.extras
+    for name in extras:
         if not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
             raise CheckpointError(f"extra state name {name!r}: use letters, digits, '_', '-', '.'")
     lease = staging.lease() if clone and staging is not None else None
     try:
-        model_state, aliases, partial, opt = _capture_training(
-            model, optimizer, scheduler, scaler, trainable_only, clone, lease
-        )
+        model_state, aliases, partial, opt = _capture_training(tracked, clone, lease)
         if lease is not None:
             lease.finish()  # the copies were asynchronous: done before the loop goes on
     except BaseException:
@@ -174,8 +168,8 @@ def snapshot(
         optimizer=opt,
         rng=capture_rng() if capture_rngs else None,
         data=deep_cpu_copy(loader.state_dict()) if loader is not None else None,
-        geometry=geometry,
-        extras={k: deep_cpu_copy(v.state_dict()) for k, v in (extras or {}).items()},
+        geometry=tracked.geometry,
+        extras={k: deep_cpu_copy(v.state_dict()) for k, v in extras.items()},
         metrics=tuple(copy.deepcopy(dict(m)) for m in metrics),
         meta=copy.deepcopy(dict(meta or {})),
         versions=_versions(),
@@ -185,16 +179,11 @@ def snapshot(
 
 
 def _capture_training(
-    model: torch.nn.Module | None,
-    optimizer: torch.optim.Optimizer | None,
-    scheduler: Stateful | None,
-    scaler: Stateful | None,
-    trainable_only: bool | None,
-    clone: bool,
-    lease: Staging | None,
+    tracked: Tracked, clone: bool, lease: Staging | None
 ) -> tuple[dict[str, torch.Tensor] | None, dict[str, str], bool, dict[str, Any] | None]:
     """The model's tensors, aliases and whether only trainable ones are saved, and the
     optimizer / scheduler / scaler states: copies (``clone``) or the live objects."""
+    model, trainable_only = tracked.model, tracked.trainable_only
     model_state, aliases, partial = None, dict[str, str](), False
     if model is not None:
         partial = (
@@ -204,18 +193,14 @@ def _capture_training(
         )
         model_state, aliases = _capture_model(model, partial, clone, lease)
     opt = None
-    if optimizer is not None or scheduler is not None or scaler is not None:
+    if tracked.has_optimizer_state:
 
         def take(name: str, obj: Stateful | None) -> Any:
             if obj is None:
                 return None
             return _staged_copy(obj.state_dict(), name, lease) if clone else obj.state_dict()
 
-        opt = {
-            "optimizer": take("optimizer", optimizer),
-            "scheduler": take("scheduler", scheduler),
-            "scaler": take("scaler", scaler),
-        }
+        opt = {key: take(key, obj) for key, obj in tracked.optimizer_parts()}
     return model_state, aliases, partial, opt
 
 

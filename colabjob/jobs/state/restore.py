@@ -1,13 +1,14 @@
 """Restoring training state: read a checkpoint directory back into freshly built objects.
 
-``restore(directory, ...)`` reads and validates every file it needs first (format tag,
-batch ``Geometry``, the weights file's header against the model's keys and shapes, optimizer
-state from ``optimizer.safetensors`` or an older checkpoint's ``optimizer.pt`` through
-``safe_torch_load``, loader and extra states), so a refused checkpoint leaves the objects
-untouched; then it loads them in place and sets the RNGs last. Weights stream from their
-file a chunk at a time into the live tensors, so a resume never holds two copies of the
-model. For a multi-process checkpoint it picks the given rank's RNGs and
-loader position. It returns a ``Restored`` with the counters, metrics and what changed.
+``restore(directory, tracked, ...)`` (a ``colabjob.jobs.state.tracked.Tracked``) reads and
+validates every file it needs first (format tag, batch ``Geometry``, the weights file's
+header against the model's keys and shapes, optimizer state from ``optimizer.safetensors``
+or an older checkpoint's ``optimizer.pt`` through ``safe_torch_load``, loader and extra
+states), so a refused checkpoint leaves the objects untouched; then it loads them in place
+and sets the RNGs last. Weights stream from their file a chunk at a time into the live
+tensors, so a resume never holds two copies of the model. For a multi-process checkpoint it
+picks the given rank's RNGs and loader position. It returns a ``Restored`` with the
+counters, metrics and what changed.
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ from colabjob.jobs.state.format import (
     TENSORS_FILE,
     Counters,
     Restored,
-    Stateful,
     model_keys,
 )
 from colabjob.jobs.state.rng import RngState, restore_rng
 from colabjob.jobs.state.tensorfile import TensorFile
+from colabjob.jobs.state.tracked import SCALER, Tracked
 
 __all__ = ["read_optimizer_state", "restore"]
 
@@ -119,19 +120,14 @@ def _require(saved: Any, what: str) -> Any:
 
 def restore(
     directory: str | os.PathLike[str],
+    tracked: Tracked,
     *,
-    model: torch.nn.Module | None = None,
-    optimizer: torch.optim.Optimizer | None = None,
-    scheduler: Stateful | None = None,
-    scaler: Stateful | None = None,
-    loader: Stateful | None = None,
-    geometry: Geometry | None = None,
     allow_geometry_change: bool = False,
-    extras: Mapping[str, Stateful] | None = None,
     restore_rngs: bool = True,
     rank: int = 0,
 ) -> Restored:
-    """Load a ``write_snapshot`` directory into freshly built objects, in place.
+    """Load a ``write_snapshot`` directory into ``tracked``'s freshly built objects, in place
+    (a slot left ``None``, or an extra not named, is not loaded).
 
     Every file is read and checked before any object changes, so a refused checkpoint
     (``UnsafeCheckpointError``, ``CorruptCheckpointError``, ``GeometryChangedError``) leaves
@@ -140,6 +136,8 @@ def restore(
     RNGs and loader position from a multi-process checkpoint; a rank it has none for gets
     rank 0's position and keeps its RNGs (``Restored.rng_found`` is False).
     """
+    model, loader, extras, geometry = (tracked.model, tracked.loader, tracked.extras,
+                                       tracked.geometry)
     root = Path(directory)
     doc = read_json(root / STATE_FILE)
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
@@ -154,7 +152,7 @@ def restore(
         with TensorFile(root / MODEL_FILE) as weights:
             _check_model(model, weights, doc["model"])
     opt_state: dict[str, Any] = {}
-    if optimizer is not None or scheduler is not None or scaler is not None:
+    if tracked.has_optimizer_state:
         _require(doc.get("optimizer"), "optimizer")
         opt_state = _read_optimizer(root, doc)
         if not isinstance(opt_state, dict):
@@ -168,7 +166,7 @@ def restore(
             rng_doc, rng_prefix, data_doc = entry["rng"], f"ranks/{rank}/rng/", entry["data"]
     data_state = decode(data_doc, tensors)
     extra_states = {}
-    for name in extras or {}:
+    for name in extras:
         if name not in doc.get("extras", {}):
             raise CheckpointError(f"the checkpoint holds no state for extra object {name!r}")
         extra_states[name] = decode(doc["extras"][name], tensors)
@@ -177,14 +175,14 @@ def restore(
     if model is not None:
         with TensorFile(root / MODEL_FILE) as weights:
             _load_model(model, weights, doc["model"])
-    for obj, key in ((optimizer, "optimizer"), (scheduler, "scheduler"), (scaler, "scaler")):
+    for key, obj in tracked.optimizer_parts():
         if obj is not None:
             saved = _require(opt_state.get(key), key)
-            if saved or key != "scaler":  # a disabled GradScaler saves {} and refuses to load it
+            if saved or key != SCALER:  # a disabled GradScaler saves {} and refuses to load it
                 obj.load_state_dict(saved)
     if loader is not None:
         loader.load_state_dict(_require(data_state, "data loader"))
-    for name, obj in (extras or {}).items():
+    for name, obj in extras.items():
         obj.load_state_dict(extra_states[name])
     if restore_rngs and rng_doc is not None:
         cut = len(rng_prefix)
