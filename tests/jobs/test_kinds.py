@@ -82,6 +82,7 @@ def test_finetune_resumes_bit_identical(assets: dict[str, Path], tmp_path: Path)
 
     assert fetch_final(open_store(str(tmp_path / "split")), tmp_path / "final") is not None
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    assert (tmp_path / "final" / "tokenizer_config.json").exists()  # saved next to the model
     saved = _latest_tensors(tmp_path / "split")
     assert torch.equal(final.state_dict()["transformer.h.0.attn.c_attn.weight"],
                        saved["transformer.h.0.attn.c_attn.weight"])

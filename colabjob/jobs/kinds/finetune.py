@@ -10,8 +10,7 @@ tokenizer as ``save_pretrained`` writes them.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from colabjob.jobs.defaults import DeviceCaps
 from colabjob.jobs.kinds.hf_trainer import (
@@ -35,12 +34,4 @@ def run(spec: JobSpec, ctx: SegmentContext) -> SegmentOutcome:
     set_seed(spec.training.seed)
     model = load_model(spec, weights_dtype(spec, "fp32", frozen_base=False))
     plan = plan_training(spec, ctx, model, caps=DeviceCaps.detect())
-
-    def save_final(trained: Any, directory: Path) -> None:
-        trained.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-
-    return run_trainer(
-        spec, ctx, model=model, tokenizer=tokenizer, dataset=dataset, plan=plan,
-        save_final=save_final,
-    )
+    return run_trainer(spec, ctx, model=model, tokenizer=tokenizer, dataset=dataset, plan=plan)

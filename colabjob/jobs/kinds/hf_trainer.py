@@ -222,10 +222,11 @@ def run_trainer(
     tokenizer: Any,
     dataset: Any,
     plan: Plan,
-    save_final: Callable[[Any, Path], None],
+    save_model: Callable[[Any, Path], None] | None = None,
 ) -> SegmentOutcome:
-    """One segment through ``ColabJobTrainer``; on completion, ``save_final(trainer.model,
-    directory)`` writes the final artifact, committed under ``final/``."""
+    """One segment through ``ColabJobTrainer``; on completion the final artifact, committed
+    under ``final/``, is the trained model (``save_model(trainer.model, directory)``, by
+    default its ``save_pretrained``) and the tokenizer, as ``save_pretrained`` writes it."""
     from transformers import default_data_collator
     from transformers.utils import logging as hf_logging
 
@@ -252,8 +253,17 @@ def run_trainer(
         assert outcome is not None
         say(ctx, resource_line(out))
         if outcome.completed and World.current().is_main:
-            commit_final(ctx, outcome.last_step, lambda d: save_final(trainer.model, d))
+
+            def write_final(directory: Path) -> None:
+                (save_model or _save_pretrained)(trainer.model, directory)
+                tokenizer.save_pretrained(directory)
+
+            commit_final(ctx, outcome.last_step, write_final)
     return outcome
+
+
+def _save_pretrained(model: Any, directory: Path) -> None:
+    model.save_pretrained(directory)
 
 
 def load_pretrained_data(spec: JobSpec) -> tuple[Any, Any]:

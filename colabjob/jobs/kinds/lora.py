@@ -84,14 +84,13 @@ def run(spec: JobSpec, ctx: SegmentContext) -> SegmentOutcome:
     if plan.gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input
 
-    def save_final(trained: Any, directory: Path) -> None:
+    def save_model(trained: Any, directory: Path) -> None:
         if spec.checkpoint.final_artifact == "merged":
             trained.merge_and_unload().save_pretrained(directory)
         else:
             trained.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
 
     return run_trainer(
         spec, ctx, model=model, tokenizer=tokenizer, dataset=dataset, plan=plan,
-        save_final=save_final,
+        save_model=save_model,
     )

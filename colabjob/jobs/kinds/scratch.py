@@ -13,7 +13,6 @@ model; the final artifact (``final/``) is the model and tokenizer via ``save_pre
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from colabjob.errors import ConfigError
@@ -110,12 +109,4 @@ def run(spec: JobSpec, ctx: SegmentContext) -> SegmentOutcome:
     n = sum(p.numel() for p in model.parameters())
     say(ctx, f"model: {cfg.model_type} from scratch, {n / 1e6:.2f}M parameters")
     plan = plan_training(spec, ctx, model, caps=DeviceCaps.detect())
-
-    def save_final(trained: Any, directory: Path) -> None:
-        trained.save_pretrained(directory)
-        tokenizer.save_pretrained(directory)
-
-    return run_trainer(
-        spec, ctx, model=model, tokenizer=tokenizer, dataset=dataset, plan=plan,
-        save_final=save_final,
-    )
+    return run_trainer(spec, ctx, model=model, tokenizer=tokenizer, dataset=dataset, plan=plan)
