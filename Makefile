@@ -17,7 +17,16 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+# SkyPilot (the `handoff --engine skypilot` tests parse our task with its own parser) gets a
+# venv of its own: its click<8.2 pin conflicts with huggingface_hub's click>=8.4.2.
+SKY_VENV := .venv-sky
+SKY_STAMP := $(SKY_VENV)/.installed
+$(SKY_STAMP):
+	$(PY) -m venv $(SKY_VENV)
+	$(SKY_VENV)/bin/pip install --quiet 'skypilot>=0.14.1,<0.15'
+	touch $(SKY_STAMP)
+
+setup: $(STAMP) $(SKY_STAMP)
 
 # shellcheck lints the GCE startup script in the tests (Debian package; needs root or sudo).
 tools:
@@ -57,4 +66,4 @@ demo: setup
 	$(BIN)/colabjob demo
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(SKY_VENV) .pytest_cache .mypy_cache .ruff_cache

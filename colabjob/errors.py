@@ -218,6 +218,12 @@ class GcloudError(HandoffError):
     exit_code = ExitCode.USAGE
 
 
+class SkyNotFoundError(HandoffError):
+    """The SkyPilot CLI (``sky``) is not installed: ``--engine skypilot`` needs it."""
+
+    exit_code = ExitCode.USAGE
+
+
 class LeaseHeldError(ColabJobError):
     exit_code = ExitCode.USAGE
 

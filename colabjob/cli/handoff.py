@@ -2,18 +2,21 @@
 
 ``configure_parser(subparsers, common)`` adds the subcommand; ``cmd_handoff(args)`` runs it,
 prints the plan (the exact gcloud command, warnings, what to do next) and returns 0 when the
-VM was created or the dry run printed its command. Like every other command it raises
-``ColabJobError`` for ``colabjob.cli.main`` to print with its hint and turn into the exit
-code: 2 for bad arguments, a missing or logged-out gcloud, a job that is not paused or was
-moved; 1 when gcloud could not create the VM.
+VM was created or the dry run printed its command. ``--engine skypilot`` goes to
+``colabjob.runner.handoff.skypilot`` instead: the task YAML and ``sky jobs launch``. Like
+every other command it raises ``ColabJobError`` for ``colabjob.cli.main`` to print with its
+hint and turn into the exit code: 2 for bad arguments, a missing or logged-out gcloud (or
+sky), a job that is not paused or was moved; 1 when gcloud (or sky) could not launch it.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any, TextIO
 
+from colabjob.errors import ConfigError
 from colabjob.runner.handoff.gcloud import (
     DEFAULT_DISK_GB,
     DEFAULT_IMAGE_FAMILY,
@@ -26,6 +29,8 @@ EXAMPLE = """\
 example (a job on Drive, to a spot L4 VM):
   colabjob handoff /content/drive/MyDrive/jobs/run1 --to gs://my-bucket/jobs/run1 \\
       --project my-project --zone us-central1-a --machine-type g2-standard-8 --spot
+example (a SkyPilot managed job that SkyPilot relaunches after each preemption):
+  colabjob handoff gs://my-bucket/jobs/run1 --engine skypilot --gpus L4:1 --spot
 """
 
 
@@ -40,14 +45,25 @@ def configure_parser(
         help="move a paused job to a GCP VM that resumes it and powers off when done",
         description="Copy the job to GCS if needed (verified), mark the old location as "
         "moved, and create a GCE VM whose startup script resumes the job and powers the VM "
-        "off when it completes, fails or pauses.",
+        "off when it completes, fails or pauses; or, with --engine skypilot, launch a "
+        "SkyPilot managed job that resumes it and is relaunched after each preemption.",
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("job_url", metavar="JOB_URL", help="the job: a Drive path, local path or gs://")
-    p.add_argument("--project", required=True, help="GCP project id")
-    p.add_argument("--zone", required=True, help="e.g. us-central1-a")
-    p.add_argument("--machine-type", required=True, help="e.g. g2-standard-8, n1-standard-8")
+    p.add_argument(
+        "--engine",
+        choices=("gce", "skypilot"),
+        default="gce",
+        help="gce: one VM made with gcloud (default); skypilot: a SkyPilot managed job, "
+        "relaunched by SkyPilot after a preemption",
+    )
+    p.add_argument("--project", help="GCP project id (gce)")
+    p.add_argument("--zone", help="e.g. us-central1-a (gce)")
+    p.add_argument("--machine-type", help="e.g. g2-standard-8, n1-standard-8 (gce)")
+    p.add_argument("--gpus", metavar="NAME:COUNT", help="e.g. L4:1 (skypilot)")
+    p.add_argument("--nodes", type=int, default=1, help="machines (skypilot; default 1)")
+    p.add_argument("--cloud", default="gcp", help="SkyPilot's cloud (skypilot; default gcp)")
     p.add_argument(
         "--accelerator",
         metavar="type=TYPE,count=N",
@@ -74,7 +90,9 @@ def configure_parser(
         metavar="PACKAGE",
         help="extra package to install on the VM (repeatable), e.g. your training code",
     )
-    p.add_argument("--script-out", metavar="PATH", help="where to write the startup script")
+    p.add_argument(
+        "--script-out", metavar="PATH", help="where to write the startup script (or task YAML)"
+    )
     p.set_defaults(func=cmd_handoff)
     return p
 
@@ -88,6 +106,15 @@ def cmd_handoff(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     def say(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
 
+    if args.engine == "skypilot":
+        return _skypilot(args, stdout, say)
+    missing = [f for f in ("project", "zone", "machine_type") if getattr(args, f) is None]
+    if missing:
+        flags = ", ".join("--" + f.replace("_", "-") for f in missing)
+        raise ConfigError(
+            f"the gce engine needs {flags}",
+            hint="e.g. --project my-project --zone us-central1-a --machine-type g2-standard-8",
+        )
     plan = handoff(
         args.job_url,
         project=args.project,
@@ -111,6 +138,37 @@ def cmd_handoff(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
     if plan.transfer is not None:
         print(plan.transfer.describe(), file=stdout)
     if plan.dry_run:
+        print(plan.command, file=stdout)
+        for line in plan.next_steps()[:-1]:
+            print(f"# {line}", file=stdout)
+    else:
+        for line in plan.next_steps():
+            print(line, file=stdout)
+    return 0
+
+
+def _skypilot(args: argparse.Namespace, stdout: TextIO, say: Callable[[str], None]) -> int:
+    from colabjob.runner.handoff.skypilot import handoff_skypilot
+
+    plan = handoff_skypilot(
+        args.job_url,
+        gpus=args.gpus,
+        nodes=args.nodes,
+        spot=args.spot,
+        cloud=args.cloud,
+        to=args.to,
+        dry_run=args.dry_run,
+        name=args.name,
+        extra_packages=tuple(args.pip),
+        task_path=args.script_out,
+        log=say,
+    )
+    for warning in plan.warnings:
+        print(f"colabjob: warning: {warning}", file=sys.stderr)
+    if plan.transfer is not None:
+        print(plan.transfer.describe(), file=stdout)
+    if plan.dry_run:
+        print(plan.task_path.read_text(), file=stdout)
         print(plan.command, file=stdout)
         for line in plan.next_steps()[:-1]:
             print(f"# {line}", file=stdout)

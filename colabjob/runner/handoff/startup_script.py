@@ -24,13 +24,13 @@ from collections.abc import Sequence
 
 from colabjob.errors import ConfigError, ExitCode
 
-__all__ = ["TORCH_CPU_INDEX", "render_startup_script"]
+__all__ = ["TORCH_CPU_INDEX", "checked_value", "render_startup_script"]
 
 TORCH_CPU_INDEX = "https://download.pytorch.org/whl/cpu"
 _CREDENTIAL_IN_URL = re.compile(r"://[^/\s]*@")
 
 
-def _checked(what: str, value: str) -> str:
+def checked_value(what: str, value: str) -> str:
     if not value or any(c in value for c in "\n\r\0"):
         raise ConfigError(f"{what} {value!r} cannot go into a startup script")
     if _CREDENTIAL_IN_URL.search(value):
@@ -48,11 +48,11 @@ def _literal_note(values: Sequence[str]) -> str:
 
 
 def _assign(name: str, value: str) -> str:
-    return f"{_literal_note([value])}{name}={shlex.quote(_checked(name, value))}"
+    return f"{_literal_note([value])}{name}={shlex.quote(checked_value(name, value))}"
 
 
 def _array(name: str, values: Sequence[str]) -> str:
-    quoted = " ".join(shlex.quote(_checked(name, v)) for v in values)
+    quoted = " ".join(shlex.quote(checked_value(name, v)) for v in values)
     return f"{_literal_note(values)}{name}=({quoted})"
 
 

@@ -69,7 +69,7 @@ from colabjob.storage.store import open_store
 if TYPE_CHECKING:
     from colabjob.storage.store import Store
 
-__all__ = ["HandoffPlan", "handoff"]
+__all__ = ["HandoffPlan", "PreparedJob", "handoff", "move_job", "prepare_job", "write_plan_file"]
 
 _LOCAL_PREFIXES = ("/", "./", "../", "~", "file://")
 
@@ -158,19 +158,14 @@ def handoff(
         disk_gb=disk_gb,
         service_account=service_account,
     )
-    if to is not None and not to.startswith("gs://"):
-        raise ConfigError(f"--to {to!r} is not a gs:// URL", hint="e.g. --to gs://BUCKET/jobs/NAME")
+    check_to(to)
     account = None if dry_run else check_gcloud(gcloud=gcloud, runner=runner)
 
-    src = open_store(job_url)
-    record, lease_warnings = _check_job(src, clock)
-    warnings = [*lease_warnings, *_config_warnings(record, extra_packages)]
+    job = prepare_job(job_url, to=to, clock=clock, extra_packages=extra_packages)
+    src, dst, record, copy_needed = job.src, job.dst, job.record, job.copy_needed
     if name is None:
         vm = dataclasses.replace(vm, name=instance_name_for(record.job_id))
-    dst, copy_needed = _destination(src, to)
-    warnings += _location_warnings(dst.url, vm)
-    if copy_needed:
-        _check_destination_free(dst, src, record)
+    warnings = [*job.warnings, *_location_warnings(dst.url, vm)]
     script = render_startup_script(  # before anything moves: a bad value stops us here
         job_url=dst.url,
         version=colabjob.__version__,
@@ -180,7 +175,7 @@ def handoff(
         project=vm.project,
         extra_packages=extra_packages,
     )
-    path = _write_script(script, script_path, vm.name)
+    path = write_plan_file(script, script_path, f"{vm.name}-startup.sh")
     plan = HandoffPlan(
         job_url=src.url,
         run_url=dst.url,
@@ -195,7 +190,7 @@ def handoff(
     if dry_run:
         return plan
     if copy_needed:
-        plan = dataclasses.replace(plan, transfer=_move(src, dst, clock=clock, say=say))
+        plan = dataclasses.replace(plan, transfer=move_job(src, dst, clock=clock, say=say))
     _create_vm(plan, runner=runner, say=say)
     return dataclasses.replace(plan, created=True)
 
@@ -216,6 +211,39 @@ def _create_vm(plan: HandoffPlan, *, runner: Runner, say: Callable[[str], None])
 
 
 # -- the job ------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class PreparedJob:
+    """A job that may be handed off (to a GCE VM or a SkyPilot managed job), and where to."""
+
+    src: Store
+    dst: Store  # its gs:// home from now on (src itself when it is on GCS already)
+    record: JobRecord
+    copy_needed: bool
+    warnings: tuple[str, ...]
+
+
+def check_to(to: str | None) -> None:
+    if to is not None and not to.startswith("gs://"):
+        raise ConfigError(f"--to {to!r} is not a gs:// URL", hint="e.g. --to gs://BUCKET/jobs/NAME")
+
+
+def prepare_job(
+    job_url: str, *, to: str | None, clock: Clock, extra_packages: Sequence[str] = ()
+) -> PreparedJob:
+    """The cheap checks every engine shares, before anything is copied: the job may be
+    handed off, and its GCS destination is reachable and free."""
+    check_to(to)
+    src = open_store(job_url)
+    record, lease_warnings = _check_job(src, clock)
+    warnings = [*lease_warnings, *_config_warnings(record, extra_packages)]
+    dst, copy_needed = _destination(src, to)
+    if copy_needed:
+        _check_destination_free(dst, src, record)
+    return PreparedJob(
+        src=src, dst=dst, record=record, copy_needed=copy_needed, warnings=tuple(warnings)
+    )
+
+
 def _check_job(src: Store, clock: Clock) -> tuple[JobRecord, list[str]]:
     """The job's record if it may be handed off, and warnings about its lease."""
     record = load_record(src)
@@ -337,7 +365,9 @@ def _location_warnings(url: str, vm: VmSpec) -> Iterator[str]:
 
 
 # -- moving -------------------------------------------------------------------------------
-def _move(src: Store, dst: Store, *, clock: Clock, say: Callable[[str], None]) -> TransferReport:
+def move_job(
+    src: Store, dst: Store, *, clock: Clock, say: Callable[[str], None]
+) -> TransferReport:
     """Copy under the old location's lease (no runner can start meanwhile), then mark it."""
     lease = Lease(src, holder=Holder.here(platform="handoff"), clock=clock)
     try:
@@ -371,11 +401,12 @@ def _move(src: Store, dst: Store, *, clock: Clock, say: Callable[[str], None]) -
         lease.release()
 
 
-def _write_script(script: str, script_path: str | Path | None, name: str) -> Path:
+def write_plan_file(script: str, script_path: str | Path | None, default_name: str) -> Path:
+    """Write a startup script or task file to ``script_path`` (default: a temp folder)."""
     if script_path is None:
         folder = Path(tempfile.gettempdir()) / "colabjob-handoff"
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"{name}-startup.sh"
+        path = folder / default_name
     else:
         path = Path(script_path)
         path.parent.mkdir(parents=True, exist_ok=True)
