@@ -9,9 +9,13 @@ checkpoint if it crashes). ``resume`` needs only the job URL: the spec comes fro
 record; ``--set`` may change what does not break an exact resume (``diff_for_resume``),
 anything else only with ``--force-config``. ``--nproc N`` (a session flag, not saved with
 the job) runs the job as N torch.distributed processes on this machine
-(``colabjob.runner.launch``; rank 0 commits). Both exit 0 when the job completed, 75 when
-the segment stopped in time to resume in the next session, 1 when it failed, 2 on a usage,
-config or lease error.
+(``colabjob.runner.launch``; rank 0 commits); ``--nnodes M --node-rank R --master-addr
+HOST --master-port P`` (or the same from torchrun, SLURM or SkyPilot,
+``colabjob.runner.topology``) makes it one of M machines: node 0 does all of the above and
+holds the lease, a node R > 0 checks the spec, takes no lease, writes nothing to the job
+and runs its ranks, which follow rank 0's decisions; its exit code mirrors the run. Both
+exit 0 when the job completed, 75 when the segment stopped in time to resume in the next
+session, 1 when it failed, 2 on a usage, config or lease error.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from colabjob.errors import ColabJobError, ConfigError, ExitCode
 if TYPE_CHECKING:
     from colabjob.config import JobSpec
     from colabjob.runner.supervisor import RunRequest, SupervisorResult
+    from colabjob.runner.topology import NodeTopology
     from colabjob.storage.store import Store
 
 
@@ -119,6 +124,20 @@ def _add_nproc(p: argparse.ArgumentParser) -> None:
         "* N stays the same (needs --allow-geometry-change; numbers then differ in floating "
         "point)",
     )
+    g = p.add_argument_group(
+        "several machines (default: from torchrun, SLURM or SkyPilot, else one machine)"
+    )
+    g.add_argument("--nnodes", type=int, metavar="M", help="machines in all, each with --nproc")
+    g.add_argument(
+        "--node-rank",
+        type=int,
+        metavar="R",
+        help="this machine, 0..M-1; node 0 holds the lease and commits, the others follow",
+    )
+    g.add_argument("--master-addr", metavar="HOST", help="node 0's host (reachable from all)")
+    g.add_argument(
+        "--master-port", type=int, metavar="P", help="node 0's rendezvous port (default 29500)"
+    )
 
 
 def _nproc(value: str, url: str) -> int:
@@ -140,6 +159,30 @@ def _nproc(value: str, url: str) -> int:
 
     check_nproc(n)  # before the job's storage is written or any process starts
     return n
+
+
+def _topology(args: argparse.Namespace, url: str) -> NodeTopology:
+    """This machine's place among the nodes: the flags over torchrun/SLURM/SkyPilot."""
+    import os
+
+    from colabjob.runner.topology import node_topology
+
+    topo = node_topology(
+        os.environ,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+    )
+    if topo.multi_node and url.startswith("memory://"):
+        raise ConfigError("--nnodes needs storage every machine can reach, not memory://")
+    if topo.multi_node:
+        role = "holds the lease and commits" if topo.node_rank == 0 else "follows node 0"
+        note(
+            f"colabjob: node {topo.node_rank} of {topo.nnodes} ({topo.source}); master "
+            f"{topo.master_addr}:{topo.master_port}; this node {role}"
+        )
+    return topo
 
 
 def _add_resume_choice(p: argparse.ArgumentParser) -> None:
@@ -180,11 +223,21 @@ def _resume_choice(args: argparse.Namespace, store: Store) -> None:
 
 
 def _request(
-    args: argparse.Namespace, url: str, spec: dict[str, Any], *, nproc: int, force: bool = False
+    args: argparse.Namespace,
+    url: str,
+    spec: dict[str, Any],
+    *,
+    nproc: int,
+    topo: NodeTopology,
+    force: bool = False,
 ) -> RunRequest:
     from colabjob.runner.supervisor import RunRequest
 
     return RunRequest(
+        nnodes=topo.nnodes,
+        node_rank=topo.node_rank,
+        master_addr=topo.master_addr,
+        master_port=topo.master_port,
         url=url,
         spec=spec,
         budget=args.budget,
@@ -218,6 +271,11 @@ def cmd_start(args: argparse.Namespace) -> int:
         url = default_job_url(spec.job.name)
         note(f"colabjob: job.storage not set; the job lives at {url}")
     nproc = _nproc(str(args.nproc), url)
+    topo = _topology(args, url)
+    if topo.node_rank > 0:  # node 0 creates the job and holds its lease; this node follows
+        preflight(spec)
+        url = open_store(url).url
+        return run_request(_request(args, url, spec.to_dict(), nproc=nproc, topo=topo), args)
     existing = _existing_store(url)  # opens no local root that is not there yet
     got = read_record(existing) if existing is not None else None
     if existing is not None and got is not None:
@@ -230,7 +288,8 @@ def cmd_start(args: argparse.Namespace) -> int:
         )
     preflight(spec)  # before the job's storage is opened for writing (or created)
     store = existing if existing is not None else open_store(url)
-    return run_request(_request(args, store.url, spec.to_dict(), nproc=nproc), args)
+    request = _request(args, store.url, spec.to_dict(), nproc=nproc, topo=topo)
+    return run_request(request, args)
 
 
 def _existing_store(url: str) -> Store | None:
@@ -259,6 +318,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
     store, record = open_job(args.job)
     check_not_moved(store, record)
     nproc = _nproc(str(args.nproc), store.url)  # before the lease is watched or the spec saved
+    topo = _topology(args, store.url)
+    follower = topo.node_rank > 0  # node 0 checks and takes the lease, saves the spec
     if record.state is JobState.COMPLETED:
         note(f"colabjob: job {record.job_id} is already completed (step {record.last_step})")
         return ExitCode.DONE
@@ -266,7 +327,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"job {record.job_id} was cancelled", hint="start a new job to train again"
         )
-    _check_lease(store, force=args.force)
+    if not follower:
+        _check_lease(store, force=args.force)
     script = script_config(record.config)
     if script is not None:
         raise ConfigError(
@@ -287,14 +349,14 @@ def cmd_resume(args: argparse.Namespace) -> int:
         new = JobSpec.from_dict(apply_overrides(old.to_dict(), args.overrides))
     changes = diff_for_resume(old, new, force=args.force_config)
     _check_budget(args, new)
-    for line in changes:
-        note(f"colabjob: changed {line}")
-    _resume_choice(args, store)
-    if changes:  # the snapshot is what the next plain `resume` runs
+    if not follower:
+        for line in changes:
+            note(f"colabjob: changed {line}")
+        _resume_choice(args, store)
+    if changes and not follower:  # the snapshot is what the next plain `resume` runs
         _save_snapshot(store, new.to_dict())
-    return run_request(
-        _request(args, store.url, new.to_dict(), nproc=nproc, force=args.force), args
-    )
+    request = _request(args, store.url, new.to_dict(), nproc=nproc, topo=topo, force=args.force)
+    return run_request(request, args)
 
 
 def _check_budget(args: argparse.Namespace, spec: JobSpec) -> None:

@@ -30,11 +30,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 from torch.utils.data import IterableDataset
 
 from colabjob.errors import ConfigError
 from colabjob.jobs.data import ResumableLoader, ResumableSampler
 from colabjob.jobs.decision import Vote
+from colabjob.jobs.rendezvous import rendezvous
 
 __all__ = [
     "Coordinator",
@@ -127,7 +129,10 @@ def init_distributed(
     """Join the process group the launcher's environment describes; idempotent.
 
     Returns ``World()`` when ``WORLD_SIZE`` is 1 or unset. With nccl, the process's GPU is
-    set to ``LOCAL_RANK``. ``timeout`` (seconds) bounds every collective.
+    set to ``LOCAL_RANK``. ``timeout`` (seconds) bounds every collective. The ranks meet at
+    ``MASTER_ADDR:MASTER_PORT`` through ``colabjob.jobs.rendezvous`` (torch's TCPStore,
+    bounded by ``COLABJOB_RENDEZVOUS_TIMEOUT``): an unreachable master, a port in use or
+    ranks that disagree on the world size raise ``ConfigError`` (exit 2) naming the cause.
     """
     if in_process_group():
         return World.current()
@@ -144,16 +149,24 @@ def init_distributed(
     backend = backend or default_backend()
     if backend == "nccl":
         torch.cuda.set_device(world.local_rank)
-    kwargs: dict[str, Any] = {}
-    if timeout is not None:
-        kwargs["timeout"] = datetime.timedelta(seconds=timeout)
-    dist.init_process_group(
-        backend,
-        init_method=f"tcp://{env['MASTER_ADDR']}:{env['MASTER_PORT']}",
+    try:
+        port = int(env["MASTER_PORT"])
+    except ValueError:
+        raise ConfigError(f"MASTER_PORT={env['MASTER_PORT']!r} is not a port number") from None
+    store = rendezvous(
         rank=world.rank,
         world_size=world.world_size,
-        **kwargs,
+        addr=env["MASTER_ADDR"],
+        port=port,
+        environ=env,
     )
+    collectives = datetime.timedelta(seconds=timeout) if timeout is not None else None
+    kwargs: dict[str, Any] = {} if collectives is None else {"timeout": collectives}
+    dist.init_process_group(
+        backend, store=store, rank=world.rank, world_size=world.world_size, **kwargs
+    )
+    # The store's short rendezvous timeout was for joining; later groups use the long one.
+    store.set_timeout(collectives or default_pg_timeout)
     return world
 
 

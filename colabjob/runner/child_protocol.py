@@ -64,12 +64,24 @@ class RunRequest:
     progress: str = "auto"
     debug: bool = False
     nproc: int = 1  # > 1: the supervisor runs it through colabjob.runner.launch
+    nnodes: int = 1  # > 1: so does it, with this node's place (colabjob.runner.topology)
+    node_rank: int = 0  # > 0: a follower node: its supervisor writes nothing to the job
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None
     from_step: int | None = None  # resume --from-step / --checkpoint / --from-scratch
     from_checkpoint: str | None = None
     from_scratch: bool = False
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), default=str)
+
+    def launch_args(self) -> list[str]:
+        """``colabjob.runner.launch``'s flags for this node, or [] to run one process."""
+        if self.nproc <= 1 and self.nnodes <= 1:
+            return []
+        args = ["--nproc", str(self.nproc), "--nnodes", str(self.nnodes)]
+        args += ["--node-rank", str(self.node_rank), "--master-addr", self.master_addr]
+        return args + ([] if self.master_port is None else ["--master-port", str(self.master_port)])
 
     def resume_choice(self) -> ResumeChoice | None:
         if self.from_step is None and self.from_checkpoint is None and not self.from_scratch:

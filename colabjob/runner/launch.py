@@ -1,9 +1,18 @@
 """Start N training processes on this machine, torchrun-style, and supervise them as one.
 
 ``launch(command, nproc=N)`` starts ``command`` once per rank with ``RANK``, ``LOCAL_RANK``,
-``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT`` (a free port on
-127.0.0.1) set, each rank in its own session (a terminal's Ctrl-C reaches the launcher
-only, which forwards it once) and, on Linux, told to receive SIGTERM if the launcher dies.
+``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``GROUP_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT`` (a
+free port on 127.0.0.1) set. On several machines (``nnodes``, ``node_rank``,
+``master_addr``, ``master_port``; ``colabjob.runner.topology`` reads them from flags,
+torchrun, SLURM or SkyPilot) each machine runs one launcher for its local ranks: global rank
+``node_rank * nproc + local_rank`` of ``nnodes * nproc``, and the ranks meet through torch's
+own TCPStore rendezvous at the master (``colabjob.jobs.distributed.init_distributed``);
+there is no protocol of ours between launchers. What this adds over torchrun: SIGUSR1 is
+forwarded (torchrun's agent drops it, and SLURM's ``--signal=USR1`` is the usual notice), and
+exit 75 (paused: checkpointed, resume later) is not a failure that tears the others down
+(torchrun treats any non-zero exit as one). Each rank runs in its own session (a terminal's
+Ctrl-C reaches the launcher only, which forwards it once) and, on Linux, is told to receive
+SIGTERM if the launcher dies.
 SIGTERM, SIGINT, SIGUSR1 and SIGHUP (as SIGTERM) are forwarded to every rank: each rank's
 watchdog and the Session's per-step agreement stop them all at the same step. When a rank
 fails (an exit code outside ``ok_codes``, or a signal) the others get SIGTERM and, ``grace``
@@ -16,8 +25,8 @@ As a module it is the supervisor's child for ``colabjob start/resume --nproc N``
 ``python -m M child ...`` on every rank; rank 0 writes RESULT and shows the progress, rank
 ``r`` writes ``RESULT.rank<r>`` and shows none. If rank 0 left no result, a failed rank's
 takes its place, so the supervisor sees the real error. ``python -m colabjob.runner.launch
---nproc N -- CMD ...`` launches any command (e.g. a script using ``colabjob.session()``).
-One machine only: across machines use torchrun; the library side is the same.
+--nproc N [--nnodes M --node-rank R --master-addr HOST --master-port P] -- CMD ...``
+launches any command (e.g. a script using ``colabjob.session()``) on this machine's ranks.
 
 Every entry point (``launch``, ``Launcher.start``, this module's ``main`` and the CLI's
 ``--nproc``) refuses more ranks than the machine can run (``check_nproc``: one per visible
@@ -46,6 +55,7 @@ from typing import Any
 from colabjob.errors import ConfigError, ExitCode
 from colabjob.runner.child_protocol import ChildResult, RunRequest
 from colabjob.runner.signals import ForwardedSignals, as_child_signal
+from colabjob.runner.topology import node_topology
 
 __all__ = [
     "LaunchResult",
@@ -114,19 +124,30 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def rank_env(
-    base: Mapping[str, str], *, rank: int, nproc: int, master_addr: str, master_port: int
+    base: Mapping[str, str],
+    *,
+    rank: int,
+    nproc: int,
+    master_addr: str,
+    master_port: int,
+    nnodes: int = 1,
+    node_rank: int = 0,
 ) -> dict[str, str]:
-    """``base`` plus the torchrun variables of ``rank`` (one machine)."""
-    return {
+    """``base`` plus the torchrun variables of local rank ``rank`` of node ``node_rank``
+    (global rank ``node_rank * nproc + rank`` of ``nnodes * nproc``)."""
+    env = {
         **base,
-        "RANK": str(rank),
+        "RANK": str(node_rank * nproc + rank),
         "LOCAL_RANK": str(rank),
-        "WORLD_SIZE": str(nproc),
+        "WORLD_SIZE": str(nnodes * nproc),
         "LOCAL_WORLD_SIZE": str(nproc),
-        "GROUP_RANK": "0",
+        "GROUP_RANK": str(node_rank),
         "MASTER_ADDR": master_addr,
         "MASTER_PORT": str(master_port),
     }
+    # Under torchrun, its agent's store is not ours: our rank 0 serves the rendezvous.
+    env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+    return env
 
 
 def _die_with_parent() -> None:  # runs in the child between fork and exec
@@ -151,6 +172,8 @@ class Launcher:
         timeout: float | None = None,
         master_addr: str = "127.0.0.1",
         master_port: int | None = None,
+        nnodes: int = 1,
+        node_rank: int = 0,
         cwd: str | os.PathLike[str] | None = None,
         poll: float = 0.05,
         watch_parent: bool = False,
@@ -162,6 +185,9 @@ class Launcher:
         self.ok_codes = tuple(ok_codes)
         self.grace, self.exit_grace, self.timeout = grace, exit_grace, timeout
         self.master_addr = master_addr
+        self.nnodes, self.node_rank = nnodes, node_rank
+        if master_port is None and nnodes > 1:
+            raise ValueError("several nodes need the master's port (every node the same)")
         self.master_port = master_port or free_port(master_addr)
         self.cwd, self.poll, self.watch_parent = cwd, poll, watch_parent
         self.procs: list[subprocess.Popen[bytes]] = []
@@ -192,6 +218,8 @@ class Launcher:
                 nproc=self.nproc,
                 master_addr=self.master_addr,
                 master_port=self.master_port,
+                nnodes=self.nnodes,
+                node_rank=self.node_rank,
             )
             self.procs.append(
                 subprocess.Popen(
@@ -341,6 +369,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--nproc", type=int, required=True, help="processes (ranks) to start")
     p.add_argument("--module", default="colabjob.runner.child_protocol", help="the child module")
+    p.add_argument("--nnodes", type=int, help="machines in all (default: from the environment)")
+    p.add_argument("--node-rank", type=int, help="this machine's rank, 0..nnodes-1")
+    p.add_argument("--master-addr", help="the host of node 0 (global rank 0)")
+    p.add_argument("--master-port", type=int, help="the port global rank 0 listens on")
     p.add_argument("command", nargs=argparse.REMAINDER, help="child REQ RES, or -- CMD ...")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     command = list(args.command)
@@ -351,11 +383,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.USAGE
     try:
         check_nproc(args.nproc)  # before _child_commands writes a request file per rank
+        topo = node_topology(
+            os.environ,
+            nnodes=args.nnodes,
+            node_rank=args.node_rank,
+            master_addr=args.master_addr,
+            master_port=args.master_port,
+        )
     except ConfigError as e:
         print(f"colabjob: error: {e}", file=sys.stderr, flush=True)
         return ExitCode.USAGE
+    where: dict[str, Any] = {
+        "nnodes": topo.nnodes,
+        "node_rank": topo.node_rank,
+        "master_addr": topo.master_addr,
+        "master_port": topo.master_port,
+    }
     if command[0] != "child":
-        return launch(command, nproc=args.nproc).exit_code
+        return launch(command, nproc=args.nproc, ok_codes=(0, ExitCode.PAUSED), **where).exit_code
     if len(command) != 3:
         p.print_usage(sys.stderr)
         return ExitCode.USAGE
@@ -364,6 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _child_commands(args.module, request, result, args.nproc),
         ok_codes=(ExitCode.DONE, ExitCode.PAUSED),
         watch_parent=True,
+        **where,
     )
     outcome = launcher.run()
     _adopt_rank_result(result, outcome)

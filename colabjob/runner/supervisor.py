@@ -4,8 +4,11 @@
 (or another child module, e.g. the CLI's, which adds a progress display) in its own process
 group, forwards SIGTERM/SIGINT/SIGUSR1 to it (so the child's watchdog checkpoints and
 stops at the next step boundary: exit 75), and waits. The child writes a small JSON result
-before it exits (with ``request.nproc`` > 1 the child is ``colabjob.runner.launch``,
-which runs that many ranks of it and reports as one). A child that dies without one
+before it exits (with ``request.nproc`` > 1 or ``request.nnodes`` > 1 the child is
+``colabjob.runner.launch``, which runs this node's ranks of it and reports as one). On a
+node other than 0 (``request.node_rank`` > 0) the supervisor never writes ``job.json`` or
+touches the lease: global rank 0, on node 0, holds both; a crash there is retried in step
+with node 0's supervisor, whose retry waits at the same rendezvous. A child that dies without one
 (SIGKILL, segfault, the OOM killer) or whose result says the error is retryable (an
 exception in training, CUDA OOM, storage trouble) is a crash: its open segment is closed
 in ``job.json`` with stop reason ``crash`` and the error, the dead child's lease is
@@ -123,8 +126,9 @@ class Supervisor:
         request = self.request if attempt == 0 else self.request.for_retry()
         req_path.write_text(request.to_json())
         cmd = [self.python, "-m", self.child_module, "child", str(req_path), str(res_path)]
-        if self.request.nproc > 1:  # N ranks, one result (colabjob.runner.launch)
-            launch = ["-m", "colabjob.runner.launch", "--nproc", str(self.request.nproc)]
+        launch = self.request.launch_args()
+        if launch:  # N ranks (on this node), one result (colabjob.runner.launch)
+            launch = ["-m", "colabjob.runner.launch", *launch]
             cmd = [self.python, *launch, "--module", self.child_module, *cmd[3:]]
         env = dict(os.environ if self.env is None else self.env)
         self._child = subprocess.Popen(cmd, env=env, start_new_session=True)
@@ -218,6 +222,8 @@ class Supervisor:
         the child closed its segment itself and nothing changes)."""
         from colabjob.storage.store import open_store
 
+        if self.request.node_rank > 0:  # node 0's supervisor holds the lease and the record
+            return
         try:
             store = open_store(self.request.url)
             self._release_dead_lease(store)
