@@ -331,10 +331,10 @@ class LocalStore(Store):
             with dir_lock(directory):
                 self._link_new(tmp, path, key)
                 version = _token(os.stat(path), data)
+                self._verify(path, len(data))  # under the lock: no other writer's bytes yet
         finally:
             _unlink_quiet(tmp)
         fsync_dir(directory)
-        self._verify(path, len(data))
         return version
 
     def _link_new(self, tmp: str, path: str, key: str) -> None:
@@ -369,10 +369,13 @@ class LocalStore(Store):
                     )
                 os.replace(tmp, path)
                 version = _token(os.stat(path), data)
+                # Under the lock: checked after it, a concurrent writer's update of another
+                # size looked like a lost write here, and the retried swap, refused, made the
+                # caller apply its update twice.
+                self._verify(path, len(data))
         finally:
             _unlink_quiet(tmp)
         fsync_dir(directory)
-        self._verify(path, len(data))
         return version
 
     def _flush(self) -> None:

@@ -4,6 +4,8 @@ the VM's disk or reporting an empty listing), verifies sizes and flushes through
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sys
 import types
 from collections.abc import Callable
@@ -26,6 +28,34 @@ def mount(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("COLABJOB_DRIVE_ROOT", str(root))
     monkeypatch.delenv("COLAB_RELEASE_TAG", raising=False)
     return root
+
+
+def test_a_write_is_verified_before_other_writers_may_change_it(
+    mount: Path, fast_retry: RetryPolicy
+) -> None:
+    """The size check after a create or a compare-and-swap runs while the object's directory
+    lock is held. Checked after it, a concurrent writer's value of another size ("9" -> "10")
+    looked like a lost write: the retried swap was refused and the caller's increment was
+    applied twice (seen as 33 of 32 in the threads race of the contract suite)."""
+    held: list[bool] = []
+
+    class Probe(DriveStore):
+        def _verify(self, path: str, size: int) -> None:
+            fd = os.open(os.path.dirname(path), os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held.append(False)  # nobody holds the lock: another writer could be in
+            except BlockingIOError:
+                held.append(True)
+            finally:
+                os.close(fd)
+            super()._verify(path, size)
+
+    store = Probe(str(mount / "MyDrive" / "jobs"), retry=fast_retry)
+    version = store.create("ctl/counter", b"9")
+    store.replace("ctl/counter", b"10", version)
+    assert held == [True, True]
+    assert store.read_bytes("ctl/counter") == b"10"
 
 
 def test_paths_under_the_mount_open_a_drive_store(mount: Path, fast_retry: RetryPolicy) -> None:
