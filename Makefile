@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup tools test test-fast lint typecheck pytest gpu-test bench demo clean
+.PHONY: setup test-env tools test test-fast lint typecheck pytest gpu-test bench demo clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -26,7 +26,10 @@ $(SKY_STAMP):
 	$(SKY_VENV)/bin/pip install --quiet 'skypilot>=0.14.1,<0.15'
 	touch $(SKY_STAMP)
 
-setup: $(STAMP) $(SKY_STAMP)
+setup: $(STAMP)
+
+# What the tests need besides the project's venv (`make demo` needs none of it).
+test-env: setup tools $(SKY_STAMP)
 
 # shellcheck lints the GCE startup script in the tests (Debian package; needs root or sudo).
 tools:
@@ -41,14 +44,14 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-pytest: setup tools
+pytest: test-env
 	$(BIN)/pytest -q
 
 test: lint typecheck pytest
 
 # The quick tier for the edit-test loop (under 2 minutes): the unmarked tests only. `make test`
 # still runs everything, the slow, emulator and GPU-marked tests included.
-test-fast: setup
+test-fast: test-env
 	$(BIN)/pytest -q -m "not slow and not gcs and not gpu"
 
 # The GPU suite (tests/gpu, a few minutes on one GPU). Without a CUDA device it fails, not
