@@ -3,12 +3,13 @@ sets it, ``trainer.train()`` then ``save_model``, ``log_metrics``/``save_metrics
 ``save_state`` into ``output_dir``) plus the two documented lines of
 ``colabjob.hf.resumable``, for ``test_hf_script.py``:
 
-    python -m tests.jobs.hf_clm_child URL MODEL_DIR DATA OUT MAX_STEPS LR PAUSE_AT
+    python -m tests.jobs.hf_clm_child URL MODEL_DIR DATA OUT MAX_STEPS LR PAUSE_AT [EVERY]
 
 ``PAUSE_AT`` > 0: at the end of optimizer step PAUSE_AT the script sends itself SIGUSR1 (a
 scheduler's signal) and waits until the stop policy has seen it; the job pauses there and
 the script exits 75. ``output_dir`` is ``OUT/hf`` (the same on every rerun with the same
-OUT, as a user's is); ``OUT/result.json`` holds ``training_loss`` and the metrics.
+OUT, as a user's is); ``OUT/result.json`` holds ``training_loss`` and the metrics. ``EVERY``:
+``resumable(every_steps=EVERY)`` (default: only the final checkpoint of a segment).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from typing import Any
 def main(argv: list[str]) -> int:
     url, model_dir, data, out = argv[:4]
     max_steps, lr, pause_at = int(argv[4]), float(argv[5]), int(argv[6])
+    every = int(argv[7]) if len(argv) > 7 else None
     import datasets
     import transformers
     from transformers import (
@@ -64,7 +66,7 @@ def main(argv: list[str]) -> int:
     trainer = Trainer(model=model, args=args, train_dataset=ds,
                       data_collator=DataCollatorForLanguageModeling(tok, mlm=False),
                       callbacks=[PauseAt()])  # fmt: skip
-    trainer = resumable(trainer, url, platform="local", every_minutes=None,
+    trainer = resumable(trainer, url, platform="local", every_minutes=None, every_steps=every,
                         tensorboard=False)  # fmt: skip  (the added line)
     train_result = trainer.train()
     trainer.save_model()

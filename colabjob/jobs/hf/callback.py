@@ -26,15 +26,22 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import TrainerCallback
 
-from colabjob.errors import CorruptCheckpointError, ResumeError, UnsafeCheckpointError
+from colabjob.errors import (
+    CheckpointError,
+    CorruptCheckpointError,
+    NoCheckpointError,
+    ResumeError,
+    UnsafeCheckpointError,
+)
 from colabjob.jobs.checkpointing.committer import Committer
-from colabjob.jobs.checkpointing.saver import fetch_agreed, refuse_silent_restart
+from colabjob.jobs.checkpointing.saver import agree_on_load, fetch_agreed, refuse_silent_restart
 from colabjob.jobs.context import SegmentContext, SegmentOutcome
 from colabjob.jobs.data import ResumableLoader
 from colabjob.jobs.decision import Decision, Vote, decide_agreed
 from colabjob.jobs.distributed import Coordinator, DistributedResumableSampler
 from colabjob.jobs.policy import StopReason
 from colabjob.jobs.progress import STATUS_KEYS, format_metric_line
+from colabjob.jobs.state.check import check_loadable
 from colabjob.jobs.state.codec import read_json
 from colabjob.jobs.state.format import STATE_FILE
 from colabjob.jobs.state.sizing import checkpoint_nbytes
@@ -45,6 +52,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ColabJobCallback", "HFRun", "batch_len", "metric_rows", "remaining_batches"]
 
+TRAINER_STATE_FILE = "trainer_state.json"  # the name HF's TrainerState.load_from_json reads
 STATUS_EVERY = 5.0  # seconds between pushes to ctx.on_status
 _SUMMARY_KEYS = frozenset({"train_runtime", "train_loss", "total_flos"})  # the end-of-run row
 
@@ -86,13 +94,37 @@ class HFRun:
         self.outcome: SegmentOutcome | None = None
 
     def begin(self) -> None:
-        self.tmp = tempfile.TemporaryDirectory(prefix="colabjob-hf-", dir=self.ctx.staging_dir)
-        info = fetch_agreed(self.ctx.checkpoints, self.sync, self.tmp.name, self.ctx.resume)
-        self.resume_info = info
-        if info is None:
-            refuse_silent_restart(self.ctx)
-            self.committer.say(f"no checkpoint in {self.ctx.store.url}: starting from step 0")
-            return
+        """Fetch the checkpoint this segment resumes from (or none) before the Trainer reads
+        anything of it. One that verifies but does not load (``check_loadable``: every file
+        read and decoded, nothing changed) is quarantined (by rank 0, one warning) and the
+        previous one is tried, in this process; one chosen by hand is not replaced."""
+        explicit = self.ctx.resume is not None and self.ctx.resume.explicit
+        while True:
+            self.cleanup()  # a fresh directory per checkpoint: no file of a refused one stays
+            self.tmp = tempfile.TemporaryDirectory(prefix="colabjob-hf-", dir=self.ctx.staging_dir)
+            info = fetch_agreed(self.ctx.checkpoints, self.sync, self.tmp.name, self.ctx.resume)
+            self.resume_info = info
+            if info is None:
+                refuse_silent_restart(self.ctx)
+                self.committer.say(f"no checkpoint in {self.ctx.store.url}: starting from step 0")
+                return
+            failure: CheckpointError | None = None
+            try:
+                check_loadable(self.tmp.name, rank=self.rank, json_files=(TRAINER_STATE_FILE,))
+            except (CorruptCheckpointError, UnsafeCheckpointError) as e:
+                failure = e
+            failure = agree_on_load(self.sync, failure)
+            if failure is None:
+                break
+            if self.rank == 0:
+                set_aside_unloadable(self.ctx.checkpoints, info, failure)
+            if explicit:
+                raise NoCheckpointError(
+                    f"the chosen checkpoint step {info.step} ({info.dirname}) does not load: "
+                    f"{failure.args[0]}; it was quarantined",
+                    hint=f"choose another one (colabjob resume {self.ctx.store.url} "
+                    "--from-step N), or resume without a choice to use the newest valid one",
+                ) from failure
         doc = read_json(Path(self.tmp.name) / STATE_FILE)
         hf = (doc.get("meta") or {}).get("hf") if isinstance(doc, dict) else None
         if not isinstance(hf, dict):
@@ -142,10 +174,10 @@ class HFRun:
 
     @contextlib.contextmanager
     def loading(self) -> Iterator[None]:
-        """Around a load from ``resume_dir``: a checkpoint whose content does not load is
-        quarantined (by rank 0) and the segment fails with a retryable error. The Trainer
-        has already taken that checkpoint's trainer state, so the fallback to the previous
-        valid checkpoint is the supervisor's retry (a fresh process), not this one."""
+        """Around a load from ``resume_dir``, a backstop: ``begin()`` already refused a
+        checkpoint whose files do not load. One that still fails here (the Trainer has
+        taken its trainer state by now) is quarantined (by rank 0) and the segment fails
+        with a retryable error; a rerun resumes from the previous valid checkpoint."""
         try:
             yield
         except (CorruptCheckpointError, UnsafeCheckpointError) as e:

@@ -46,6 +46,7 @@ from colabjob.jobs.data import Geometry, ResumableLoader
 from colabjob.jobs.data.loader import quiet_workers
 from colabjob.jobs.distributed import in_process_group
 from colabjob.jobs.hf.callback import (
+    TRAINER_STATE_FILE,
     ColabJobCallback,
     HFRun,
     batch_len,
@@ -64,9 +65,6 @@ from colabjob.jobs.state.sizing import checkpoint_nbytes
 from colabjob.jobs.state.tracked import Tracked
 
 __all__ = ["ColabJobTrainer", "ResumableTrainerMixin", "job_train_loss", "make_resumable"]
-
-TRAINER_STATE_FILE = "trainer_state.json"  # the name HF's TrainerState.load_from_json reads
-
 
 class ResumableTrainerMixin(JobLossMixin):
     """Mixed in before a ``transformers.Trainer`` class; see the module docstring."""
