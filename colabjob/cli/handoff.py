@@ -2,7 +2,8 @@
 
 ``configure_parser(subparsers, common)`` adds the subcommand; ``cmd_handoff(args)`` runs it,
 prints the plan (the exact gcloud command, warnings, what to do next) and returns 0 when the
-VM was created or the dry run printed its command. ``--engine skypilot`` goes to
+VM was created or the dry run printed its command (``--restart-on-preemption``: an instance
+template and a managed instance group of size 1, two commands). ``--engine skypilot`` goes to
 ``colabjob.runner.handoff.skypilot`` instead: the task YAML and ``sky jobs launch``. Like
 every other command it raises ``ColabJobError`` for ``colabjob.cli.main`` to print with its
 hint and turn into the exit code: 2 for bad arguments, a missing or logged-out gcloud (or
@@ -29,6 +30,9 @@ EXAMPLE = """\
 example (a job on Drive, to a spot L4 VM):
   colabjob handoff /content/drive/MyDrive/jobs/run1 --to gs://my-bucket/jobs/run1 \\
       --project my-project --zone us-central1-a --machine-type g2-standard-8 --spot
+example (the same, recreated by a managed instance group after each spot preemption):
+  colabjob handoff gs://my-bucket/jobs/run1 --project my-project --zone us-central1-a \\
+      --machine-type g2-standard-8 --spot --restart-on-preemption
 example (a SkyPilot managed job that SkyPilot relaunches after each preemption):
   colabjob handoff gs://my-bucket/jobs/run1 --engine skypilot --gpus L4:1 --spot
 """
@@ -73,6 +77,12 @@ def configure_parser(
         "--spot", action="store_true", help="spot VM (60-91%% cheaper, preemptible: 30 s notice)"
     )
     p.add_argument(
+        "--restart-on-preemption",
+        action="store_true",
+        help="gce with --spot: run the VM in a managed instance group of size 1, which "
+        "recreates it after a preemption (the job resumes); it resizes to 0 when done",
+    )
+    p.add_argument(
         "--to", metavar="gs://BUCKET/PATH", help="copy the job here first (required off GCS)"
     )
     p.add_argument(
@@ -107,6 +117,12 @@ def cmd_handoff(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
         print(line, file=sys.stderr, flush=True)
 
     if args.engine == "skypilot":
+        if getattr(args, "restart_on_preemption", False):
+            raise ConfigError(
+                "--restart-on-preemption is for --engine gce",
+                hint="SkyPilot managed jobs are relaunched after a preemption already: "
+                "drop the flag",
+            )
         return _skypilot(args, stdout, say)
     missing = [f for f in ("project", "zone", "machine_type") if getattr(args, f) is None]
     if missing:
@@ -122,6 +138,7 @@ def cmd_handoff(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
         machine_type=args.machine_type,
         accelerator=args.accelerator,
         spot=args.spot,
+        restart_on_preemption=args.restart_on_preemption,
         to=args.to,
         dry_run=args.dry_run,
         image_family=args.image_family,

@@ -9,6 +9,7 @@ credentials it stops at "no active account", after every flag and value was acce
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import subprocess
@@ -33,8 +34,11 @@ from colabjob.runner.handoff.gcloud import (
     Accelerator,
     VmSpec,
     create_argv,
+    group_argv,
     instance_name_for,
     parse_accelerator,
+    template_argv,
+    template_name_for,
 )
 from colabjob.runner.handoff.to_vm import handoff
 from colabjob.runner.handoff.transfer import MOVED_KEY, check_not_moved, read_moved
@@ -57,7 +61,7 @@ if [ "$1 $2" = "auth list" ]; then
   [ -z "${GCLOUD_ACCOUNT:-}" ] || echo "$GCLOUD_ACCOUNT"
   exit 0
 fi
-if [ "$1 $2 $3" = "compute instances create" ]; then
+if [ "$1 $2 $3" = "compute instances create" ] || [ "$2 $3" = "instance-templates create" ]; then
   for arg in "$@"; do
     case "$arg" in --metadata-from-file=startup-script=*)
       cp "${arg#--metadata-from-file=startup-script=}" "$GCLOUD_LOG.script";;
@@ -65,6 +69,10 @@ if [ "$1 $2 $3" = "compute instances create" ]; then
   done
   [ -z "${GCLOUD_CREATE_ERR:-}" ] || { echo "$GCLOUD_CREATE_ERR" >&2; exit 1; }
   echo "Created [https://www.googleapis.com/compute/v1/projects/p/zones/z/instances/$4]."
+fi
+if [ "$2 $3 $4" = "instance-groups managed create" ] && [ -n "${GCLOUD_GROUP_ERR:-}" ]; then
+  echo "$GCLOUD_GROUP_ERR" >&2
+  exit 1
 fi
 """
 
@@ -80,6 +88,7 @@ class Gcloud:
         monkeypatch.setenv("GCLOUD_LOG", str(self.log))
         monkeypatch.setenv("GCLOUD_ACCOUNT", "me@example.com")
         monkeypatch.delenv("GCLOUD_CREATE_ERR", raising=False)
+        monkeypatch.delenv("GCLOUD_GROUP_ERR", raising=False)
 
     @property
     def calls(self) -> list[str]:
@@ -221,13 +230,43 @@ def test_a_cpu_vm_has_no_gpu_flags() -> None:
     assert "--scopes=cloud-platform" in argv
 
 
-@pytest.mark.skipif(shutil.which("gcloud") is None, reason="the Google Cloud CLI is not installed")
-@pytest.mark.parametrize("spot", [True, False])
-def test_the_real_gcloud_accepts_our_command(spot: bool, tmp_path: Path) -> None:
-    vm = spot_l4_vm() if spot else VmSpec(name="colabjob-x", **VM)
-    script = tmp_path / "s.sh"
-    script.write_text("#!/bin/bash\n")
-    env = {
+def test_the_managed_group_commands() -> None:
+    vm = dataclasses.replace(spot_l4_vm(), restart_on_preemption=True)
+    assert vm.template == "colabjob-run-1-tmpl"
+    assert template_argv(vm, "/tmp/s.sh", job_id="Run_1") == [
+        "gcloud", "compute", "instance-templates", "create", "colabjob-run-1-tmpl",
+        "--project=my-project",  # no --zone: a global template
+        "--machine-type=g2-standard-8",
+        "--accelerator=type=nvidia-l4,count=1",
+        "--maintenance-policy=TERMINATE",
+        "--provisioning-model=SPOT",
+        "--instance-termination-action=DELETE",  # the group recreates it; no disk left behind
+        "--image-family=common-cu124-debian-11-py310",
+        "--image-project=deeplearning-platform-release",
+        "--boot-disk-size=100GB",
+        "--boot-disk-type=pd-balanced",
+        "--scopes=cloud-platform",
+        "--metadata-from-file=startup-script=/tmp/s.sh",
+        "--metadata=install-nvidia-driver=True",
+        "--labels=colabjob=job,colabjob-job=run_1",
+    ]  # fmt: skip
+    assert group_argv(vm) == [
+        "gcloud", "compute", "instance-groups", "managed", "create", "colabjob-run-1",
+        "--project=my-project", "--zone=us-central1-a", "--template=colabjob-run-1-tmpl",
+        "--size=1",
+    ]  # fmt: skip
+    assert template_name_for("x" * 63) == "x" * 58 + "-tmpl"
+    assert template_name_for("a" * 57 + "-bcd") == "a" * 57 + "-tmpl"
+
+
+def test_restart_on_preemption_needs_spot() -> None:
+    with pytest.raises(ConfigError, match="needs --spot") as info:
+        VmSpec(name="colabjob-x", **VM, restart_on_preemption=True)
+    assert info.value.exit_code == 2 and "--spot" in str(info.value.hint)
+
+
+def real_gcloud_env(tmp_path: Path) -> dict[str, str]:
+    return {
         **os.environ,
         "CLOUDSDK_CONFIG": str(tmp_path / "gcloud-config"),  # no credentials at all
         "CLOUDSDK_CORE_DISABLE_PROMPTS": "1",
@@ -235,14 +274,44 @@ def test_the_real_gcloud_accepts_our_command(spot: bool, tmp_path: Path) -> None
         "GCE_METADATA_HOST": "127.0.0.1:9",
         "GCE_METADATA_IP": "127.0.0.1:9",
     }
-    done = subprocess.run(
-        create_argv(vm, script, job_id="Run_1"), env=env, capture_output=True, text=True,
-        timeout=120,
-    )
+
+
+def assert_parsed_then_refused(done: subprocess.CompletedProcess[str]) -> None:
     assert done.returncode != 0  # it must stop: nobody is logged in
     assert "active account" in done.stderr, done.stderr  # ...only there: every flag parsed
     for parse_error in ("unrecognized arguments", "Invalid choice", "Invalid value", "argument "):
         assert parse_error not in done.stderr
+
+
+@pytest.mark.skipif(shutil.which("gcloud") is None, reason="the Google Cloud CLI is not installed")
+@pytest.mark.parametrize("which", ["template", "group", "resize"])
+def test_the_real_gcloud_accepts_the_managed_group_commands(which: str, tmp_path: Path) -> None:
+    vm = dataclasses.replace(spot_l4_vm(), restart_on_preemption=True)
+    script = tmp_path / "s.sh"
+    script.write_text("#!/bin/bash\n")
+    argv = {
+        "template": template_argv(vm, script, job_id="Run_1"),
+        "group": group_argv(vm),
+        # what the startup script runs when the job is done
+        "resize": ["gcloud", "compute", "instance-groups", "managed", "resize", vm.name,
+                   "--size=0", "--zone", vm.zone, "--project", vm.project],
+    }[which]
+    done = subprocess.run(argv, env=real_gcloud_env(tmp_path), capture_output=True, text=True,
+                          timeout=120)
+    assert_parsed_then_refused(done)
+
+
+@pytest.mark.skipif(shutil.which("gcloud") is None, reason="the Google Cloud CLI is not installed")
+@pytest.mark.parametrize("spot", [True, False])
+def test_the_real_gcloud_accepts_our_command(spot: bool, tmp_path: Path) -> None:
+    vm = spot_l4_vm() if spot else VmSpec(name="colabjob-x", **VM)
+    script = tmp_path / "s.sh"
+    script.write_text("#!/bin/bash\n")
+    done = subprocess.run(
+        create_argv(vm, script, job_id="Run_1"), env=real_gcloud_env(tmp_path),
+        capture_output=True, text=True, timeout=120,
+    )
+    assert_parsed_then_refused(done)
 
 
 # -- gcloud checks (a stub on PATH) ---------------------------------------------------------
@@ -469,3 +538,93 @@ def test_a_credential_in_pip_stops_the_handoff_before_anything_moves(
                 extra_packages=["git+https://me:ghp_secret@github.com/me/train.git"])
     assert read_moved(src) is None and open_store(gcs_bucket).list() == []
     assert [c for c in gcloud.calls if "create" in c] == []
+
+
+# -- --restart-on-preemption: a managed instance group ---------------------------------------
+@pytest.mark.gcs
+def test_restart_on_preemption_creates_a_template_then_a_group(
+    drive: Path, gcs_bucket: str, gcloud: Gcloud, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_job(open_store(str(drive / "j")))
+    args = parse(str(drive / "j"), "--to", gcs_bucket, "--project", "my-project", "--zone",
+                 "us-central1-a", "--machine-type", "g2-standard-8", "--spot",
+                 "--restart-on-preemption")
+    assert cmd_handoff(args) == 0
+    creates = [c for c in gcloud.calls if "[create]" in c]
+    assert creates == [
+        "".join(f"[{a}]" for a in template_argv(
+            dataclasses.replace(spot_g2_vm(), restart_on_preemption=True),
+            _script_of(creates[0]), job_id="Run_1")[1:]),
+        "[compute][instance-groups][managed][create][colabjob-run-1][--project=my-project]"
+        "[--zone=us-central1-a][--template=colabjob-run-1-tmpl][--size=1]",
+    ]
+    # the template's startup script resumes from GCS and knows its group
+    assert f"JOB_URL={gcs_bucket}" in gcloud.script and "MIG=colabjob-run-1" in gcloud.script
+    assert "TEMPLATE=colabjob-run-1-tmpl" in gcloud.script
+    out = capsys.readouterr().out
+    assert "managed instance group colabjob-run-1 created" in out
+    assert "gcloud compute instance-groups managed delete colabjob-run-1 --zone" in out
+    assert "gcloud compute instance-templates delete colabjob-run-1-tmpl" in out
+
+
+def spot_g2_vm() -> VmSpec:
+    return VmSpec(name="colabjob-run-1", **VM, spot=True)
+
+
+def _script_of(call: str) -> str:
+    flag = "--metadata-from-file=startup-script="
+    return call.split(flag, 1)[1].split("]", 1)[0]
+
+
+@pytest.mark.gcs
+def test_restart_on_preemption_dry_run_prints_both_commands_and_changes_nothing(
+    gcs_bucket: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    store = open_store(gcs_bucket)
+    make_job(store)
+    before = store.list()
+    args = parse(gcs_bucket, "--project", "my-project", "--zone", "us-central1-a",
+                 "--machine-type", "g2-standard-8", "--spot", "--restart-on-preemption",
+                 "--dry-run", "--script-out", str(tmp_path / "s.sh"))
+    assert cmd_handoff(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("gcloud compute instance-templates create colabjob-run-1-tmpl ")
+    assert "--instance-termination-action=DELETE" in lines[0] and "--zone" not in lines[0]
+    assert lines[1] == (
+        "gcloud compute instance-groups managed create colabjob-run-1 --project=my-project "
+        "--zone=us-central1-a --template=colabjob-run-1-tmpl --size=1"
+    )
+    assert "# dry run: nothing was copied, marked or created" in lines
+    assert "MIG=colabjob-run-1" in (tmp_path / "s.sh").read_text()
+    assert store.list() == before
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--project", "my-project", "--zone", "us-central1-a", "--machine-type",
+          "g2-standard-8"], "needs --spot"),
+        (["--engine", "skypilot", "--gpus", "L4:1", "--spot"], "is for --engine gce"),
+        (["--project", "my-project", "--zone", "us-central1-a", "--machine-type",
+          "g2-standard-8", "--spot", "--name", "Bad_Name"], "not a valid instance name"),
+    ],
+)
+def test_restart_on_preemption_bad_usage_is_refused_before_anything_runs(
+    extra: list[str], says: str
+) -> None:
+    args = parse("gs://b/j", *extra, "--restart-on-preemption", "--dry-run")
+    with pytest.raises(ConfigError, match=says) as info:
+        cmd_handoff(args)
+    assert info.value.exit_code == 2 and info.value.hint
+
+
+@pytest.mark.gcs
+def test_a_failed_group_creation_names_the_template_to_delete(
+    gcs_bucket: str, gcloud: Gcloud, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    make_job(open_store(gcs_bucket))
+    monkeypatch.setenv("GCLOUD_GROUP_ERR", "ERROR: QUOTA_EXCEEDED")
+    with pytest.raises(HandoffError, match="managed instance group colabjob-run-1") as info:
+        handoff(gcs_bucket, **VM, spot=True, restart_on_preemption=True)
+    assert "QUOTA_EXCEEDED" in str(info.value)
+    assert "gcloud compute instance-templates delete colabjob-run-1-tmpl" in str(info.value.hint)

@@ -53,6 +53,7 @@ VARIANTS = {
     "cpu": {},
     "gpu-extras": {"gpu": True, "extra_packages": ["my-train>=1.2", "x @ https://e.com/x.whl"]},
     "resume-args": {"resume_args": ["--max-restarts", "3"], "job_url": "gs://b/it's $(x)"},
+    "mig": {"gpu": True, "mig": "colabjob-run1"},
 }
 
 
@@ -118,12 +119,64 @@ def test_what_the_vm_does_after_the_job_exits(
     assert vm.stub_log("colabjob").splitlines() == [f"resume {JOB} --platform gce"]
     assert says in vm.log
     assert vm.shutdowns == (["-h now"] if powers_off else [])
+    assert vm.gcloud_calls == []  # not in a managed instance group: no gcloud at all
     if rc != 0:
         assert "gcloud compute instances start colabjob-run1 --zone us-central1-a" in vm.log
     # the log reaches stdout (the serial console), the job's own output included
     assert says in done.stdout and "colabjob stub: training output line" in done.stdout
     env = stub_env_lines(vm)
     assert env["GCE_METADATA_HOST"] == meta.host and env["PYTHONUNBUFFERED"] == "1"
+
+
+RESIZE_0 = (
+    "[compute][instance-groups][managed][resize][colabjob-run1][--size=0]"
+    "[--zone][us-central1-a][--project][my-project]"
+)
+
+
+@pytest.mark.parametrize(
+    ("rc", "preempted", "leaves", "says"),
+    [
+        (0, False, True, "job completed"),
+        (1, False, True, "job failed (exit 1)"),
+        (75, True, False, "the managed instance group colabjob-run1 recreates it"),
+        (75, False, True, "stop request or time budget"),
+    ],
+)
+def test_in_a_managed_instance_group_the_vm_resizes_it_to_zero_instead_of_powering_off(
+    rc: int, preempted: bool, leaves: bool, says: str, tmp_path: Path
+) -> None:
+    vm = FakeVm(tmp_path, installed=VERSION)
+    script = render(mig="colabjob-run1")
+    with fake_metadata(preemptible=True) as meta:
+        if preempted:
+            meta.preempt()
+        done = vm.run(script, STUB_RC=str(rc), GCE_METADATA_HOST=meta.host)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert says in vm.log
+    assert vm.shutdowns == []  # a powered-off VM would be recreated by the group
+    assert vm.gcloud_calls == ([RESIZE_0] if leaves else [])
+    if rc != 0 and not preempted:
+        assert "instance-groups managed resize colabjob-run1 --size=1" in vm.log
+        assert "instance-templates delete colabjob-run1-tmpl" in vm.log
+    assert "compute instances start" not in vm.log  # that would not be the group's VM
+
+
+def test_a_failing_resize_is_retried_then_the_vm_powers_off_with_the_command(
+    tmp_path: Path,
+) -> None:
+    vm = FakeVm(tmp_path, installed=VERSION)
+    done = vm.run(render(mig="colabjob-run1"), STUB_RC="0", STUB_GCLOUD_RC="1")
+    assert done.returncode == 0
+    assert vm.gcloud_calls == [RESIZE_0] * 3 and "attempt 3 of 3" in vm.log
+    assert "ERROR: could not resize colabjob-run1 to 0" in vm.log
+    assert "roles/compute.instanceAdmin.v1" in vm.log
+    assert vm.shutdowns == ["-h now"]
+
+
+def test_a_bad_group_name_is_refused() -> None:
+    with pytest.raises(ConfigError, match="cannot go into"):
+        render(mig="a\nshutdown")
 
 
 def test_a_sigterm_reaches_the_job_and_a_preempted_vm_is_left_to_gce(tmp_path: Path) -> None:

@@ -5,7 +5,10 @@ SIGTERM. The VM's first boot runs the startup script: the job resumes with the G
 the fake metadata server announces a preemption; the runner commits a checkpoint and exits
 75; the script leaves the VM to GCE (no power-off) and logs how to restart it. The second
 boot (after ``gcloud compute instances start``) resumes again, completes, and calls the
-stub ``shutdown``. Only the VM itself (pip, the GPU driver, a real ACPI shutdown) is faked.
+stub ``shutdown``. In a managed instance group (``--restart-on-preemption``) the same run
+ends with the stub ``gcloud`` resizing the group to 0 instead, and the preemption leaves the
+VM to the group (which recreates it: the second boot). Only the VM itself (pip, the GPU
+driver, a real ACPI shutdown) is faked.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from colabjob.storage.checkpoints import CheckpointStore
 from colabjob.storage.store import open_store
 from tests.cli.builders import run_cli
 from tests.runner.fake_metadata import fake_metadata
-from tests.runner.test_startup_script import render
+from tests.runner.test_startup_script import RESIZE_0, render
 from tests.runner.vm_stubs import REPO, FakeVm, write_exe
 
 pytestmark = [pytest.mark.slow, pytest.mark.gcs]
@@ -81,8 +84,9 @@ sys.exit(main())
 """
 
 
+@pytest.mark.parametrize("mig", [None, "colabjob-run1"], ids=["vm", "managed-group"])
 def test_the_vm_resumes_is_preempted_restarts_and_powers_off(
-    gcs_bucket: str, tmp_path: Path
+    gcs_bucket: str, tmp_path: Path, mig: str | None
 ) -> None:
     (tmp_path / "tiny_train.py").write_text(TRAIN)
     marker = tmp_path / "marker"
@@ -98,7 +102,7 @@ def test_the_vm_resumes_is_preempted_restarts_and_powers_off(
 
     vm = FakeVm(tmp_path / "vm", installed=colabjob.__version__)
     write_exe(vm.venv / "bin" / "colabjob", REAL_COLABJOB)
-    script = render(job_url=gcs_bucket)
+    script = render(job_url=gcs_bucket, mig=mig)
 
     # First boot on the spot VM: resumes, then GCE announces a preemption.
     with fake_metadata(preemptible=True) as meta:
@@ -120,8 +124,12 @@ def test_the_vm_resumes_is_preempted_restarts_and_powers_off(
     assert (last.platform, last.stop_reason) == ("gce", StopReason.PREEMPTION), vm.log
     latest = CheckpointStore(store).latest(verify="full")
     assert latest is not None and latest.step >= 10  # committed at the notice
-    assert "this spot VM was preempted" in vm.log and "compute instances start" in vm.log
-    assert vm.shutdowns == []  # GCE stops a preempted VM itself
+    assert "this spot VM was preempted" in vm.log
+    if mig is None:
+        assert "compute instances start" in vm.log
+    else:
+        assert f"the managed instance group {mig} recreates it" in vm.log
+    assert vm.shutdowns == [] and vm.gcloud_calls == []  # GCE stops/deletes it itself
 
     # Second boot (`gcloud compute instances start`): resumes and completes, then powers off.
     Path(f"{marker}.restarted").touch()
@@ -131,5 +139,8 @@ def test_the_vm_resumes_is_preempted_restarts_and_powers_off(
     record = load_record(store)
     assert record.state is JobState.COMPLETED, vm.log
     assert record.history[-1].stop_reason is StopReason.COMPLETED
-    assert vm.shutdowns == ["-h now"]
     assert "job completed" in vm.log
+    if mig is None:
+        assert vm.shutdowns == ["-h now"] and vm.gcloud_calls == []
+    else:  # powering off would make the group recreate the VM: it shrinks the group instead
+        assert vm.shutdowns == [] and vm.gcloud_calls == [RESIZE_0]

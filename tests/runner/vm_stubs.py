@@ -6,8 +6,10 @@ creates a venv of stubs (``python`` answering the installed version and recordin
 ``-m pip install``, which "installs" by writing that version), and a ``colabjob`` stub: bash
 recording its argv and exiting with ``STUB_RC`` (or, with ``STUB_WAIT_TERM=1``, waiting for
 SIGTERM and exiting 75 like a runner that committed its checkpoint), or the Python one in
-``colabjob_probe.py`` that reads the job from GCS. ``run()`` executes a rendered script with
-the test hooks the script documents pointing here.
+``colabjob_probe.py`` that reads the job from GCS. A stub ``gcloud`` records its argv (one
+``[arg]`` list a line) and exits with ``STUB_GCLOUD_RC`` (the managed-instance-group
+resize). ``run()`` executes a rendered script with the test hooks the script documents
+pointing here.
 """
 
 from __future__ import annotations
@@ -62,6 +64,12 @@ SHUTDOWN_STUB = """#!/bin/bash
 printf '%s\\n' "$*" >> "$STUB_LOG.shutdown"
 """
 
+GCLOUD_STUB = """#!/bin/bash
+for arg in "$@"; do printf '[%s]' "$arg"; done >> "$STUB_LOG.gcloud"
+echo >> "$STUB_LOG.gcloud"
+exit "${STUB_GCLOUD_RC:-0}"
+"""
+
 NVIDIA_SMI_STUB = """#!/bin/bash
 echo "GPU 0: NVIDIA L4 (UUID: GPU-stub)"
 exit "${STUB_GPU_RC:-0}"
@@ -86,6 +94,7 @@ class FakeVm:
         self.log_file = root / "var" / "log" / "colabjob-startup.log"
         write_exe(self.bin / "shutdown", SHUTDOWN_STUB)
         write_exe(self.bin / "nvidia-smi", NVIDIA_SMI_STUB)
+        write_exe(self.bin / "gcloud", GCLOUD_STUB)
         self.system_python = write_exe(root / "system" / "python3", PYTHON_STUB)
         if colabjob == "bash":
             self.colabjob = write_exe(root / "stubs" / "colabjob", BASH_COLABJOB)
@@ -149,6 +158,10 @@ class FakeVm:
     @property
     def shutdowns(self) -> list[str]:
         return self.stub_log("shutdown").splitlines()
+
+    @property
+    def gcloud_calls(self) -> list[str]:
+        return self.stub_log("gcloud").splitlines()
 
 
 def stub_env_lines(vm: FakeVm) -> Mapping[str, str]:

@@ -7,6 +7,13 @@ a2, H100 only on a3, T4/V100/P100/P4 only on n1). ``create_argv`` renders the ex
 ``gcloud compute instances create`` argv (spot flags, accelerator, maintenance policy, the
 Deep Learning VM image, a ``cloud-platform``-scoped service account: no key files), and
 ``check_gcloud`` finds gcloud and its active account through a real subprocess.
+
+With ``restart_on_preemption`` (spot only) the VM is instead one member of a zonal managed
+instance group of size 1: ``template_argv`` renders ``gcloud compute instance-templates
+create NAME-tmpl`` with the same flags (no ``--zone``: the template is global; termination
+action DELETE, so a preempted VM leaves no stopped disk behind) and ``group_argv`` renders
+``gcloud compute instance-groups managed create NAME --size=1``. The group recreates a VM
+that was preempted, and its startup script resumes the job.
 """
 
 from __future__ import annotations
@@ -33,8 +40,11 @@ __all__ = [
     "VmSpec",
     "check_gcloud",
     "create_argv",
+    "group_argv",
     "instance_name_for",
     "parse_accelerator",
+    "template_argv",
+    "template_name_for",
 ]
 
 Runner = Callable[..., "subprocess.CompletedProcess[str]"]
@@ -154,6 +164,7 @@ class VmSpec:
     disk_type: str = DEFAULT_DISK_TYPE
     service_account: str | None = None
     labels: dict[str, str] = field(default_factory=dict)
+    restart_on_preemption: bool = False  # a managed instance group of size 1 (spot only)
 
     def __post_init__(self) -> None:
         _need(
@@ -186,6 +197,17 @@ class VmSpec:
                 f"{acc.type} GPUs attach only to {wants}-* machine types, not {self.machine_type}",
                 hint=f"e.g. --machine-type {_example(wants)}",
             )
+        if self.restart_on_preemption and not self.spot:
+            raise ConfigError(
+                "--restart-on-preemption needs --spot: only spot VMs are preempted",
+                hint="add --spot (an on-demand VM is not preempted; GCE restarts it after "
+                "host maintenance itself)",
+            )
+
+    @property
+    def template(self) -> str:
+        """The instance template of the managed instance group (``restart_on_preemption``)."""
+        return template_name_for(self.name)
 
     @property
     def family(self) -> str:
@@ -216,27 +238,18 @@ def _example(family: str) -> str:
     }.get(family, f"{family}-standard-8")
 
 
-def create_argv(
-    vm: VmSpec, script_path: str | Path, *, job_id: str = "", gcloud: str = "gcloud"
+def instance_flags(
+    vm: VmSpec, script_path: str | Path, *, job_id: str = "", termination: str = "STOP"
 ) -> list[str]:
-    """The ``gcloud compute instances create`` argv for ``vm`` with ``script_path`` as its
-    startup script."""
-    argv = [
-        gcloud,
-        "compute",
-        "instances",
-        "create",
-        vm.name,
-        f"--project={vm.project}",
-        f"--zone={vm.zone}",
-        f"--machine-type={vm.machine_type}",
-    ]
+    """The flags ``instances create`` and ``instance-templates create`` share (no project,
+    no zone)."""
+    argv = [f"--machine-type={vm.machine_type}"]
     if vm.accelerator is not None:
         argv.append(vm.accelerator.flag())
     if vm.has_gpu:
         argv.append("--maintenance-policy=TERMINATE")  # GPUs cannot live-migrate
     if vm.spot:
-        argv += ["--provisioning-model=SPOT", "--instance-termination-action=STOP"]
+        argv += ["--provisioning-model=SPOT", f"--instance-termination-action={termination}"]
     argv += [
         f"--image-family={vm.image_family}",
         f"--image-project={vm.image_project}",
@@ -253,6 +266,49 @@ def create_argv(
     labels.update({_label(k): _label(v) for k, v in vm.labels.items()})
     argv.append("--labels=" + ",".join(f"{k}={v}" for k, v in labels.items()))
     return argv
+
+
+def create_argv(
+    vm: VmSpec, script_path: str | Path, *, job_id: str = "", gcloud: str = "gcloud"
+) -> list[str]:
+    """The ``gcloud compute instances create`` argv for ``vm`` with ``script_path`` as its
+    startup script."""
+    where = [f"--project={vm.project}", f"--zone={vm.zone}"]
+    flags = instance_flags(vm, script_path, job_id=job_id)
+    return [gcloud, "compute", "instances", "create", vm.name, *where, *flags]
+
+
+def template_name_for(name: str) -> str:
+    """``NAME-tmpl``, cut so that it stays a valid 63-character resource name."""
+    return f"{name[:58].rstrip('-')}-tmpl"
+
+
+def template_argv(
+    vm: VmSpec, script_path: str | Path, *, job_id: str = "", gcloud: str = "gcloud"
+) -> list[str]:
+    """``gcloud compute instance-templates create NAME-tmpl`` (global) for a group's VM.
+
+    DELETE on preemption: the group recreates a deleted VM as it would a stopped one, and a
+    deleted VM bills no disk while it waits for spot capacity."""
+    flags = instance_flags(vm, script_path, job_id=job_id, termination="DELETE")
+    project = f"--project={vm.project}"
+    return [gcloud, "compute", "instance-templates", "create", vm.template, project, *flags]
+
+
+def group_argv(vm: VmSpec, *, gcloud: str = "gcloud") -> list[str]:
+    """``gcloud compute instance-groups managed create NAME --size=1`` from the template."""
+    return [
+        gcloud,
+        "compute",
+        "instance-groups",
+        "managed",
+        "create",
+        vm.name,
+        f"--project={vm.project}",
+        f"--zone={vm.zone}",
+        f"--template={vm.template}",
+        "--size=1",
+    ]
 
 
 def _tail(text: str, lines: int = 12) -> str:

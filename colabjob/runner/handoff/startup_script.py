@@ -8,6 +8,12 @@ powers the VM off so that nobody pays for an idle GPU: after completion (exit 0)
 spot preemption (exit 75 and the metadata server says ``preempted``) GCE stops the VM itself;
 the script logs how to restart it (``gcloud compute instances start``: it resumes at boot).
 
+With ``mig`` (``--restart-on-preemption``) the VM belongs to that managed instance group of
+size 1, which recreates any VM that stops. So instead of powering off, the script resizes the
+group to 0 (``gcloud compute instance-groups managed resize``: the group deletes the VM, disk
+and all), and after a preemption it leaves the VM to the group, whose new VM resumes the job.
+If the resize fails three times it powers off after all, and logs the command to run by hand.
+
 The values are baked in, shell-quoted; nothing here is a credential: the VM's service account
 reaches GCS. The job's output goes straight to a log file (a dying console reader can never
 break its writes) that a ``tail`` mirrors to stdout, which the guest agent forwards to the
@@ -23,6 +29,7 @@ import shlex
 from collections.abc import Sequence
 
 from colabjob.errors import ConfigError, ExitCode
+from colabjob.runner.handoff.gcloud import template_name_for
 
 __all__ = ["TORCH_CPU_INDEX", "checked_value", "render_startup_script"]
 
@@ -67,6 +74,7 @@ def render_startup_script(
     extra_packages: Sequence[str] = (),
     resume_args: Sequence[str] = (),
     torch_cpu_index: str = TORCH_CPU_INDEX,
+    mig: str | None = None,
 ) -> str:
     """The startup script (bash) that resumes ``job_url`` (a ``gs://`` URL) on the VM."""
     if not job_url.startswith("gs://"):
@@ -82,19 +90,32 @@ def render_startup_script(
         "PROJECT": project,
         "TORCH_CPU_INDEX": torch_cpu_index,
     }
+    if mig is not None:
+        values.update(MIG=mig, TEMPLATE=template_name_for(mig))
     lines = [_assign(k, v) for k, v in values.items()]
     lines += [
+        *([] if mig is not None else ["MIG=''  # not in a managed instance group", "TEMPLATE=''"]),
         f"EXPECT_GPU={1 if gpu else 0}",
         f"EX_PAUSED={int(ExitCode.PAUSED)}",
         _array("EXTRA_PACKAGES", extra_packages),
         _array("RESUME_ARGS", resume_args),
     ]
     where = f"--zone {zone} --project {project}"
+    if mig is None:
+        after = _AFTER_VM.format(
+            paused=int(ExitCode.PAUSED),
+            start=f"gcloud compute instances start {instance} {where}",
+        )
+    else:
+        after = _AFTER_MIG.format(
+            paused=int(ExitCode.PAUSED),
+            mig=mig,
+            resize=f"gcloud compute instance-groups managed resize {mig} --size=0 {where}",
+        )
     head = _HEAD.format(
         version=version,
-        paused=int(ExitCode.PAUSED),
         instance=instance,
-        start=f"gcloud compute instances start {instance} {where}",
+        after=after,
         serial=f"gcloud compute instances get-serial-port-output {instance} {where}",
     )
     return head + "\n".join(lines) + "\n" + _BODY
@@ -107,18 +128,31 @@ _HEAD = """\
 #
 # It installs colabjob {version} (once), resumes the job from GCS with the GCE platform
 # profile (the runner watches the spot preemption notice), and then:
-#   exit 0 (completed), 1 (failed) or any other failure: powers the VM off (no idle GPU);
-#   exit {paused} (paused) after a spot preemption: GCE stops the VM; to continue, run
-#       {start}
-#     and this script resumes the job from its newest committed checkpoint at boot;
-#   exit {paused} for another reason (stop request, time budget): powers the VM off as well.
-# No credentials in here: the VM's service account (--scopes=cloud-platform) reaches GCS.
+{after}# No credentials in here: the VM's service account (--scopes=cloud-platform) reaches GCS.
 # Log: /var/log/colabjob-startup.log on the VM, and the serial console / Cloud Logging:
 #   {serial}
 # Environment overrides (tests): COLABJOB_LOG_FILE, COLABJOB_VENV, COLABJOB_PYTHON,
 # COLABJOB_SHUTDOWN_CMD, COLABJOB_GPU_WAIT_S, COLABJOB_RETRY_SLEEP_S, GCE_METADATA_HOST.
 set -uo pipefail  # not -e: every path must reach the power-off decision
 
+"""
+
+_AFTER_VM = """\
+#   exit 0 (completed), 1 (failed) or any other failure: powers the VM off (no idle GPU);
+#   exit {paused} (paused) after a spot preemption: GCE stops the VM; to continue, run
+#       {start}
+#     and this script resumes the job from its newest committed checkpoint at boot;
+#   exit {paused} for another reason (stop request, time budget): powers the VM off as well.
+"""
+
+_AFTER_MIG = """\
+#   exit 0 (completed), 1 (failed) or any other failure: deletes the VM by resizing its
+#     managed instance group {mig} to 0 (a VM that powered off would be recreated):
+#       {resize}
+#   exit {paused} (paused) after a spot preemption: GCE deletes the VM and the group
+#     recreates it when spot capacity returns; this script then resumes the job from its
+#     newest committed checkpoint;
+#   exit {paused} for another reason (stop request, time budget): resizes the group to 0.
 """
 
 _BODY = r"""
@@ -268,6 +302,15 @@ preempted() {
 }
 
 restart_hint() {
+  if [ -n "$MIG" ]; then
+    log "to continue: gcloud compute instance-groups managed resize $MIG --size=1" \
+      "--zone $ZONE --project $PROJECT (its new VM resumes the job at boot); from anywhere" \
+      "else: colabjob resume $JOB_URL"
+    log "when done, delete the group and its template: gcloud compute instance-groups" \
+      "managed delete $MIG --zone $ZONE --project $PROJECT; gcloud compute" \
+      "instance-templates delete $TEMPLATE --project $PROJECT"
+    return
+  fi
   log "to continue on this VM: gcloud compute instances start $INSTANCE --zone $ZONE" \
     "--project $PROJECT (this script resumes the job at boot); from anywhere else:" \
     "colabjob resume $JOB_URL"
@@ -282,6 +325,34 @@ power_off() {
   "${cmd[@]}" >>"$LOG_FILE" 2>&1 || log "ERROR: '$SHUTDOWN_CMD' failed; stop the VM by hand"
 }
 
+resize_group() {
+  # A managed instance group recreates a VM that stops: shrink the group instead (it
+  # deletes this VM and its disk). Only if that keeps failing, power off after all.
+  local attempt
+  for attempt in 1 2 3; do
+    log "resizing the managed instance group $MIG to 0 (it deletes this VM)"
+    if gcloud compute instance-groups managed resize "$MIG" --size=0 --zone "$ZONE" \
+      --project "$PROJECT" >>"$LOG_FILE" 2>&1; then
+      return 0
+    fi
+    log "the resize failed (attempt $attempt of 3)"
+    sleep "$((attempt * RETRY_SLEEP_S))"
+  done
+  log "ERROR: could not resize $MIG to 0 (does the VM's service account have" \
+    "roles/compute.instanceAdmin.v1?); the group may recreate this VM: run by hand" \
+    "gcloud compute instance-groups managed resize $MIG --size=0 --zone $ZONE" \
+    "--project $PROJECT"
+  power_off
+}
+
+leave() {
+  if [ -n "$MIG" ]; then
+    resize_group
+  else
+    power_off
+  fi
+}
+
 finish() {
   local rc="$1" preempted=0
   if [ "$rc" -eq "$EX_PAUSED" ] && preempted; then
@@ -290,18 +361,21 @@ finish() {
   stop_mirror  # from here on log() prints its lines itself
   if [ "$rc" -eq 0 ]; then
     log "job completed: $JOB_URL"
-    power_off
+    leave
+  elif [ "$preempted" = 1 ] && [ -n "$MIG" ]; then
+    log "job paused with a committed checkpoint: this spot VM was preempted; the managed" \
+      "instance group $MIG recreates it when spot capacity returns, and it resumes the job"
   elif [ "$preempted" = 1 ]; then
     log "job paused with a committed checkpoint: this spot VM was preempted; GCE stops it"
     restart_hint
   elif [ "$rc" -eq "$EX_PAUSED" ]; then
     log "job paused with a committed checkpoint (stop request or time budget)"
     restart_hint
-    power_off
+    leave
   else
     log "job failed (exit $rc); see $LOG_FILE and: colabjob status $JOB_URL"
     restart_hint
-    power_off
+    leave
   fi
 }
 
@@ -310,7 +384,7 @@ main() {
   touch "$LOG_FILE"
   start_mirror
   trap stop_mirror EXIT
-  log "boot: job $JOB_URL on $INSTANCE ($ZONE), colabjob $COLABJOB_VERSION"
+  log "boot: job $JOB_URL on $INSTANCE${MIG:+ (group $MIG)} ($ZONE), colabjob $COLABJOB_VERSION"
   if ! install_colabjob; then
     log "ERROR: could not install colabjob==$COLABJOB_VERSION (see above)"
     finish 1

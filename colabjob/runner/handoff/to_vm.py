@@ -8,6 +8,9 @@ under its lease, every file verified against its manifest (``transfer.copy_job``
 old location is marked as moved so it refuses to run and points at the new one. Last, the
 startup script is rendered (``startup_script``) and ``gcloud compute instances create`` runs,
 or, with ``dry_run``, the exact command is only returned (nothing is copied or created).
+With ``restart_on_preemption`` the two commands are ``gcloud compute instance-templates
+create`` and ``gcloud compute instance-groups managed create --size=1``: the group recreates
+a preempted VM, and the startup script resizes it to 0 instead of powering off.
 Credentials never enter the script, the record or the command: the VM reaches GCS through
 its service account (``--scopes=cloud-platform``).
 """
@@ -48,9 +51,11 @@ from colabjob.runner.handoff.gcloud import (
     check_gcloud,
     create_argv,
     describe_failure,
+    group_argv,
     instance_name_for,
     parse_accelerator,
     run_gcloud,
+    template_argv,
 )
 from colabjob.runner.handoff.startup_script import render_startup_script
 from colabjob.runner.handoff.transfer import (
@@ -82,7 +87,8 @@ class HandoffPlan:
     run_url: str  # the gs:// URL the VM resumes
     vm: VmSpec
     script_path: Path
-    argv: tuple[str, ...]
+    argv: tuple[str, ...]  # instances create, or (restart_on_preemption) the template's
+    group_argv: tuple[str, ...] = ()  # instance-groups managed create (restart_on_preemption)
     account: str | None = None  # the gcloud account (None on a dry run)
     transfer: TransferReport | None = None
     copy_needed: bool = False
@@ -91,9 +97,13 @@ class HandoffPlan:
     warnings: tuple[str, ...] = ()
 
     @property
+    def commands(self) -> tuple[tuple[str, ...], ...]:
+        return (self.argv, self.group_argv) if self.group_argv else (self.argv,)
+
+    @property
     def command(self) -> str:
-        """The exact gcloud command, shell-quoted."""
-        return shlex.join(self.argv)
+        """The exact gcloud command(s), shell-quoted, one a line."""
+        return "\n".join(shlex.join(argv) for argv in self.commands)
 
     def next_steps(self) -> list[str]:
         where = f"--zone {self.vm.zone} --project {self.vm.project}"
@@ -104,6 +114,8 @@ class HandoffPlan:
                     f"without --dry-run the job is first copied to {self.run_url} (verified)"
                 )
             return [*steps, f"startup script: {self.script_path}", f"command: {self.command}"]
+        if self.group_argv:
+            return self._group_steps(where)
         return [
             f"VM {self.vm.name} created; it installs colabjob {colabjob.__version__} and "
             f"resumes {self.run_url}",
@@ -115,6 +127,20 @@ class HandoffPlan:
             f"{where}",
         ]
 
+    def _group_steps(self, where: str) -> list[str]:
+        group = f"gcloud compute instance-groups managed {{}} {self.vm.name} {where}"
+        return [
+            f"managed instance group {self.vm.name} created (size 1, template "
+            f"{self.vm.template}); its VM installs colabjob {colabjob.__version__} and resumes "
+            f"{self.run_url}, and is recreated after each spot preemption",
+            f"its VM: {group.format('list-instances')} (then get-serial-port-output VM {where})",
+            f"job status: colabjob status {self.run_url}",
+            "when the job completes, fails or pauses the VM resizes the group to 0 (deleting "
+            f"itself); to run it again: {group.format('resize')} --size=1",
+            f"when done, delete the group and its template: {group.format('delete')}; gcloud "
+            f"compute instance-templates delete {self.vm.template} --project {self.vm.project}",
+        ]
+
 
 def handoff(
     job_url: str,
@@ -124,6 +150,7 @@ def handoff(
     machine_type: str,
     accelerator: str | Accelerator | None = None,
     spot: bool = False,
+    restart_on_preemption: bool = False,
     to: str | None = None,
     dry_run: bool = False,
     image_family: str = DEFAULT_IMAGE_FAMILY,
@@ -153,6 +180,7 @@ def handoff(
         machine_type=machine_type,
         accelerator=acc,
         spot=spot,
+        restart_on_preemption=restart_on_preemption,
         image_family=image_family,
         image_project=image_project,
         disk_gb=disk_gb,
@@ -174,6 +202,7 @@ def handoff(
         zone=vm.zone,
         project=vm.project,
         extra_packages=extra_packages,
+        mig=vm.name if restart_on_preemption else None,
     )
     path = write_plan_file(script, script_path, f"{vm.name}-startup.sh")
     plan = HandoffPlan(
@@ -181,7 +210,8 @@ def handoff(
         run_url=dst.url,
         vm=vm,
         script_path=path,
-        argv=tuple(create_argv(vm, path, job_id=record.job_id, gcloud=gcloud)),
+        argv=tuple(make_argv(vm, path, job_id=record.job_id, gcloud=gcloud)),
+        group_argv=tuple(group_argv(vm, gcloud=gcloud)) if restart_on_preemption else (),
         account=account,
         copy_needed=copy_needed,
         dry_run=dry_run,
@@ -196,18 +226,40 @@ def handoff(
 
 
 def _create_vm(plan: HandoffPlan, *, runner: Runner, say: Callable[[str], None]) -> None:
-    say(f"creating VM {plan.vm.name}: {plan.command}")
-    done = run_gcloud(plan.argv, runner=runner)
-    if done.returncode != 0:
-        moved = f"the job now lives at {plan.run_url}; " if plan.copy_needed else ""
-        raise HandoffError(
-            f"gcloud could not create VM {plan.vm.name} (exit {done.returncode}):\n"
-            f"{describe_failure(done)}",
-            hint=f"{moved}nothing runs yet. GPUs are often sold out in a zone "
-            "(ZONE_RESOURCE_POOL_EXHAUSTED) or over quota (`gcloud compute regions describe "
-            f"{plan.vm.region}`): try another zone with "
-            f"`colabjob handoff {plan.run_url} --zone ...`",
+    vm = plan.vm
+    made = [("instance template", vm.template), ("managed instance group", vm.name)]
+    for i, argv in enumerate(plan.commands):
+        what, name = made[i] if plan.group_argv else ("VM", vm.name)
+        say(f"creating {what} {name}: {shlex.join(argv)}")
+        done = run_gcloud(argv, runner=runner)
+        if done.returncode != 0:
+            raise HandoffError(
+                f"gcloud could not create {what} {name} (exit {done.returncode}):\n"
+                f"{describe_failure(done)}",
+                hint=_create_hint(plan, made_template=i > 0),
+            )
+
+
+def _create_hint(plan: HandoffPlan, *, made_template: bool) -> str:
+    moved = f"the job now lives at {plan.run_url}; " if plan.copy_needed else ""
+    if made_template:
+        moved += (
+            f"the template {plan.vm.template} exists: delete it before trying again "
+            f"(gcloud compute instance-templates delete {plan.vm.template} --project "
+            f"{plan.vm.project}); "
         )
+    return (
+        f"{moved}nothing runs yet. GPUs are often sold out in a zone "
+        "(ZONE_RESOURCE_POOL_EXHAUSTED) or over quota (`gcloud compute regions describe "
+        f"{plan.vm.region}`): try another zone with "
+        f"`colabjob handoff {plan.run_url} --zone ...`"
+    )
+
+
+def make_argv(vm: VmSpec, path: Path, *, job_id: str, gcloud: str) -> list[str]:
+    """``instances create``, or the group's template (``restart_on_preemption``)."""
+    make = template_argv if vm.restart_on_preemption else create_argv
+    return make(vm, path, job_id=job_id, gcloud=gcloud)
 
 
 # -- the job ------------------------------------------------------------------------------
