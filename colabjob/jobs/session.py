@@ -28,7 +28,9 @@ In a process group (``colabjob start --nproc N``, torchrun) every rank runs the 
 over ``make_distributed_loader`` with its model wrapped in ``DistributedDataParallel``; at
 each optimizer-step boundary one small all-reduce makes every rank stop or checkpoint at the
 same step, and only rank 0 commits (``colabjob.jobs.distributed``). Call ``save()`` on every
-rank or on none.
+rank or on none. A model sharded with FSDP2 (``fully_shard``) is tracked the same way: its
+shards are written by every rank through ``torch.distributed.checkpoint`` and committed by
+rank 0 (``colabjob.jobs.state.sharded``).
 """
 
 from __future__ import annotations

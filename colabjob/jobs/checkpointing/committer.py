@@ -36,6 +36,7 @@ from colabjob.jobs.state.capture import write_snapshot
 from colabjob.jobs.state.format import Snapshot
 from colabjob.jobs.state.host_memory import SaveChooser, parse_async
 from colabjob.jobs.state.pinned import StagingPool
+from colabjob.jobs.state.sharded import move_into
 
 if TYPE_CHECKING:
     from colabjob.storage.checkpoints import CheckpointInfo, PendingCommit
@@ -106,6 +107,8 @@ class Committer:
     def _writer(snap: Snapshot, extra: Mapping[str, bytes]) -> Callable[[Path], dict[str, Path]]:
         def write(staging: Path) -> dict[str, Path]:  # on the upload thread for async saves
             files = write_snapshot(snap, staging, consume=True)
+            if snap.sharded_dir is not None:  # every rank's DCP files, written at the step
+                files.update(move_into(Path(snap.sharded_dir), staging))
             for name, data in extra.items():
                 path = staging / name
                 path.write_bytes(data)

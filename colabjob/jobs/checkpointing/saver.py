@@ -13,7 +13,10 @@ With a ``Coordinator`` (several processes) rank 0 picks the checkpoint to restor
 rank loads it (its own RNGs and loader position; a rank the checkpoint has none for seeds
 its RNGs from ``(seed, rank, step)``); a snapshot gathers every rank's RNGs and loader
 position to rank 0, which alone writes and commits. The model, optimizer and the rest are
-taken from rank 0 (identical on every rank under ``DistributedDataParallel``).
+taken from rank 0 (identical on every rank under ``DistributedDataParallel``). A sharded
+(FSDP2) model and its optimizer are the exception: every rank writes its shards with DCP
+into a directory rank 0 chooses and commits under ``dcp/``, and every rank loads them back
+(``colabjob.jobs.state.sharded``).
 """
 
 from __future__ import annotations
@@ -40,6 +43,13 @@ from colabjob.jobs.state.codec import deep_cpu_copy, read_json
 from colabjob.jobs.state.format import STATE_FILE, Counters, RankState, Restored, Snapshot
 from colabjob.jobs.state.restore import restore
 from colabjob.jobs.state.rng import capture_rng, derive_seed, seed_everything
+from colabjob.jobs.state.sharded import (
+    SHARDED_DIR,
+    SHARDED_META,
+    is_sharded,
+    load_sharded,
+    save_sharded,
+)
 from colabjob.jobs.state.sizing import checkpoint_nbytes
 from colabjob.jobs.tracking import SessionTracked
 from colabjob.storage.selection import (
@@ -138,15 +148,27 @@ class Checkpointer:
         saved_hash = str(info.manifest.get("config_hash") or "")
         if ctx.config_hash and saved_hash and saved_hash != ctx.config_hash:
             log.warning("checkpoint step %d was written with another config", info.step)
-        saved_extras = set((read_json(Path(tmp) / STATE_FILE) or {}).get("extras") or {})
+        doc = read_json(Path(tmp) / STATE_FILE) or {}
+        saved_extras = set(doc.get("extras") or {})
         for name in sorted(set(t.optional) - saved_extras):
             self._say(f"checkpoint step {info.step} holds no {name!r} (optional): kept fresh")
-        return restore(
-            tmp,
-            t.loaded(saved_extras),
-            allow_geometry_change=ctx.allow_geometry_change,
-            rank=self.rank,
+        loaded = t.loaded(saved_extras)
+        sharded = (doc.get("meta") or {}).get(SHARDED_META) == SHARDED_DIR
+        if not sharded and is_sharded(t.model):
+            raise ResumeError(
+                f"checkpoint step {info.step} holds a whole (unsharded) model, and this "
+                "run's model is FSDP-sharded: loading it into a sharded model is not "
+                "supported yet",
+                hint="resume without FSDP (fully_shard) for now",
+            )
+        if sharded:  # the model and optimizer come from dcp/, the rest from state.json
+            loaded = dataclasses.replace(loaded, model=None, optimizer=None)
+        got = restore(
+            tmp, loaded, allow_geometry_change=ctx.allow_geometry_change, rank=self.rank
         )
+        if sharded and t.model is not None:
+            load_sharded(t.model, t.optimizer, Path(tmp) / SHARDED_DIR)
+        return got
 
     def _fetch(self, tmp: str) -> CheckpointInfo | None:
         """The checkpoint to resume from, downloaded into ``tmp`` (see ``fetch_agreed``)."""
@@ -171,23 +193,66 @@ class Checkpointer:
         mono = self.ctx.monotonic
         t0 = mono()
         sync = self.sync
+        shards = self._save_shards() if is_sharded(t.model) else None
         if sync is not None and sync.rank != 0:
             send_rank_state(sync, t.loader)
             return Snapshot(counters=counters), mono() - t0
-        clone = background and self.committer.background_fits(
-            checkpoint_nbytes(t.model, t.optimizer, trainable_only=t.trainable_only)
-        )
+        saved = t.saved(emergency=emergency)
+        meta = {**meta, "emergency": emergency}
+        if shards is not None:  # the model and optimizer are on disk already: copy the rest
+            saved = dataclasses.replace(saved, model=None, optimizer=None)
+            meta[SHARDED_META] = SHARDED_DIR
+            clone = True
+        else:
+            clone = background and self.committer.background_fits(
+                checkpoint_nbytes(t.model, t.optimizer, trainable_only=t.trainable_only)
+            )
         snap = snapshot(
-            t.saved(emergency=emergency),
+            saved,
             counters=counters,
             metrics=metrics,
-            meta={**meta, "emergency": emergency},
+            meta=meta,
             clone=clone,
             staging=self.committer.staging,
         )
+        if shards is not None:
+            snap = dataclasses.replace(snap, sharded_dir=str(shards))
         if sync is not None:
             snap = gather_rank_states(sync, snap)
         return snap, mono() - t0
+
+    def _save_shards(self) -> Path:
+        """Every rank: the sharded model's and optimizer's DCP files of this step, written
+        into one fresh directory that rank 0 chooses; raises on every rank when rank 0 does
+        not see every rank's files there (ranks on machines without a shared staging dir)."""
+        t, sync = self.tracked, self.sync
+        assert t.model is not None
+        path = None
+        if self.rank == 0:
+            parent = self.ctx.staging_dir
+            if parent is not None:
+                Path(parent).mkdir(parents=True, exist_ok=True)
+            path = tempfile.mkdtemp(prefix="colabjob-shards-", dir=parent)
+        if sync is not None:
+            path = sync.broadcast(path)
+        directory = Path(str(path))
+        seen = save_sharded(t.model, t.optimizer, directory)
+        if sync is None:
+            return directory
+        views = sync.gather(seen)
+        problem = None
+        if views is not None:  # rank 0
+            missing = sorted(set().union(*map(set, views)) - set(seen))
+            if missing:
+                problem = f"rank 0 does not see {missing[:3]} in {directory}"
+        problem = sync.broadcast(problem)
+        if problem is not None:
+            raise CheckpointError(
+                f"sharded checkpoint: {problem}",
+                hint="every rank writes its shards into rank 0's staging directory: run the "
+                "ranks on one machine, or set checkpoint.staging_dir to a shared filesystem",
+            )
+        return directory
 
 
 def fetch_agreed(

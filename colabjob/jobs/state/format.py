@@ -130,6 +130,9 @@ class Snapshot:
     versions: dict[str, str] = field(default_factory=dict)
     ranks: tuple[RankState, ...] = ()  # ranks 1.. of a multi-process run (rank 0 is above)
     live: bool = False  # model/optimizer tensors are the live ones: write before training on
+    # An FSDP2 model's and optimizer's DCP files, already written by every rank into this
+    # directory (``colabjob.jobs.state.sharded``): committed under ``dcp/`` with the rest.
+    sharded_dir: str | None = None
     # Called once the snapshot's tensors are no longer read (written, or never to be): its
     # pinned staging buffers (``colabjob.jobs.state.pinned``) may serve the next snapshot.
     release: Callable[[], None] | None = field(default=None, repr=False, compare=False)

@@ -29,7 +29,14 @@ def model_nbytes(model: torch.nn.Module, *, trainable_only: bool | None = None) 
     total = 0
     tensors = [p for p in params if p.requires_grad or not partial]
     for t in [*tensors, *model.buffers()]:
-        key = (t.untyped_storage().data_ptr(), int(t.storage_offset())) if t.numel() else (id(t), 0)
+        # A DTensor (FSDP2) has no storage of its own: its local shard's identifies it, and
+        # its numel is the whole tensor's (rank 0 commits every rank's shards).
+        local = t.to_local() if hasattr(t, "to_local") else t
+        key = (
+            (local.untyped_storage().data_ptr(), int(local.storage_offset()))
+            if local.numel()
+            else (id(t), 0)
+        )
         if key in seen:
             continue
         seen.add(key)

@@ -1,0 +1,158 @@
+"""One rank of a Session-API job whose model is FSDP2-sharded (``fully_shard``, gloo, CPU).
+
+The job is ``dist_child``'s (same MLP layout, so its state-dict keys load into the plain
+model of a single-process segment; AdamW, warmup, ``make_distributed_loader``), but the
+model is built from ``init_seed`` alone (FSDP2 does not broadcast weights) and sharded
+with ``fully_shard``; each rank then seeds its RNGs apart (dropout differs per rank).
+``--kill-at K``: right after step K every rank commits a checkpoint (``save(final=True)``)
+and rank 0 SIGKILLs itself, so the launch fails with a committed sharded checkpoint at K. Run as
+``python -m tests.jobs.fsdp_child OUT --segment STORE:STOP_AT:INIT_SEED ...`` through
+``colabjob.runner.launch``; writes ``OUT.<i>.rank<r>.json`` like ``dist_child``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+
+from colabjob.jobs.context import SegmentContext
+from colabjob.jobs.distributed import (
+    World,
+    init_distributed,
+    make_distributed_loader,
+    shutdown_distributed,
+)
+from colabjob.jobs.policy import NeverStop
+from colabjob.jobs.session import Session
+from colabjob.storage import open_store
+from colabjob.storage.checkpoints import CheckpointStore
+
+from .dist_child import DATA_SEED, N_SAMPLES, StopAt, _outcome
+from .helpers import IN, OUT, NoisyDataset, _lr_lambda
+
+
+def build(*, init_seed: int, batch_size: int, grad_accum: int, total: int) -> dict[str, Any]:
+    world = World.current()
+    torch.manual_seed(init_seed)  # the same weights on every rank
+    module = nn.Sequential(nn.Linear(IN, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, OUT))
+    fully_shard(module)
+    seed = init_seed + 100 * world.rank
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=3e-2)
+    loader = make_distributed_loader(
+        NoisyDataset(N_SAMPLES), batch_size=batch_size, seed=DATA_SEED, grad_accum=grad_accum
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, warmup=2))
+    return {"model": module, "optimizer": optimizer, "scheduler": sched, "loader": loader}
+
+
+def segment(
+    store: str,
+    *,
+    total: int,
+    stop_at: int | None,
+    init_seed: int,
+    batch_size: int,
+    grad_accum: int,
+    kill_at: int | None,
+    allow_geometry_change: bool,
+) -> dict[str, Any]:
+    world = World.current()
+    policy: Any = StopAt(stop_at) if stop_at is not None and world.is_main else NeverStop()
+    st = open_store(store)
+    ctx = SegmentContext(
+        store=st,
+        checkpoints=CheckpointStore(st),
+        policy=policy,
+        max_steps=total,
+        every_steps=2,
+        log_every_steps=1,
+        allow_geometry_change=allow_geometry_change,
+    )
+    o = build(init_seed=init_seed, batch_size=batch_size, grad_accum=grad_accum, total=total)
+    with Session(ctx) as s:
+        if isinstance(policy, StopAt):
+            policy.session = s
+        s.track(**o, grad_accum=grad_accum)
+        steps = _train(s, o, grad_accum, kill_at)
+    return {"rank": world.rank, "steps": steps, "outcome": _outcome(s)}
+
+
+def _train(s: Session, o: dict[str, Any], grad_accum: int, kill_at: int | None) -> list[Any]:
+    """``dist_child.train``'s loop; right after step ``kill_at`` every rank commits a
+    checkpoint (``save(final=True)``) and rank 0 is SIGKILLed (the others then hang in the
+    next collective until the launcher ends them)."""
+    model, opt, sched = o["model"], o["optimizer"], o["scheduler"]
+    model.train()
+    steps: list[Any] = []
+    window: list[int] = []
+    for batch in s.batches():
+        loss = nn.functional.cross_entropy(model(batch["x"].float()), batch["y"].long())
+        (loss / grad_accum).backward()
+        window += batch["index"].tolist()
+        boundary = s.optimizer_step_due
+        if boundary:
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        stop = s.step(loss=loss.item())
+        if boundary:
+            steps.append([s.global_step, window])
+            window = []
+            if s.global_step == kill_at and not stop:
+                s.save(final=True)
+                if World.current().is_main:
+                    os.kill(os.getpid(), signal.SIGKILL)
+        if stop:
+            break
+    return steps
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("out")
+    p.add_argument("--segment", action="append", default=[], help="STORE:STOP_AT:INIT_SEED")
+    p.add_argument("--total", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--kill-at", type=int, default=None)
+    p.add_argument("--allow-geometry-change", action="store_true")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    init_distributed()
+    results = []
+    for spec in args.segment:
+        store, stop, seed = spec.rsplit(":", 2)
+        results.append(
+            segment(
+                store,
+                total=args.total,
+                stop_at=None if stop == "-" else int(stop),
+                init_seed=int(seed),
+                batch_size=args.batch_size,
+                grad_accum=args.grad_accum,
+                kill_at=args.kill_at,
+                allow_geometry_change=args.allow_geometry_change,
+            )
+        )
+    for i, result in enumerate(results):
+        Path(f"{args.out}.{i}.rank{result['rank']}.json").write_text(json.dumps(result))
+    shutdown_distributed()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
