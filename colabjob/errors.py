@@ -68,6 +68,7 @@ __all__ = [
     "ObjectNotFoundError",
     "PreconditionFailedError",
     "ResumeError",
+    "SkyNotFoundError",
     "StaleEpochError",
     "StorageError",
     "StorageFullError",
