@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,6 +53,7 @@ from colabjob.jobs.state.sharded import (
 )
 from colabjob.jobs.state.sizing import checkpoint_nbytes
 from colabjob.jobs.tracking import SessionTracked
+from colabjob.storage.catalog import CorruptCheckpointWarning
 from colabjob.storage.selection import (
     ResumeChoice,
     fetch_choice,
@@ -255,6 +257,18 @@ class Checkpointer:
         return directory
 
 
+def _fetch_reported_once(
+    checkpoints: CheckpointStore, tmp: str, choice: ResumeChoice | None
+) -> CheckpointInfo | None:
+    """``fetch_choice`` for a training path: a corrupt checkpoint is reported once, by the
+    store's log line (the CLI and a script's stderr show it). The ``CorruptCheckpointWarning``
+    copy is meant for direct ``CheckpointStore`` callers; here it would print the same news
+    again as a raw ``warnings`` line with a source path."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CorruptCheckpointWarning)
+        return fetch_choice(checkpoints, tmp, choice)
+
+
 def fetch_agreed(
     checkpoints: CheckpointStore,
     sync: Coordinator | None,
@@ -265,10 +279,10 @@ def fetch_agreed(
     with several processes rank 0 chooses it (and quarantines bad ones) and the others
     download the same one."""
     if sync is None:
-        return fetch_choice(checkpoints, tmp, choice)
+        return _fetch_reported_once(checkpoints, tmp, choice)
     if sync.rank == 0:
         try:
-            info = fetch_choice(checkpoints, tmp, choice)
+            info = _fetch_reported_once(checkpoints, tmp, choice)
         except BaseException as e:
             sync.broadcast(("error", f"{type(e).__name__}: {e}"))
             raise
