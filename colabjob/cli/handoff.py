@@ -150,18 +150,7 @@ def cmd_handoff(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
         script_path=args.script_out,
         log=say,
     )
-    for warning in plan.warnings:
-        print(f"colabjob: warning: {warning}", file=sys.stderr)
-    if plan.transfer is not None:
-        print(plan.transfer.describe(), file=stdout)
-    if plan.dry_run:
-        print(plan.command, file=stdout)
-        for line in plan.next_steps()[:-1]:
-            print(f"# {line}", file=stdout)
-    else:
-        for line in plan.next_steps():
-            print(line, file=stdout)
-    return 0
+    return _report(plan, stdout)
 
 
 def _skypilot(args: argparse.Namespace, stdout: TextIO, say: Callable[[str], None]) -> int:
@@ -180,12 +169,19 @@ def _skypilot(args: argparse.Namespace, stdout: TextIO, say: Callable[[str], Non
         task_path=args.script_out,
         log=say,
     )
+    return _report(plan, stdout, dry_run_first=plan.task_path.read_text() if plan.dry_run else None)
+
+
+def _report(plan: Any, stdout: TextIO, *, dry_run_first: str | None = None) -> int:
+    """What either engine's plan says: warnings, the copy, then the command and the next
+    steps (a dry run shows ``dry_run_first``, e.g. the task file, and comments the steps)."""
     for warning in plan.warnings:
         print(f"colabjob: warning: {warning}", file=sys.stderr)
     if plan.transfer is not None:
         print(plan.transfer.describe(), file=stdout)
     if plan.dry_run:
-        print(plan.task_path.read_text(), file=stdout)
+        if dry_run_first is not None:
+            print(dry_run_first, file=stdout)
         print(plan.command, file=stdout)
         for line in plan.next_steps()[:-1]:
             print(f"# {line}", file=stdout)

@@ -33,6 +33,7 @@ from colabjob.cli.common import (
     open_job,
 )
 from colabjob.errors import ColabJobError, ConfigError, ExitCode
+from colabjob.runner.topology import add_node_flags, topology_from_args
 
 if TYPE_CHECKING:
     from colabjob.config import JobSpec
@@ -124,20 +125,7 @@ def _add_nproc(p: argparse.ArgumentParser) -> None:
         "* N stays the same (needs --allow-geometry-change; numbers then differ in floating "
         "point)",
     )
-    g = p.add_argument_group(
-        "several machines (default: from torchrun, SLURM or SkyPilot, else one machine)"
-    )
-    g.add_argument("--nnodes", type=int, metavar="M", help="machines in all, each with --nproc")
-    g.add_argument(
-        "--node-rank",
-        type=int,
-        metavar="R",
-        help="this machine, 0..M-1; node 0 holds the lease and commits, the others follow",
-    )
-    g.add_argument("--master-addr", metavar="HOST", help="node 0's host (reachable from all)")
-    g.add_argument(
-        "--master-port", type=int, metavar="P", help="node 0's rendezvous port (default 29500)"
-    )
+    add_node_flags(p)
 
 
 def _nproc(value: str, url: str) -> int:
@@ -163,17 +151,7 @@ def _nproc(value: str, url: str) -> int:
 
 def _topology(args: argparse.Namespace, url: str) -> NodeTopology:
     """This machine's place among the nodes: the flags over torchrun/SLURM/SkyPilot."""
-    import os
-
-    from colabjob.runner.topology import node_topology
-
-    topo = node_topology(
-        os.environ,
-        nnodes=args.nnodes,
-        node_rank=args.node_rank,
-        master_addr=args.master_addr,
-        master_port=args.master_port,
-    )
+    topo = topology_from_args(args)
     if topo.multi_node and url.startswith("memory://"):
         raise ConfigError("--nnodes needs storage every machine can reach, not memory://")
     if topo.multi_node:

@@ -55,7 +55,7 @@ from typing import Any
 from colabjob.errors import ConfigError, ExitCode
 from colabjob.runner.child_protocol import ChildResult, RunRequest
 from colabjob.runner.signals import ForwardedSignals, as_child_signal
-from colabjob.runner.topology import node_topology
+from colabjob.runner.topology import add_node_flags, topology_from_args
 
 __all__ = [
     "LaunchResult",
@@ -369,10 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     p.add_argument("--nproc", type=int, required=True, help="processes (ranks) to start")
     p.add_argument("--module", default="colabjob.runner.child_protocol", help="the child module")
-    p.add_argument("--nnodes", type=int, help="machines in all (default: from the environment)")
-    p.add_argument("--node-rank", type=int, help="this machine's rank, 0..nnodes-1")
-    p.add_argument("--master-addr", help="the host of node 0 (global rank 0)")
-    p.add_argument("--master-port", type=int, help="the port global rank 0 listens on")
+    add_node_flags(p)
     p.add_argument("command", nargs=argparse.REMAINDER, help="child REQ RES, or -- CMD ...")
     args = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     command = list(args.command)
@@ -383,13 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.USAGE
     try:
         check_nproc(args.nproc)  # before _child_commands writes a request file per rank
-        topo = node_topology(
-            os.environ,
-            nnodes=args.nnodes,
-            node_rank=args.node_rank,
-            master_addr=args.master_addr,
-            master_port=args.master_port,
-        )
+        topo = topology_from_args(args)
     except ConfigError as e:
         print(f"colabjob: error: {e}", file=sys.stderr, flush=True)
         return ExitCode.USAGE

@@ -20,13 +20,22 @@ values raise ``ConfigError`` (exit 2). No torch: the CLI calls this before anyth
 
 from __future__ import annotations
 
+import argparse
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from colabjob.errors import ConfigError
 
-__all__ = ["DEFAULT_MASTER_PORT", "NodeTopology", "first_host", "node_topology"]
+__all__ = [
+    "DEFAULT_MASTER_PORT",
+    "NodeTopology",
+    "add_node_flags",
+    "first_host",
+    "node_topology",
+    "topology_from_args",
+]
 
 DEFAULT_MASTER_PORT = 29500
 
@@ -161,3 +170,36 @@ def node_topology(
     if topo.multi_node and topo.master_port is None:
         topo = NodeTopology(**{**fields, "master_port": DEFAULT_MASTER_PORT})  # type: ignore[arg-type]
     return topo
+
+
+def add_node_flags(p: argparse.ArgumentParser) -> None:
+    """``--nnodes``, ``--node-rank``, ``--master-addr``, ``--master-port`` (the CLI's
+    ``start``/``resume`` and the launcher's ``main`` take the same four)."""
+    g = p.add_argument_group(
+        "several machines (default: from torchrun, SLURM or SkyPilot, else one machine)"
+    )
+    g.add_argument("--nnodes", type=int, metavar="M", help="machines in all, each with --nproc")
+    g.add_argument(
+        "--node-rank",
+        type=int,
+        metavar="R",
+        help="this machine, 0..M-1; node 0 holds the lease and commits, the others follow",
+    )
+    g.add_argument("--master-addr", metavar="HOST", help="node 0's host (reachable from all)")
+    g.add_argument(
+        "--master-port", type=int, metavar="P", help="node 0's rendezvous port (default 29500)"
+    )
+
+
+def topology_from_args(
+    args: argparse.Namespace, env: Mapping[str, str] | None = None
+) -> NodeTopology:
+    """``node_topology`` from the flags ``add_node_flags`` added, over ``env`` (default: this
+    process's environment)."""
+    return node_topology(
+        os.environ if env is None else env,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+    )
