@@ -1,0 +1,252 @@
+"""What a sharded (FSDP2) checkpoint costs through the Session API vs ``dcp.save`` by hand.
+
+Two CPU processes (gloo on 127.0.0.1, started by ``colabjob.runner.launch``) train a
+50.4 M-parameter model (12 square 2048-wide Linear layers, each ``fully_shard``-ed, then the
+root) with AdamW; one step is taken first so the optimizer's moments exist. A checkpoint is
+then ~600 MB over both ranks (weights + two AdamW moments), ~300 MB written by each.
+
+- ``dcp``: the baseline, what a user writes by hand: every rank calls
+  ``dcp.save(get_state_dict(model, opt))`` into a local directory (DCP's
+  ``FileSystemWriter``, which fsyncs); the time is the slowest rank's (max over ranks),
+  median of ``DCP_RUNS`` runs, half taken before the Session part and half after (the
+  machine's load drifts).
+- ``ours``: ``colabjob.session()`` on a local job directory, checkpointing every 2 steps.
+  *Stall*: on rank 0, the wall time of the ``s.step()`` that starts a checkpoint minus a
+  plain ``s.step()``'s (median): every rank writes its shards with ``dcp.save`` on the
+  training thread (as of this commit only the hashing and commit run in the background), so
+  the stall is expected near the baseline. *Commit time*: from that ``s.step()`` starting to
+  the manifest being committed: the ``s.step()``'s wall time plus the background commit's
+  ``CheckpointInfo.stats.total_seconds`` (write, hash+upload, manifest), with training
+  running on the same 2 cores meanwhile. The final ``s.save(final=True)`` (synchronous) is
+  timed too, for reference.
+
+Ratios are against ``dcp`` (issue 13 targets: stall <= 0.25x, commit <= 1.25x). Reports only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.distributed.checkpoint as dcp  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.distributed.checkpoint.state_dict import get_state_dict  # noqa: E402
+from torch.distributed.fsdp import fully_shard  # noqa: E402
+
+WIDTH, LAYERS, BATCH = 2048, 12, 4
+CHECKPOINTS = 3  # background checkpoints measured (plus a final synchronous one)
+DCP_RUNS = 4  # baseline saves: half before the Session part, half after
+LAUNCH_TIMEOUT = 900.0
+
+
+class Stack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(WIDTH, WIDTH) for _ in range(LAYERS))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.tanh(layer(x))
+        return x
+
+
+def train_step(model: nn.Module, opt: torch.optim.Optimizer, step: int, rank: int) -> float:
+    x = torch.randn(BATCH, WIDTH, generator=torch.Generator().manual_seed(step * 16 + rank))
+    loss = model(x).pow(2).mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
+def build(rank: int) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)  # the same weights on every rank (FSDP2 does not broadcast them)
+    model = Stack()
+    for layer in model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    train_step(model, opt, 0, rank)  # AdamW allocates its moments on the first step
+    return model, opt
+
+
+def slowest(seconds: float) -> float:
+    """The max of ``seconds`` over the ranks (every rank calls this)."""
+    t = torch.tensor([seconds], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+def bench_dcp(
+    model: nn.Module, opt: torch.optim.Optimizer, scratch: Path, runs: int, tag: str
+) -> list[float]:
+    """Synchronous ``dcp.save`` of the model's and optimizer's shards, slowest rank."""
+    times = []
+    for i in range(runs):
+        path = scratch / f"dcp-{tag}-{i}"
+        dist.barrier()
+        t0 = time.perf_counter()
+        msd, osd = get_state_dict(model, opt)
+        dcp.save({"model": msd, "optimizer": osd}, storage_writer=dcp.FileSystemWriter(path))
+        times.append(slowest(time.perf_counter() - t0))
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(path, ignore_errors=True)
+    return times
+
+
+def _agree(done: bool) -> bool:
+    """Rank 0's ``done`` on every rank (the ranks must take the same number of steps)."""
+    t = torch.tensor([int(done)])
+    dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def bench_ours(model: nn.Module, opt: torch.optim.Optimizer, scratch: Path) -> dict[str, Any]:
+    import colabjob
+
+    rank = dist.get_rank()
+    stalls: list[float] = []  # s.step() wall time of the steps that started a checkpoint
+    plain: list[float] = []  # s.step() wall time of the others
+    train: list[float] = []
+    commits: list[Any] = []
+    with colabjob.session(
+        scratch / "job",
+        every_steps=2,
+        log=None,
+        platform="local",
+        staging_dir=scratch / "stage",
+    ) as s:
+        s.track(model=model, optimizer=opt, batch_size=BATCH)
+        ckpts = s.ctx.checkpoints
+        step = 0
+        while not _agree(len(stalls) >= CHECKPOINTS):
+            step += 1
+            t0 = time.perf_counter()
+            loss = train_step(model, opt, step, rank)
+            t1 = time.perf_counter()
+            before = ckpts.pending
+            s.step(loss=loss)
+            t2 = time.perf_counter()
+            train.append(t1 - t0)
+            if rank == 0 and ckpts.pending is not before:  # this step() started a checkpoint
+                stalls.append(t2 - t1)
+                commits.append(ckpts.pending)
+            else:
+                plain.append(t2 - t1)
+        dist.barrier()
+        t0 = time.perf_counter()
+        s.save(final=True)
+        final_s = time.perf_counter() - t0
+    infos = [p.wait() for p in commits]  # committed by now (the final save waited for them)
+    latest = ckpts.latest() if rank == 0 else None
+    return {
+        "stalls": stalls,
+        "plain": plain,
+        "train": train,
+        "commits": [st + i.stats.total_seconds for st, i in zip(stalls, infos, strict=True)],
+        "background": [i.stats.total_seconds for i in infos],
+        "parts": [
+            [i.stats.write_seconds, i.stats.upload_seconds, i.stats.commit_seconds] for i in infos
+        ],
+        "final": final_s,
+        "nbytes": sum(int(f["size"]) for f in latest.files.values()) if latest else 0,
+        "nfiles": len(latest.files) if latest else 0,
+    }
+
+
+def worker(out: Path) -> None:
+    from colabjob.jobs.distributed import init_distributed, shutdown_distributed
+
+    torch.set_num_threads(1)
+    init_distributed()
+    rank = dist.get_rank()
+    scratch = out.parent
+    model, opt = build(rank)
+    half = DCP_RUNS // 2
+    base = bench_dcp(model, opt, scratch, half, "before")
+    ours = bench_ours(model, opt, scratch)
+    base += bench_dcp(model, opt, scratch, DCP_RUNS - half, "after")
+    if rank == 0:
+        params = sum(p.numel() for p in model.parameters())  # DTensors: the global count
+        out.write_text(json.dumps({"params": params, "dcp": base, **ours}))
+    dist.barrier()
+    shutdown_distributed()
+
+
+def report(r: dict[str, Any]) -> None:
+    dcp_s = statistics.median(r["dcp"])
+    plain = statistics.median(r["plain"])
+    stall = statistics.median(r["stalls"]) - plain
+    commit = statistics.median(r["commits"])
+    n = len(r["stalls"])
+    print(f"model: {r['params'] / 1e6:.1f}M parameters, AdamW, FSDP2 on 2 CPU processes (gloo)")
+    print(f"checkpoint: {r['nbytes'] / 1e6:.0f} MB in {r['nfiles']} files")
+    print(f"training step {statistics.median(r['train']):.3f} s; plain s.step() {plain:.4f} s")
+    print(
+        f"dcp.save by hand (get_state_dict + dcp.save, slowest rank): {dcp_s:.3f} s "
+        f"(median of {len(r['dcp'])}: {', '.join(f'{t:.2f}' for t in r['dcp'])})"
+    )
+    print(f"ours: loop blocked {stall:.3f} s per checkpoint (median of {n})")
+    print(
+        f"ours: checkpoint start to manifest committed {commit:.3f} s (median of {n}; "
+        f"background part {statistics.median(r['background']):.3f} s)"
+    )
+    write, upload, manifest = (statistics.median(p) for p in zip(*r["parts"], strict=True))
+    print(
+        f"ours: background part = staging write {write:.3f} s + hash/upload {upload:.3f} s "
+        f"+ manifest {manifest:.3f} s (medians)"
+    )
+    print(f"ours: final synchronous s.save(final=True) {r['final']:.3f} s")
+    result = {
+        "bench": "sharded_checkpoint",
+        "stall_vs_sync": round(stall / dcp_s, 3),
+        "commit_vs_dcp": round(commit / dcp_s, 3),
+        "stall_s": round(stall, 3),
+        "commit_s": round(commit, 3),
+        "dcp_save_s": round(dcp_s, 3),
+        "final_save_vs_dcp": round(r["final"] / dcp_s, 3),
+    }
+    print(json.dumps(result))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--worker", type=Path, help=argparse.SUPPRESS)  # a rank: write results here
+    args = p.parse_args()
+    if args.worker is not None:
+        worker(args.worker)
+        return
+    from colabjob.runner.launch import launch
+
+    (REPO / ".bench").mkdir(exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="sharded_checkpoint-", dir=REPO / ".bench"))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    try:
+        out = scratch / "result.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(out)]
+        got = launch(cmd, nproc=2, env=env, cwd=REPO, timeout=LAUNCH_TIMEOUT)
+        if got.exit_code != 0 or not out.is_file():
+            print(f"the 2 ranks failed (exit {got.exit_code}); see their output above")
+            sys.exit(1)
+        results = json.loads(out.read_text())
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    report(results)
+
+
+if __name__ == "__main__":
+    main()
