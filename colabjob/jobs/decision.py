@@ -72,7 +72,10 @@ class Vote:
         save = save_wanted(
             step=step, every_steps=every_steps, checkpoint_due=policy.checkpoint_due(), retry=retry
         )
-        return cls(reason=policy.should_stop(), save=save, busy=busy, emergency=policy.emergency)
+        reason, emergency = policy.should_stop(), bool(policy.emergency)
+        if reason is None:  # nearly every step: a shared instance (it is frozen), no new object
+            return _KEEP_GOING_VOTES[bool(save), bool(busy), emergency]
+        return cls(reason=reason, save=save, busy=busy, emergency=emergency)
 
     @classmethod
     def from_codes(cls, codes: Sequence[int]) -> Vote:
@@ -124,14 +127,25 @@ def decide(vote: Vote, *, step: int, max_steps: int | None, complete: bool = Fal
     if reason is not None:
         emergency = vote.emergency or vote.reason is StopReason.PREEMPTION
         return Decision(stop=True, save=True, reason=reason, emergency=emergency, busy=vote.busy)
-    return Decision(
+    return _GOING_ON[bool(vote.save), bool(vote.busy), bool(vote.emergency)]
+
+
+_FLAGS = [(save, busy, emergency) for save in (False, True) for busy in (False, True)
+          for emergency in (False, True)]  # fmt: skip
+# The boundary runs every optimizer step; these frozen answers for "keep going" are shared so
+# that a step builds no new objects (the loop's overhead is measured by benchmarks/overhead.py).
+_KEEP_GOING_VOTES = {f: Vote(save=f[0], busy=f[1], emergency=f[2]) for f in _FLAGS}
+_GOING_ON = {
+    (save, busy, emergency): Decision(
         stop=False,
-        save=vote.save and not vote.busy,
+        save=save and not busy,
         reason=None,
-        deferred=vote.save and vote.busy,
-        emergency=vote.emergency,
-        busy=vote.busy,
+        deferred=save and busy,
+        emergency=emergency,
+        busy=busy,
     )
+    for save, busy, emergency in _FLAGS
+}
 
 
 class Agreement(Protocol):

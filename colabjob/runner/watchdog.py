@@ -103,7 +103,9 @@ class Watchdog(StopPolicy):
     @property
     def emergency(self) -> bool:
         """A preemption notice arrived: save the smallest exact checkpoint now."""
-        return any(r is StopReason.PREEMPTION for r, _ in self._fired) or self.policy.emergency
+        if self._fired and any(r is StopReason.PREEMPTION for r, _ in self._fired):
+            return True  # (asked at every step boundary: no generator unless something fired)
+        return self.policy.emergency
 
     def trigger(self, reason: StopReason | str, detail: str = "") -> None:
         """Record a reason to stop and set the event (safe from any thread)."""
