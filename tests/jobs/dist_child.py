@@ -112,6 +112,27 @@ def train(s: Session, o: dict[str, Any], grad_accum: int, hook: Any = None) -> l
     return steps
 
 
+def segment_context(
+    store: str | Path, *, total: int, stop_at: int | None, allow_geometry_change: bool
+) -> tuple[SegmentContext, Any]:
+    """The hand-built context of a test segment (a checkpoint every 2 steps) and its policy:
+    ``StopAt(stop_at)`` on the main rank (the others learn of the stop by agreement)."""
+    policy: Any = (
+        StopAt(stop_at) if stop_at is not None and World.current().is_main else NeverStop()
+    )
+    st = open_store(store)
+    ctx = SegmentContext(
+        store=st,
+        checkpoints=CheckpointStore(st),
+        policy=policy,
+        max_steps=total,
+        every_steps=2,
+        log_every_steps=1,
+        allow_geometry_change=allow_geometry_change,
+    )
+    return ctx, policy
+
+
 def segment(
     store: str | Path,
     *,
@@ -126,16 +147,8 @@ def segment(
 ) -> dict[str, Any]:
     """One segment with a hand-built context; the rank's ids per step and its outcome."""
     world = World.current()
-    policy: Any = StopAt(stop_at) if stop_at is not None and world.is_main else NeverStop()
-    st = open_store(store)
-    ctx = SegmentContext(
-        store=st,
-        checkpoints=CheckpointStore(st),
-        policy=policy,
-        max_steps=total,
-        every_steps=2,
-        log_every_steps=1,
-        allow_geometry_change=allow_geometry_change,
+    ctx, policy = segment_context(
+        store, total=total, stop_at=stop_at, allow_geometry_change=allow_geometry_change
     )
     o = build(
         init_seed=init_seed,

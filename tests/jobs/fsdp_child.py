@@ -26,19 +26,15 @@ import torch
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
-from colabjob.jobs.context import SegmentContext
 from colabjob.jobs.distributed import (
     World,
     init_distributed,
     make_distributed_loader,
     shutdown_distributed,
 )
-from colabjob.jobs.policy import NeverStop
 from colabjob.jobs.session import Session
-from colabjob.storage import open_store
-from colabjob.storage.checkpoints import CheckpointStore
 
-from .dist_child import DATA_SEED, N_SAMPLES, StopAt, _outcome
+from .dist_child import DATA_SEED, N_SAMPLES, StopAt, _outcome, segment_context
 from .helpers import IN, OUT, NoisyDataset, _lr_lambda
 
 
@@ -71,16 +67,8 @@ def segment(
     allow_geometry_change: bool,
 ) -> dict[str, Any]:
     world = World.current()
-    policy: Any = StopAt(stop_at) if stop_at is not None and world.is_main else NeverStop()
-    st = open_store(store)
-    ctx = SegmentContext(
-        store=st,
-        checkpoints=CheckpointStore(st),
-        policy=policy,
-        max_steps=total,
-        every_steps=2,
-        log_every_steps=1,
-        allow_geometry_change=allow_geometry_change,
+    ctx, policy = segment_context(
+        store, total=total, stop_at=stop_at, allow_geometry_change=allow_geometry_change
     )
     o = build(init_seed=init_seed, batch_size=batch_size, grad_accum=grad_accum, total=total)
     with Session(ctx) as s:
