@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -136,3 +137,36 @@ def hold_lease(store: Store, step: int) -> Lease:
     lease.acquire()
     lease.renew({"step": step})
     return lease
+
+
+_TRAIN_HEAD = """
+import os, signal, time
+import torch
+from colabjob.jobs.data import make_loader
+
+
+def main(session, spec):
+    args = spec.job.args
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    opt = torch.optim.OPTIMIZER(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 4, generator=g), torch.randn(32, 1, generator=g)
+    data = torch.utils.data.TensorDataset(x, y)
+    session.track(model=model, optimizer=opt, loader=make_loader(data, batch_size=4, seed=0))
+    for x, y in session.batches():
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if session.step(loss=loss):
+            return
+"""
+
+
+def tiny_train_script(after_step: str, *, optimizer: str = "SGD") -> str:
+    """The source of a ``python``-kind job script: a linear model on 32 fixed samples, exact
+    across resumes; ``after_step`` (the loop body after each step, which may read
+    ``args = spec.job.args``) is where a test pauses, saves or kills the run."""
+    body = textwrap.indent(textwrap.dedent(after_step).strip("\n") + "\n", " " * 8)
+    return _TRAIN_HEAD.replace("OPTIMIZER", optimizer) + body

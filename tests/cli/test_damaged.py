@@ -28,32 +28,12 @@ import pytest
 from colabjob.runner.record import load_record
 from colabjob.storage.checkpoints import CheckpointInfo, CheckpointStore
 from colabjob.storage.store import open_store
-from tests.cli.builders import run_cli
+from tests.cli.builders import run_cli, tiny_train_script
 
 pytestmark = pytest.mark.slow
 
-TRAIN = """
-import os, signal, time
-import torch
-from colabjob.jobs.data import make_loader
-
-
-def main(session, spec):
-    args = spec.job.args
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 1)
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(32, 4, generator=g), torch.randn(32, 1, generator=g)
-    data = torch.utils.data.TensorDataset(x, y)
-    session.track(model=model, optimizer=opt, loader=make_loader(data, batch_size=4, seed=0))
-    for x, y in session.batches():
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if session.step(loss=loss):
-            return
+TRAIN = tiny_train_script(
+    """
         if session.global_step % 5 == 0:  # committed now: background commits may coalesce
             session.save(final=True)
         if args["at"] is None or os.path.exists(args["marker"]):
@@ -65,7 +45,8 @@ def main(session, spec):
                 if session.ctx.policy.should_stop() is not None:
                     break
                 time.sleep(0.01)
-"""
+""", optimizer="Adam"
+)
 
 SPEC = """
 job:

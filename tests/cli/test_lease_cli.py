@@ -20,35 +20,16 @@ from colabjob.runner.lease.info import LEASE_KEY, read_lease
 from colabjob.runner.record import load_record
 from colabjob.runner.states import JobState
 from colabjob.storage.store import open_store
-from tests.cli.builders import REPO, hold_lease, make_job, run_cli
+from tests.cli.builders import REPO, hold_lease, make_job, run_cli, tiny_train_script
 
-TRAIN = """
-import os, time
-import torch
-from colabjob.jobs.data import make_loader
-
-
-def main(session, spec):
-    args = spec.job.args
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(32, 4, generator=g), torch.randn(32, 1, generator=g)
-    data = torch.utils.data.TensorDataset(x, y)
-    session.track(model=model, optimizer=opt, loader=make_loader(data, batch_size=4, seed=0))
-    for x, y in session.batches():
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if session.step(loss=loss):
-            return
+TRAIN = tiny_train_script(
+    """
         if session.global_step == 10 and not os.path.exists(args["marker"]):
             session.save(final=True)
             open(args["marker"], "w").close()
             time.sleep(600)  # killed here
 """
+)
 
 SPEC = """
 job:

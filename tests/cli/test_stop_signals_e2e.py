@@ -27,33 +27,13 @@ from colabjob.runner.record import load_record
 from colabjob.runner.states import JobState
 from colabjob.storage.checkpoints import CheckpointStore
 from colabjob.storage.store import open_store
-from tests.cli.builders import REPO, run_cli
+from tests.cli.builders import REPO, run_cli, tiny_train_script
 
 pytestmark = pytest.mark.slow
 WAIT = 120.0  # a bound for a child to get somewhere; never a deadline under test
 
-TRAIN = """
-import os, signal, time
-import torch
-from colabjob.jobs.data import make_loader
-
-
-def main(session, spec):
-    args = spec.job.args
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 1)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    g = torch.Generator().manual_seed(0)
-    x, y = torch.randn(32, 4, generator=g), torch.randn(32, 1, generator=g)
-    data = torch.utils.data.TensorDataset(x, y)
-    session.track(model=model, optimizer=opt, loader=make_loader(data, batch_size=4, seed=0))
-    for x, y in session.batches():
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if session.step(loss=loss):
-            return
+TRAIN = tiny_train_script(
+    """
         if session.global_step == args["at"] and not os.path.exists(args["marker"]):
             open(args["marker"], "w").close()
             os.kill(os.getppid(), signal.SIGINT)  # Ctrl-C reaches `colabjob start`: forwarded
@@ -65,6 +45,7 @@ def main(session, spec):
             for _ in range(3000):
                 time.sleep(0.01)  # the second one interrupts this
 """
+)
 
 SPEC = """
 job:
