@@ -8,6 +8,8 @@ with ``fully_shard``; each rank then seeds its RNGs apart (dropout differs per r
 and rank 0 SIGKILLs itself, so the launch fails with a committed sharded checkpoint at K. Run as
 ``python -m tests.jobs.fsdp_child OUT --segment STORE:STOP_AT:INIT_SEED ...`` through
 ``colabjob.runner.launch``; writes ``OUT.<i>.rank<r>.json`` like ``dist_child``.
+``--dump-start PATH``: right after ``track()`` (the resume) rank 0 saves the model and
+optimizer state gathered whole (``torch.save``, keys by parameter name) to ``PATH``.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ def segment(
     grad_accum: int,
     kill_at: int | None,
     allow_geometry_change: bool,
+    dump_start: str | None = None,
 ) -> dict[str, Any]:
     world = World.current()
     ctx, policy = segment_context(
@@ -75,8 +78,20 @@ def segment(
         if isinstance(policy, StopAt):
             policy.session = s
         s.track(**o, grad_accum=grad_accum)
+        if dump_start is not None:
+            _dump_whole(o["model"], o["optimizer"], dump_start)
         steps = _train(s, o, grad_accum, kill_at)
     return {"rank": world.rank, "steps": steps, "outcome": _outcome(s)}
+
+
+def _dump_whole(model: nn.Module, optimizer: torch.optim.Optimizer, path: str) -> None:
+    """Every rank: the state gathered whole; rank 0 writes it to ``path``."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    msd, osd = get_state_dict(model, optimizer, options=options)
+    if World.current().is_main:
+        torch.save({"model": msd, "optimizer": osd}, path)
 
 
 def _train(s: Session, o: dict[str, Any], grad_accum: int, kill_at: int | None) -> list[Any]:
@@ -118,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grad-accum", type=int, default=2)
     p.add_argument("--kill-at", type=int, default=None)
     p.add_argument("--allow-geometry-change", action="store_true")
+    p.add_argument("--dump-start", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     init_distributed()
@@ -134,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                 grad_accum=args.grad_accum,
                 kill_at=args.kill_at,
                 allow_geometry_change=args.allow_geometry_change,
+                dump_start=args.dump_start,
             )
         )
     for i, result in enumerate(results):

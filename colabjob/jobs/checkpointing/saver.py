@@ -16,7 +16,8 @@ position to rank 0, which alone writes and commits. The model, optimizer and the
 taken from rank 0 (identical on every rank under ``DistributedDataParallel``). A sharded
 (FSDP2) model and its optimizer are the exception: every rank writes its shards with DCP
 into a directory rank 0 chooses and commits under ``dcp/``, and every rank loads them back
-(``colabjob.jobs.state.sharded``).
+(``colabjob.jobs.state.sharded``); a whole checkpoint (one process, DDP) resumed into a
+sharded model is cut to each rank's shards (``colabjob.jobs.state.whole_to_sharded``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from colabjob.jobs.state.sharded import (
     save_sharded,
 )
 from colabjob.jobs.state.sizing import checkpoint_nbytes
+from colabjob.jobs.state.whole_to_sharded import load_whole
 from colabjob.jobs.tracking import SessionTracked
 from colabjob.storage.catalog import CorruptCheckpointWarning
 from colabjob.storage.selection import (
@@ -156,20 +158,18 @@ class Checkpointer:
             self._say(f"checkpoint step {info.step} holds no {name!r} (optional): kept fresh")
         loaded = t.loaded(saved_extras)
         sharded = (doc.get("meta") or {}).get(SHARDED_META) == SHARDED_DIR
-        if not sharded and is_sharded(t.model):
-            raise ResumeError(
-                f"checkpoint step {info.step} holds a whole (unsharded) model, and this "
-                "run's model is FSDP-sharded: loading it into a sharded model is not "
-                "supported yet",
-                hint="resume without FSDP (fully_shard) for now",
-            )
-        if sharded:  # the model and optimizer come from dcp/, the rest from state.json
+        # a whole checkpoint (one process, DDP) into a sharded model: loaded as full state
+        # dicts that each rank cuts to its shards (colabjob.jobs.state.whole_to_sharded)
+        whole_into_shards = not sharded and is_sharded(t.model)
+        if sharded or whole_into_shards:  # the model and optimizer are loaded below
             loaded = dataclasses.replace(loaded, model=None, optimizer=None)
         got = restore(
             tmp, loaded, allow_geometry_change=ctx.allow_geometry_change, rank=self.rank
         )
         if sharded and t.model is not None:
             load_sharded(t.model, t.optimizer, Path(tmp) / SHARDED_DIR)
+        elif whole_into_shards and t.model is not None:
+            load_whole(t.model, t.optimizer, Path(tmp))
         return got
 
     def _fetch(self, tmp: str) -> CheckpointInfo | None:

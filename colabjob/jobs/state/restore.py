@@ -40,13 +40,13 @@ from colabjob.jobs.state.rng import RngState, restore_rng
 from colabjob.jobs.state.tensorfile import TensorFile
 from colabjob.jobs.state.tracked import SCALER, Tracked
 
-__all__ = ["read_optimizer_state", "restore"]
+__all__ = ["check_model", "read_optimizer_state", "restore"]
 
 
 _CHUNK = 32 * 2**20  # bytes of weights handed to load_state_dict at a time
 
 
-def _check_model(model: torch.nn.Module, f: TensorFile, info: Mapping[str, Any]) -> None:
+def check_model(model: torch.nn.Module, f: TensorFile, info: Mapping[str, Any]) -> None:
     """Refuse a weights file that does not fit ``model`` before any weight changes."""
     stored = set(f.keys())
     aliases = {a: k for a, k in info["aliases"].items() if k in stored}
@@ -150,7 +150,7 @@ def restore(
     if model is not None:
         _require(doc.get("model"), "model")
         with TensorFile(root / MODEL_FILE) as weights:
-            _check_model(model, weights, doc["model"])
+            check_model(model, weights, doc["model"])
     opt_state: dict[str, Any] = {}
     if tracked.has_optimizer_state:
         _require(doc.get("optimizer"), "optimizer")
