@@ -56,6 +56,7 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     p.add_argument("--storage", metavar="URL", help="where the job lives (overrides job.storage)")
     add_session_flags(p)
     _add_nproc(p)
+    _add_notify(p)
     p.set_defaults(func=cmd_start)
 
     p = sub.add_parser("resume", parents=[common], help="continue a job from its last checkpoint")
@@ -73,6 +74,7 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     _add_resume_choice(p)
     add_session_flags(p)
     _add_nproc(p)
+    _add_notify(p)
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser(
@@ -126,6 +128,32 @@ def _add_nproc(p: argparse.ArgumentParser) -> None:
         "point)",
     )
     add_node_flags(p)
+
+
+def _add_notify(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--notify",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="an apprise URL told when the job pauses, completes or fails (repeatable; with "
+        "the spec's notify: and COLABJOB_NOTIFY; needs colabjob[notify]). Not saved with the "
+        "job: its token stays out of job.json",
+    )
+
+
+def _notify(args: argparse.Namespace, spec_urls: tuple[str, ...] = ()) -> None:
+    """Check the notification URLs (exit 2 without apprise) and hand them to the training
+    process through ``COLABJOB_NOTIFY`` (never a file: they hold tokens)."""
+    import os
+
+    from colabjob.runner.notify import ENV_VAR, notify_urls, redact, require_notify
+
+    urls = notify_urls(spec_urls, args.notify)
+    require_notify(urls)
+    if urls:
+        os.environ[ENV_VAR] = "\n".join(urls)
+        note(f"colabjob: notifications to {', '.join(redact(u) for u in urls)}")
 
 
 def _nproc(value: str, url: str) -> int:
@@ -244,6 +272,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides)
     check_local_paths(spec)
     _check_budget(args, spec)
+    _notify(args, spec.notify)
     url = args.storage or spec.job.storage
     if url is None:
         url = default_job_url(spec.job.name)
@@ -293,6 +322,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     from colabjob.runner.states import JobState
 
     check_session_flags(args)
+    _notify(args)
     store, record = open_job(args.job)
     check_not_moved(store, record)
     nproc = _nproc(str(args.nproc), store.url)  # before the lease is watched or the spec saved
@@ -416,7 +446,19 @@ def run_request(request: RunRequest, args: argparse.Namespace) -> int:
         hint = f"\n  hint: {last.hint}" if last.hint else ""
         note(f"colabjob: error: {last.error}{hint}")
     _report(request.url, result)
+    if result.exit_code == ExitCode.FAILED and request.node_rank == 0:
+        _notify_failure(request.url, result)
     return result.exit_code if isinstance(result, SupervisorResult) else ExitCode.FAILED
+
+
+def _notify_failure(url: str, result: SupervisorResult) -> None:
+    """The job failed for good (retries spent, or a final error): tell the endpoints."""
+    from colabjob.runner.notify import notify_urls
+    from colabjob.runner.notify_events import notify_failure
+
+    last = result.last
+    error = (last.error if last is not None else None) or "; ".join(result.crashes[-1:])
+    notify_failure(url, error or "the training process failed", notify_urls())
 
 
 def _in_process(request: RunRequest) -> SupervisorResult:

@@ -46,6 +46,8 @@ class JobSpec(Section):
     checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
     budget: BudgetSpec = field(default_factory=BudgetSpec)
     logging: LoggingSpec = field(default_factory=LoggingSpec)
+    # apprise URLs (colabjob.runner.notify). They hold tokens: never in the snapshot
+    notify: tuple[str, ...] = ()
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> JobSpec:
@@ -66,6 +68,13 @@ class JobSpec(Section):
             return cls.from_mapping(data)
         except _Mismatch as m:  # only from a section that is not a mapping at the top level
             raise ConfigError(f"a section is malformed: expected {m.expected}") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The snapshot kept in the job record: without ``notify``, whose URLs hold tokens
+        (they come back on resume from ``--notify`` or ``COLABJOB_NOTIFY``)."""
+        out = super().to_dict()
+        out.pop("notify", None)
+        return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)

@@ -71,6 +71,7 @@ class RunRequest:
     from_step: int | None = None  # resume --from-step / --checkpoint / --from-scratch
     from_checkpoint: str | None = None
     from_scratch: bool = False
+    supervised: bool = False  # run by a supervisor's child: it tells of a final failure
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), default=str)
@@ -191,6 +192,7 @@ def run_in_process(
         allow_geometry_change=request.allow_geometry_change,
         session_id=request.session_id,
         resume=request.resume_choice(),
+        supervised=request.supervised,
         log=log,
         progress=progress,
     )
@@ -220,7 +222,7 @@ def child_main(
         usage = "usage: python -m colabjob.runner.child_protocol child REQUEST RESULT"
         print(usage, file=sys.stderr)
         return ExitCode.USAGE
-    request = RunRequest.from_json(Path(argv[1]).read_text())
+    request = dataclasses.replace(RunRequest.from_json(Path(argv[1]).read_text()), supervised=True)
     result_path = Path(argv[2])
     _watch_parent(os.getppid())
     try:

@@ -61,7 +61,9 @@ class SegmentOptions:
     (``colabjob.runner.trackers``). ``async_checkpoint``: periodic checkpoints copy the
     state and save in the background (True), save synchronously (False), or background
     only when the copy fits in host memory ("auto", the default;
-    ``colabjob.jobs.state.host_memory``).
+    ``colabjob.jobs.state.host_memory``). ``notify``: apprise URLs told when the segment
+    pauses, the job completes or fails, ... (``colabjob.runner.notify_events``), with
+    those of ``COLABJOB_NOTIFY``.
     """
 
     budget: str | float | None = None
@@ -91,6 +93,9 @@ class SegmentOptions:
     async_checkpoint: bool | Literal["auto"] = _spec(CheckpointSpec, "async_")
     session_id: str | None = None
     resume: ResumeChoice | None = None  # --from-step / --checkpoint / --from-scratch
+    notify: Collection[str] = ()  # apprise URLs, besides COLABJOB_NOTIFY (runner.notify)
+    # under a supervisor, which decides about retries and notifies a final failure itself
+    supervised: bool = False
 
 
     @classmethod
@@ -130,6 +135,7 @@ def with_spec_defaults(opts: SegmentOptions, spec: JobSpec) -> SegmentOptions:
         "wandb": lg.wandb,
         "wandb_project": lg.wandb_project,
         "async_checkpoint": ck.async_,
+        "notify": tuple(spec.notify),
     }
     unset = {k: v for k, v in from_spec.items() if getattr(opts, k) == getattr(DEFAULTS, k)}
     return dataclasses.replace(opts, **unset)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, Literal
 
 from colabjob.clock import Clock
@@ -110,6 +110,7 @@ def session(
     lease_ttl: float = DEFAULTS.lease_ttl,
     stop_poll_seconds: float = DEFAULTS.stop_poll_seconds,
     async_checkpoint: bool | Literal["auto"] = DEFAULTS.async_checkpoint,
+    notify: Collection[str] = DEFAULTS.notify,
 ) -> Iterator[Session]:
     """Run one segment of the job at ``url`` around a plain PyTorch loop; yields a Session.
 
@@ -131,7 +132,10 @@ def session(
     ``colabjob.jobs.progress.ProgressSink``) receives the metrics instead of ``log``.
     ``tensorboard`` writes event files into the job's ``tensorboard/`` (``"auto"``: when
     the package is installed); ``wandb=True`` logs to one W&B run per job, resumed every
-    session. The job's record ends SUSPENDED, COMPLETED or FAILED (see module). A usage
+    session. ``notify``: apprise URLs (with those of ``COLABJOB_NOTIFY``; needs
+    ``colabjob[notify]``) told when the segment pauses, the job completes or fails, the
+    lease is lost, ... (README, Unattended runs); they are never written to the job.
+    The job's record ends SUSPENDED, COMPLETED or FAILED (see module). A usage
     error (a second live session's ``LeaseHeldError``, a changed batch geometry) is printed
     as one line and exits 2 in a script, like the CLI; in a notebook it is raised. Its
     hint names keyword arguments (``force=True``, ``allow_geometry_change=True``).

@@ -44,6 +44,8 @@ from colabjob.runner.budget import DEFAULT_MARGIN, check_budget_fits
 from colabjob.runner.handoff.transfer import check_not_moved
 from colabjob.runner.lease.claim import Heartbeat, Lease
 from colabjob.runner.lease.info import Holder
+from colabjob.runner.notify import notify_urls, redact, require_notify
+from colabjob.runner.notify_events import JobNotices, notices_for
 from colabjob.runner.options import SegmentOptions
 from colabjob.runner.platforms import describe_platform
 from colabjob.runner.record import JobRecord, Segment, create_record, read_record, update_record
@@ -79,6 +81,8 @@ class SegmentRun:
         self.heartbeat: Heartbeat | None = None
         self.watchdog: Watchdog | None = None
         self.trackers: list[ProgressSink] = []
+        self.notices: JobNotices | None = None
+        self.notify = notify_urls(opts.notify)
         self.status: dict[str, Any] = {}
         self.own_group = False  # open() joined the process group (--nproc): finish() leaves
         # events go to the log, else to the display
@@ -90,6 +94,7 @@ class SegmentRun:
         if not init_distributed().is_main:  # the group of --nproc / torchrun, if any
             return self._open_follower()
         require_trackers(tensorboard=self.opts.tensorboard, wandb=self.opts.wandb)
+        require_notify(self.notify)
         record = self._load_or_create_record()
         check_not_moved(self.store, record)
         if record.state in (JobState.COMPLETED, JobState.CANCELLED):
@@ -127,6 +132,11 @@ class SegmentRun:
                 set_aside_all(checkpoints)
             record = update_record(self.store, self._begin, clock=self.clock)
             every = opts.every_minutes
+            self.notices = notices_for(
+                self.store, self.notify, record=record, max_steps=opts.max_steps,
+                checkpoint_every=None if every is None else every * 60.0, clock=self.clock,
+                say=self.say,
+            )
             self.watchdog = watchdog_for(
                 platform,
                 store=self.store,
@@ -141,8 +151,7 @@ class SegmentRun:
             ).start()
             watchdog = self.watchdog
             self.heartbeat = lease.start_heartbeat(
-                status=lambda: {**watchdog.status(), **self.status},
-                on_lost=watchdog.lease_lost,
+                status=self._heartbeat_status, on_lost=self._lease_lost
             )
             self.trackers = trackers_for(
                 self.store,
@@ -166,12 +175,30 @@ class SegmentRun:
             policy=watchdog,
             epoch=lease.epoch,
             config_hash=self.config_hash if self.config_hash is not None else record.config_hash,
-            on_status=self.status.update,
+            on_status=self.status.update if self.notices is None else self._on_status,
             log=self.say,
             progress=self._progress(),
             committed_step=record.committed_step,
             **self._loop_settings(staging),
         )
+
+    # -- notifications (runner.notify_events) ----------------------------------------------
+    def _on_status(self, status: dict[str, Any]) -> None:
+        self.status.update(status)
+        if self.notices is not None:
+            self.notices.on_status(status)
+
+    def _heartbeat_status(self) -> dict[str, Any]:
+        assert self.watchdog is not None
+        if self.notices is not None:  # the heartbeat's thread: never the training one
+            self.notices.check_stall()
+        return {**self.watchdog.status(), **self.status}
+
+    def _lease_lost(self, message: str) -> None:
+        assert self.watchdog is not None
+        self.watchdog.lease_lost(message)
+        if self.notices is not None:
+            self.notices.lease_lost(message)
 
     def _checkpoints(self, record: JobRecord, lease: Lease) -> CheckpointStore:
         opts = self.opts
@@ -261,6 +288,8 @@ class SegmentRun:
             epoch=self.lease.epoch,
             from_scratch=self._scratch,
         )
+        if self.notify:  # only redacted: the URLs hold tokens
+            record = record.with_extras(notify=[redact(u) for u in self.notify])
         if self.opts.wandb and not record.extras.get(WANDB_ID_KEY):
             record = record.with_extras(**{WANDB_ID_KEY: new_wandb_id()})  # one run per job
         return record.begin_segment(segment).with_epoch(self.lease.epoch)
@@ -278,14 +307,20 @@ class SegmentRun:
             self._shutdown(completed=error is None and outcome is not None and outcome.completed)
             if lease is not None and not lost:
                 self._close_record(outcome, error, cancel=cancel)
+                if self.notices is not None:  # a supervisor retries a crash, then tells
+                    self.notices.segment_closed(final_failure=not self.opts.supervised)
             elif self._storage_lost(error):
                 self._log("the job's storage disappeared; this runner writes nothing more there")
             elif lost:
                 self._log("this runner lost the job's lease; the record is left to the new holder")
+                if self.notices is not None:
+                    self.notices.lease_lost(str(error) if error is not None else "fenced")
         finally:
             try:
                 if lease is not None:
                     self._release(lease)
+                if self.notices is not None:
+                    self.notices.close()  # waits a few seconds at most for the last messages
             finally:
                 self.store.flush()
                 if self.own_group:
