@@ -29,14 +29,14 @@ from torch import nn
 from colabjob.jobs.data import make_loader
 from colabjob.jobs.session import Session
 
-from .helpers import NoisyDataset, TinyNet, _lr_lambda, hf_iterable
+from .helpers import NoisyDataset, TinyNet, _lr_lambda, hf_iterable, shuffled_stream
 
 N_SAMPLES = 42  # 11 batches of 4 per epoch (the last one of 2): windows straddle epochs
 
 
 @dataclass(frozen=True)
 class Config:
-    dataset: str  # "map" or "hf" (an HF datasets.IterableDataset)
+    dataset: str  # "map", "hf" (an HF datasets.IterableDataset) or "hf"/"shards" + "-shuffled"
     num_workers: int
     grad_accum: int
     batch_size: int = 4
@@ -46,6 +46,9 @@ CONFIGS: dict[str, Config] = {
     "map": Config(dataset="map", num_workers=0, grad_accum=4),
     "workers": Config(dataset="map", num_workers=2, grad_accum=4),
     "iterable": Config(dataset="hf", num_workers=0, grad_accum=4),
+    # ShuffledStream (buffer 8) over an HF stream in-process, over 6 shards with 2 workers
+    "shuffled": Config(dataset="hf-shuffled", num_workers=0, grad_accum=4),
+    "shuffled-workers": Config(dataset="shards-shuffled", num_workers=2, grad_accum=4),
     "plain": Config(dataset="map", num_workers=0, grad_accum=1, batch_size=8),
 }
 
@@ -79,6 +82,8 @@ def build(config: str, *, init_seed: int, total: int) -> Objects:
     np.random.seed(init_seed)
     if cfg.dataset == "hf":
         data: Any = hf_iterable(N_SAMPLES)
+    elif cfg.dataset.endswith("-shuffled"):
+        data = shuffled_stream(cfg.dataset.removesuffix("-shuffled"), N_SAMPLES)
     else:
         data = NoisyDataset(N_SAMPLES)
     loader = make_loader(data, batch_size=cfg.batch_size, seed=11, num_workers=cfg.num_workers)

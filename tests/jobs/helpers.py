@@ -2,7 +2,8 @@
 
 ``TinyNet`` (dropout, so the torch RNG matters), ``NoisyDataset`` (map-style, per-sample
 noise from ``sample_rng`` so it is exact with worker processes; counts ``__getitem__``),
-``hf_iterable`` (an HF ``datasets.IterableDataset`` built in memory), ``tiny_gpt2`` (from a
+``hf_iterable`` (an HF ``datasets.IterableDataset`` built in memory), ``shuffled_stream`` (a
+``ShuffledStream`` over it or over sharded rows), ``tiny_gpt2`` (from a
 config, nothing downloaded), and ``Trainer``: AdamW, a warmup+decay ``LambdaLR``, a CPU
 ``GradScaler`` and gradient accumulation, whose loss also draws from Python's ``random`` and
 NumPy's global RNG so a missing RNG restore changes the numbers.
@@ -10,6 +11,7 @@ NumPy's global RNG so a missing RNG restore changes the numbers.
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -82,6 +84,24 @@ def hf_iterable(n: int, *, num_shards: int = 3, seed: int = 7) -> Any:
     table = {"x": base.x.tolist(), "y": base.y.tolist(), "index": list(range(n))}
     ds = datasets.Dataset.from_dict(table).to_iterable_dataset(num_shards=num_shards)
     return ds.with_format("torch")
+
+
+def _rows(base: NoisyDataset, shard: range, row: int) -> Any:
+    return (base[i] for i in shard[row:])
+
+
+def shuffled_stream(source: str, n: int, *, buffer_size: int = 8, seed: int = 5) -> Any:
+    """A ``ShuffledStream`` over ``hf_iterable(n)`` (``source="hf"``) or over
+    ``NoisyDataset(n)``'s rows cut into 6 shards (``source="shards"``, a ``ShardedStream``)."""
+    from colabjob.jobs.data import ShardedStream, ShuffledStream
+
+    if source == "hf":
+        inner: Any = hf_iterable(n)
+    else:
+        base = NoisyDataset(n)
+        shards = [range(i, n, 6) for i in range(6)]
+        inner = ShardedStream(shards, functools.partial(_rows, base), seed=seed)
+    return ShuffledStream(inner, buffer_size=buffer_size, seed=seed)
 
 
 def tiny_gpt2(seed: int = 0) -> Any:

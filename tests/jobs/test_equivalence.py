@@ -124,11 +124,23 @@ def _assert_equal(a: object, b: object, where: str = "") -> None:
         assert a == b, where
 
 
-@pytest.mark.parametrize(("config", "seed"), [("workers", 33), ("iterable", 18), ("map", 20)])
+@pytest.mark.parametrize(
+    ("config", "seed"),
+    [
+        ("workers", 33),
+        ("iterable", 18),
+        ("map", 20),
+        ("shuffled", 12),
+        ("shuffled-workers", 5),
+    ],
+)
 def test_sigkill_at_random_moments_is_bit_identical(tmp_path: Path, config: str, seed: int):
     """``workers``: map-style, 2 loader workers, accumulation 4; ``iterable``: an HF
-    IterableDataset; ``map``: map-style in-process. All: dropout, AdamW, warmup LambdaLR,
-    a GradScaler, and losses drawing from Python's and NumPy's global RNGs."""
+    IterableDataset; ``map``: map-style in-process; ``shuffled``: a ``ShuffledStream`` over
+    an HF IterableDataset in-process; ``shuffled-workers``: one over a ``ShardedStream``
+    with 2 loader workers (a buffer each, shard order reshuffled per epoch). All: dropout,
+    AdamW, warmup LambdaLR, a GradScaler, and losses drawing from Python's and NumPy's
+    global RNGs."""
     rng = random.Random(seed)
     straight = _popen(_cmd(tmp_path / "straight", config))  # runs alongside the chain
     store = tmp_path / "job"

@@ -12,7 +12,8 @@ training loop, not what workers prefetched, and whose worker seeds derive from
 at an offset); nothing is ever resumed by iterating and discarding.
 
 HF streams shuffled with ``.shuffle(buffer_size=...)`` do not resume exactly: the buffer's
-content is not part of their state. Shuffle such data before streaming, or go map-style.
+content is not part of their state. Wrap the unshuffled stream in ``ShuffledStream`` instead:
+its checkpoint holds each worker's buffer, so a resume is exact and costs O(buffer size).
 
 Randomness inside ``__getitem__`` or a collate function running in a worker process is *not*
 restored mid-epoch (a resumed worker starts from its epoch seed, not from where the old
@@ -21,8 +22,9 @@ calls ``dataset.set_epoch(epoch)`` before each epoch when the dataset has that m
 
 Where each part lives (this module re-exports them all): ``colabjob.jobs.data.loader`` holds
 ``ResumableSampler``, ``ResumableLoader``, ``make_loader`` and ``sample_rng``;
-``colabjob.jobs.data.iterable`` holds ``ResumableIterable``; ``colabjob.jobs.data.geometry`` holds
-``Geometry`` and ``check_geometry``.
+``colabjob.jobs.data.iterable`` holds ``ResumableIterable``; ``colabjob.jobs.data.shuffle`` holds
+``ShuffledStream`` and ``ShardedStream``; ``colabjob.jobs.data.geometry`` holds ``Geometry`` and
+``check_geometry``.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
         make_loader,
         sample_rng,
     )
+    from colabjob.jobs.data.shuffle import ShardedStream, ShuffledStream
 
 # Lazy, so that importing ``colabjob.jobs.data.geometry`` (torch-free) does not pull in the
 # loaders; each name resolves to its owning module on first use.
@@ -50,6 +53,8 @@ _OWNERS = {
     "ResumableSampler": "colabjob.jobs.data.loader",
     "make_loader": "colabjob.jobs.data.loader",
     "sample_rng": "colabjob.jobs.data.loader",
+    "ShardedStream": "colabjob.jobs.data.shuffle",
+    "ShuffledStream": "colabjob.jobs.data.shuffle",
 }
 
 __all__ = [
@@ -57,6 +62,8 @@ __all__ = [
     "ResumableIterable",
     "ResumableLoader",
     "ResumableSampler",
+    "ShardedStream",
+    "ShuffledStream",
     "check_geometry",
     "make_loader",
     "sample_rng",
