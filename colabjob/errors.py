@@ -30,7 +30,8 @@ to do next. Lower-level exceptions are chained with ``raise ... from e``.
     │   ├── InvalidTransitionError   illegal state-machine transition
     │   └── JobMovedError            the job was handed off; run it at its new URL (exit 2)
     ├── HandoffError                 moving a job to a GCP VM failed (VM not created)
-    │   └── GcloudError              gcloud missing, not authenticated or unusable (exit 2)
+    │   ├── GcloudError              gcloud missing, not authenticated or unusable (exit 2)
+    │   └── KaggleNotFoundError      Kaggle's CLI (`kaggle`) is not installed       (exit 2)
     └── LeaseHeldError               another live runner holds the job       (exit 2)
         ├── LeaseLostError           this runner's lease was taken over: stop now
         │   └── StorageLostError     the job's storage (lease, job.json) vanished (exit 1;
@@ -62,6 +63,7 @@ __all__ = [
     "JobMovedError",
     "JobNotPausedError",
     "JobStateError",
+    "KaggleNotFoundError",
     "LeaseHeldError",
     "LeaseLostError",
     "NoCheckpointError",
@@ -221,6 +223,12 @@ class GcloudError(HandoffError):
 
 class SkyNotFoundError(HandoffError):
     """The SkyPilot CLI (``sky``) is not installed: ``--engine skypilot`` needs it."""
+
+    exit_code = ExitCode.USAGE
+
+
+class KaggleNotFoundError(HandoffError):
+    """Kaggle's CLI (``kaggle``) is not installed: ``colabjob kaggle push`` needs it."""
 
     exit_code = ExitCode.USAGE
 

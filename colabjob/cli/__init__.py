@@ -1,8 +1,8 @@
 """The ``colabjob`` command: a thin layer over the library, one module per command group.
 
 ``run`` (init, start, resume, demo, handoff), ``control`` (stop, watchdog), ``info``
-(status, ls, logs, plot, gc), ``repair`` (rebuild job.json from a checkpoint), ``notify``
-(send a test notification). Each command
+(status, ls, logs, plot, gc), ``repair`` (rebuild job.json from a checkpoint), ``kaggle``
+(push a job to a Kaggle kernel), ``notify`` (send a test notification). Each command
 returns an exit code: 0 done, 75 paused (resume in the next session), 1 failed, 2
 usage/config/lease error. Errors print one line and a
 hint (``ColabJobError.__str__``), never a traceback unless ``--debug``. Only argparse is
@@ -33,6 +33,7 @@ quick start:
 def build_parser() -> argparse.ArgumentParser:
     import colabjob.cli.control as control
     import colabjob.cli.info as info
+    import colabjob.cli.kaggle as kaggle
     import colabjob.cli.notify as notify
     import colabjob.cli.repair as repair
     import colabjob.cli.run as run
@@ -54,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"colabjob {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module in (run, info, control, repair, notify):
+    for module in (run, info, control, repair, kaggle, notify):
         module.add_parsers(sub, common)
     return parser
 

@@ -33,6 +33,7 @@ from colabjob.cli.common import (
     open_job,
 )
 from colabjob.errors import ColabJobError, ConfigError, ExitCode
+from colabjob.runner.slurm import add_requeue_flags
 from colabjob.runner.topology import add_node_flags, topology_from_args
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     p.add_argument("--storage", metavar="URL", help="where the job lives (overrides job.storage)")
     add_session_flags(p)
     _add_nproc(p)
+    add_requeue_flags(p)
     _add_notify(p)
     p.set_defaults(func=cmd_start)
 
@@ -74,6 +76,7 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     _add_resume_choice(p)
     add_session_flags(p)
     _add_nproc(p)
+    add_requeue_flags(p)
     _add_notify(p)
     p.set_defaults(func=cmd_resume)
 
@@ -448,6 +451,18 @@ def run_request(request: RunRequest, args: argparse.Namespace) -> int:
     _report(request.url, result)
     if result.exit_code == ExitCode.FAILED and request.node_rank == 0:
         _notify_failure(request.url, result)
+    if isinstance(result, SupervisorResult) and not request.url.startswith("memory://"):
+        from colabjob.runner.unattended import after_segment  # SLURM requeue, Kaggle chain
+
+        after_segment(
+            request.url,
+            exit_code=result.exit_code,
+            stop_reason=last.stop_reason if last is not None else None,
+            signals=result.signals,
+            node_rank=request.node_rank,
+            max_requeues=getattr(args, "max_requeues", 0),
+            say=note,
+        )
     return result.exit_code if isinstance(result, SupervisorResult) else ExitCode.FAILED
 
 

@@ -21,6 +21,7 @@ session), 1 failed, 2 usage/config/lease error.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -72,6 +73,7 @@ class SupervisorResult:
     attempts: int
     last: ChildResult | None
     crashes: tuple[str, ...] = ()
+    signals: tuple[str, ...] = ()  # the stop signals this supervisor received, first first
 
 
 # -- the supervisor ---------------------------------------------------------------------
@@ -110,10 +112,12 @@ class Supervisor:
         self._child: subprocess.Popen[bytes] | None = None
         self._signals = ForwardedSignals(self._forward)
         self._pids: set[int] = set()
+        self._received: list[str] = []
 
     # -- signals --------------------------------------------------------------------------------
     def _forward(self, signum: int, frame: object) -> None:
         self.stopping.set()
+        self._received.append(signal.Signals(signum).name)  # which one: SLURM's requeue asks
         child = self._child
         if child is not None and child.poll() is None:
             with contextlib.suppress(ProcessLookupError):
@@ -148,6 +152,10 @@ class Supervisor:
         return None, returncode
 
     def run(self) -> SupervisorResult:
+        result = self._run()
+        return dataclasses.replace(result, signals=tuple(self._received))
+
+    def _run(self) -> SupervisorResult:
         crashes: list[str] = []
         self._signals.install()
         try:
