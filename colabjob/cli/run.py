@@ -130,7 +130,26 @@ def _add_nproc(p: argparse.ArgumentParser) -> None:
         "* N stays the same (needs --allow-geometry-change; numbers then differ in floating "
         "point)",
     )
+    p.add_argument(
+        "--fsdp",
+        action="append_const",
+        dest="overrides",
+        const="training.fsdp=true",
+        help="shard weights and optimizer state over the processes (FSDP2; kind python: "
+        "its function calls colabjob.jobs.sharding.shard_model); same as --set "
+        "training.fsdp=true. A whole checkpoint resumes sharded and the other way round",
+    )
     add_node_flags(p)
+
+
+def _note_fsdp(fsdp: bool, processes: int) -> None:
+    """``training.fsdp`` with one process: nothing to shard over (said, not refused, so a
+    sharded job can resume on one process)."""
+    if fsdp and processes < 2:
+        note(
+            "colabjob: training.fsdp with one process: the model stays whole (a sharded "
+            "checkpoint loads into it); shard over several with --nproc N"
+        )
 
 
 def _add_notify(p: argparse.ArgumentParser) -> None:
@@ -282,6 +301,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         note(f"colabjob: job.storage not set; the job lives at {url}")
     nproc = _nproc(str(args.nproc), url)
     topo = _topology(args, url)
+    _note_fsdp(spec.training.fsdp, nproc * topo.nnodes)
     if topo.node_rank > 0:  # node 0 creates the job and holds its lease; this node follows
         preflight(spec)
         url = open_store(url).url
@@ -359,6 +379,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     if args.overrides:
         new = JobSpec.from_dict(apply_overrides(old.to_dict(), args.overrides))
     changes = diff_for_resume(old, new, force=args.force_config)
+    _note_fsdp(new.training.fsdp, nproc * topo.nnodes)
     _check_budget(args, new)
     if not follower:
         for line in changes:

@@ -27,6 +27,9 @@ SAFE_TO_CHANGE: frozenset[str] = frozenset(
         "training.epochs",
         "training.num_workers",
         "training.log_every_steps",
+        # how the state is laid out over the processes, like --nproc (not in the spec):
+        # a checkpoint loads either way (whole <-> sharded); exact only when it is unchanged
+        "training.fsdp",
         "checkpoint",
         "budget",
         "logging",

@@ -220,7 +220,8 @@ class DataSpec(Section):
 
 @dataclass(frozen=True, kw_only=True)
 class TrainingSpec(Section):
-    """``training``: length, batch geometry, optimizer and schedule, precision, seed."""
+    """``training``: length, batch geometry, optimizer and schedule, precision, seed,
+    sharding (``fsdp``)."""
 
     _path: ClassVar[str] = "training"
     max_steps: int | None = None
@@ -237,6 +238,8 @@ class TrainingSpec(Section):
     auto_batch_size: bool = False
     num_workers: int = 0
     log_every_steps: int = 10
+    # shard weights and optimizer state over the processes (FSDP2); kind 'python' only
+    fsdp: bool = False
 
     def _check(self) -> None:
         if self.max_steps is not None and self.epochs is not None:

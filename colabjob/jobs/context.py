@@ -64,6 +64,7 @@ class SegmentContext:
     resume: ResumeChoice | None = None
     committed_step: int = 0
     async_checkpoint: str = "auto"  # "auto" | "true" | "false": see colabjob.jobs.state.host_memory
+    fsdp: bool = False  # the job asks for a sharded model (training.fsdp): track() checks it
 
     def __post_init__(self) -> None:
         if self.every_steps is not None and self.every_steps < 1:

@@ -141,6 +141,7 @@ class Session:
             extras=extras,
             optional=optional,
             trainable_only=trainable_only,
+            require_sharded=self.ctx.fsdp and self._sync is not None,
         )
         self._loader, self._optimizer, self._grad_accum = loader, optimizer, grad_accum
         self._tracked = True

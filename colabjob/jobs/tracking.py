@@ -23,6 +23,7 @@ from colabjob.errors import ConfigError
 from colabjob.jobs.data import Geometry
 from colabjob.jobs.distributed import check_loader, unwrap_model
 from colabjob.jobs.state.format import Stateful
+from colabjob.jobs.state.sharded import is_sharded
 from colabjob.jobs.state.tracked import Tracked
 
 __all__ = ["SessionTracked", "batch_len", "build_tracked", "release_loader"]
@@ -65,9 +66,11 @@ def build_tracked(
     extras: Mapping[str, Stateful] | None,
     optional: Mapping[str, Stateful] | None,
     trainable_only: bool | None,
+    require_sharded: bool = False,
 ) -> SessionTracked:
     """``track()``'s arguments, checked; a ``DistributedDataParallel`` model unwrapped (so
-    its state-dict keys carry no ``module.`` prefix)."""
+    its state-dict keys carry no ``module.`` prefix). ``require_sharded`` (the job's
+    ``training.fsdp``, several processes): the model must be FSDP2-sharded."""
     if not isinstance(grad_accum, int) or grad_accum < 1:
         raise ConfigError(f"grad_accum must be a positive int, got {grad_accum!r}")
     if loader is not None and not (
@@ -87,6 +90,13 @@ def build_tracked(
         raise ConfigError("cannot tell the loader's batch size; pass track(batch_size=...)")
     if distributed:
         check_loader(loader, grad_accum=grad_accum, world_size=world_size)
+    if require_sharded and model is not None and not is_sharded(model):
+        raise ConfigError(
+            "training.fsdp is on, but the model passed to track() is not sharded",
+            hint="shard it before building the optimizer: "
+            "model = colabjob.jobs.sharding.shard_model(model) (or fully_shard), or "
+            "drop training.fsdp / --fsdp",
+        )
     geometry = None
     if size is not None:
         geometry = Geometry(batch_size=size, grad_accum=grad_accum, world_size=world_size)

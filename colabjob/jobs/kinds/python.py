@@ -13,11 +13,15 @@ directory). It is called once per segment as::
                 return
 
 A one-parameter function gets only the session. Returning ends the segment (the job is
-complete unless the session stopped it); an exception ends it as a crash.
+complete unless the session stopped it); an exception ends it as a crash. With
+``training.fsdp`` (``--fsdp``) on several processes the function shards its model before
+building the optimizer (``colabjob.jobs.sharding.shard_model``); ``track()`` refuses a
+whole one.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import inspect
@@ -87,7 +91,8 @@ def _wants_spec(fn: Callable[..., Any]) -> bool:
 def run(spec: JobSpec, ctx: SegmentContext) -> SegmentOutcome:
     assert spec.job.entrypoint is not None
     fn = load_entrypoint(spec.job.entrypoint)
-    session = Session(ctx)
+    # training.fsdp: the function shards its model (sharding.shard_model); track() checks
+    session = Session(dataclasses.replace(ctx, fsdp=spec.training.fsdp))
     try:
         if _wants_spec(fn):
             fn(session, spec)
