@@ -332,3 +332,42 @@ def test_a_failed_push_is_told_and_leaves_the_count(
                                   env=KAGGLE_ENV, say=said.append)  # fmt: skip
     assert "could not push the next Kaggle version" in said[0] and "403" in said[0]
     assert len(load_record(open_store(url)).extras["kaggle"]["pushes"]) == 1
+
+
+# -- a whole run inside a "kernel" -----------------------------------------------------------
+SPEC = """
+job: {name: kaggle, kind: python, entrypoint: kaggle_train:main}
+training: {max_steps: 30, log_every_steps: 1}
+checkpoint: {every_steps: 5, every_minutes: null}
+budget: {platform: kaggle, limit: 100h}
+"""
+
+
+@pytest.mark.slow
+def test_a_paused_segment_in_a_kernel_pushes_the_next_version(
+    gcs_bucket: str, kaggle: Kaggle, tmp_path: Path
+) -> None:
+    from tests.cli.builders import REPO, run_cli
+    from tests.runner.test_slurm_requeue import TRAIN
+
+    (tmp_path / "kaggle_train.py").write_text(TRAIN.replace("slurm", "kaggle"))
+    (tmp_path / "job.yaml").write_text(SPEC)
+    url = f"{gcs_bucket}/run1"
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": f"{tmp_path}:{REPO}", **KAGGLE_ENV,
+           "STUB_LOG": str(kaggle.log), "OMP_NUM_THREADS": "1", "TEST_STOP": "budget"}  # fmt: skip
+    out = run_cli("start", str(tmp_path / "job.yaml"), "--storage", url, env={**env,
+                  "TEST_STOP_AT": "4"})  # fmt: skip
+    assert out.returncode == 75, out.stderr[-3000:]
+    assert kaggle.calls() == []  # not pushed with --chain: nothing to continue
+
+    out = run_main("kaggle", "push", url, "--kernel", "alice/colabjob-run1", "--gpu", "--chain",
+                   "--max-versions", "2", "--dir", str(tmp_path / "k"))  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    out = run_cli("resume", url, env={**env, "TEST_STOP_AT": "9"})
+    assert out.returncode == 75, out.stderr[-3000:]
+    assert len(kaggle.calls()) == 2 and "pushed the next version of kernel" in out.stderr
+    out = run_cli("resume", url, env={**env, "TEST_STOP_AT": "14"})
+    assert out.returncode == 75 and len(kaggle.calls()) == 2
+    assert "no next Kaggle version: 2 versions pushed already (--max-versions 2)" in out.stderr
+    record = load_record(open_store(url))
+    assert [s.platform for s in record.history] == ["kaggle"] * 3
