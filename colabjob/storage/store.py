@@ -1,8 +1,8 @@
 """Durable bytes under one root URL: the ``Store`` interface and its registry.
 
-A job lives under one root URL (a local path, the Colab Drive mount, ``gs://bucket/prefix``
-or ``memory://name``). Everything above this layer speaks in ``/``-separated keys relative
-to that root and never sees a backend. Two kinds of object live here:
+A job lives under one root URL (a local path, the Colab Drive mount, ``gs://bucket/prefix``,
+``s3://bucket/prefix`` or ``memory://name``). Everything above this layer speaks in
+``/``-separated keys relative to that root and never sees a backend. Two kinds of object live here:
 
 * bulk objects (checkpoint files): written whole and atomically, never updated in place;
 * control objects (lease, job record, pointers): small JSON documents with a ``Version``,
@@ -14,7 +14,7 @@ costs nothing heavy and never imports torch; a missing backend package is named 
 retry policy (``colabjob.storage.retry``), so every backend gets the same classification,
 translation and backoff.
 
-INTERFACE CONTRACT (implemented by LocalStore, MemoryStore, DriveStore, GCSStore):
+INTERFACE CONTRACT (implemented by LocalStore, MemoryStore, DriveStore, GCSStore, S3Store):
     url                      the root URL, normalised
     child(prefix)            a Store rooted at url/prefix
     read_bytes(key)          -> bytes                 ObjectNotFoundError if missing
@@ -33,6 +33,8 @@ INTERFACE CONTRACT (implemented by LocalStore, MemoryStore, DriveStore, GCSStore
     replace(key, data, expected: Version) -> Version; PreconditionFailedError if changed
     flush()                  make everything written so far durable (Drive: flush_and_unmount)
     crc32c_supported         True where the backend reports crc32c (GCS)
+    versions_track_writes    False where a Version is a content hash (S3's ETag): rewriting
+                             identical bytes is then not a change for ``replace``
 
 Prefixes are directory-like: ``list("ckpt")`` and ``list("ckpt/")`` both mean "everything
 below ``ckpt/``", never ``ckpt-old/x``. A "directory" exists only while it holds an object,
@@ -115,6 +117,7 @@ class Store(abc.ABC):
     """Durable objects under one root URL. See the module docstring for the contract."""
 
     crc32c_supported: bool = False
+    versions_track_writes: bool = True
 
     def __init__(self, url: str, *, retry: RetryPolicy | None = None) -> None:
         self._url = url.rstrip("/") if url not in ("/",) else url
@@ -314,6 +317,7 @@ _BACKENDS: dict[str, tuple[str, str, str]] = {
     "drive": ("colabjob.storage.drive", "DriveStore", ""),
     "gs": ("colabjob.storage.gcs", "GCSStore", "gcsfs google-cloud-storage"),
     "gcs": ("colabjob.storage.gcs", "GCSStore", "gcsfs google-cloud-storage"),
+    "s3": ("colabjob.storage.s3", "S3Store", "'colabjob[s3]'"),
 }
 
 
@@ -342,7 +346,8 @@ def open_store(
     url: str | os.PathLike[str], *, retry: RetryPolicy | None = None, **opts: object
 ) -> Store:
     """Open the Store for ``url``: a local path or ``file://``, a path under the Drive mount
-    (``/content/drive/...``), ``gs://bucket/prefix`` or ``memory://name``.
+    (``/content/drive/...``), ``gs://bucket/prefix``, ``s3://bucket/prefix`` (an S3-compatible
+    service: ``?endpoint_url=https://HOST`` or ``AWS_ENDPOINT_URL``) or ``memory://name``.
 
     Backend options (``opts``) go to the backend's ``from_url``; ``retry`` overrides the
     retry policy (tests pass one with a no-op ``sleep``).
@@ -370,8 +375,9 @@ def open_store(
     if scheme not in _BACKENDS:
         raise UnsupportedURLError(
             f"unsupported storage URL {text!r} (scheme {scheme!r})",
-            hint="use a local path, /content/drive/... (Colab Drive), gs://bucket/prefix "
-            "or memory://name; mount other stores (e.g. gcsfuse, rclone) and pass the path",
+            hint="use a local path, /content/drive/... (Colab Drive), gs://bucket/prefix, "
+            "s3://bucket/prefix or memory://name; mount other stores (e.g. gcsfuse, rclone) "
+            "and pass the path",
         )
     module_name, cls_name, packages = _BACKENDS[scheme]
     try:
