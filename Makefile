@@ -52,7 +52,7 @@ test: lint typecheck pytest
 # The quick tier for the edit-test loop (under 2 minutes): the unmarked tests only. `make test`
 # still runs everything, the slow, emulator and GPU-marked tests included.
 test-fast: test-env
-	$(BIN)/pytest -q -m "not slow and not gcs and not gpu"
+	$(BIN)/pytest -q -m "not slow and not gcs and not s3 and not gpu"
 
 # The GPU suite (tests/gpu, a few minutes on one GPU). Without a CUDA device it fails, not
 # passes vacuously: on a GPU machine `make setup` gets the CUDA build of torch from PyPI.

@@ -1,23 +1,22 @@
 """Google Cloud Storage stores (``gs://bucket/prefix``): gcsfs for bulk data,
 google-cloud-storage for control objects with preconditions.
 
-Each GCS upload is atomic on its own (an object appears whole or not at all), so bulk
-writes are a single ``pipe``/``put`` through gcsfs. Control objects need what gcsfs does not
-offer: ``create`` uploads with ``if_generation_match=0`` and ``replace`` with
-``if_generation_match=<generation>`` through google-cloud-storage's ``upload_from_string``
-(a multipart upload: the emulator enforces preconditions only there). The ``Version`` token
-is the object generation. Listings bypass gcsfs's directory cache, because other processes
-write too. ``STORAGE_EMULATOR_HOST`` is honoured automatically: both clients then talk to the
-emulator anonymously (project ``test``) and gcsfs's experimental HNS probe is switched off
-(against an emulator it hangs each bucket probe for a minute). Both clients' own retries
-are kept out of the way where possible so that ``colabjob.storage.retry`` decides.
+Bulk objects go through gcsfs with the code S3 shares (``bucket.BucketStore``): each GCS
+upload is atomic on its own, so a bulk write is a single ``pipe``/``put``. Control objects
+need what gcsfs does not offer: ``create`` uploads with ``if_generation_match=0`` and
+``replace`` with ``if_generation_match=<generation>`` through google-cloud-storage's
+``upload_from_string`` (a multipart upload: the emulator enforces preconditions only there).
+The ``Version`` token is the object generation. ``STORAGE_EMULATOR_HOST`` is honoured
+automatically: both clients then talk to the emulator anonymously (project ``test``) and
+gcsfs's experimental HNS probe is switched off (against an emulator it hangs each bucket
+probe for a minute). Both clients' own retries are kept out of the way where possible so
+that ``colabjob.storage.retry`` decides.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from contextlib import suppress
 from typing import Any
 
 from colabjob.errors import (
@@ -26,7 +25,7 @@ from colabjob.errors import (
     PreconditionFailedError,
     UnsupportedURLError,
 )
-from colabjob.storage.local import atomic_local_fetch
+from colabjob.storage.bucket import BucketStore
 from colabjob.storage.retry import RetryPolicy
 from colabjob.storage.store import Store, Version, check_key, join_key
 
@@ -101,7 +100,7 @@ def _is_status(exc: BaseException, status: int) -> bool:
     return getattr(exc, "code", None) == status
 
 
-class GCSStore(Store):
+class GCSStore(BucketStore):
     """A Store under ``gs://bucket/prefix``."""
 
     crc32c_supported = True
@@ -117,9 +116,7 @@ class GCSStore(Store):
         check_bucket: bool = True,
         _clients: _Clients | None = None,
     ) -> None:
-        super().__init__(f"gs://{join_key(bucket, prefix)}", retry=retry)
-        self._bucket = bucket
-        self._prefix = prefix
+        super().__init__(f"gs://{join_key(bucket, prefix)}", bucket, prefix, retry=retry)
         self._clients = _clients or _Clients(project=project, token=token)
         if check_bucket:
             self._call(self._check_bucket)
@@ -178,85 +175,14 @@ class GCSStore(Store):
             _clients=self._clients,
         )
 
-    def _name(self, key: str) -> str:
-        """Object name inside the bucket."""
-        return join_key(self._prefix, key)
-
-    def _path(self, key: str) -> str:
-        """gcsfs path: bucket/object-name."""
-        return join_key(self._bucket, self._name(key))
-
-    def _rel(self, path: str) -> str:
-        root = self._path("") + "/"
-        return path[len(root) :] if path.startswith(root) else path
-
-    # ---- bulk objects (gcsfs) ------------------------------------------------------------
-
-    def _read_bytes(self, key: str) -> bytes:
-        data: bytes = self._clients.fs.cat_file(self._path(key))
-        return data
-
-    def _write_bytes(self, key: str, data: bytes) -> None:
-        self._clients.fs.pipe_file(self._path(key), data)
-
-    def _put_file(self, local_path: str, key: str) -> None:
-        self._clients.fs.put_file(local_path, self._path(key))
-
-    def _get_file(self, key: str, local_path: str) -> None:
-        fs = self._clients.fs
-        atomic_local_fetch(local_path, lambda tmp: fs.get_file(self._path(key), tmp))
-
-    def _info(self, key: str) -> dict[str, Any]:
-        info: dict[str, Any] = self._clients.fs.info(self._path(key))
-        if info.get("type") != "file":
-            raise FileNotFoundError(self.url_of(key))
-        return info
-
-    def _exists(self, key: str) -> bool:
-        try:
-            self._info(key)
-        except FileNotFoundError:
-            return False
-        return True
-
-    def _size(self, key: str) -> int:
-        return int(self._info(key)["size"])
+    @property
+    def _fs(self) -> Any:
+        return self._clients.fs
 
     def crc32c(self, key: str) -> str | None:
         """The object's crc32c as GCS reports it (base64 of the big-endian checksum)."""
         k = check_key(key)
         return self._call(lambda: self._info(k).get("crc32c"), k)
-
-    def _list(self, prefix: str) -> list[str]:
-        try:
-            paths = self._clients.fs.find(self._path(prefix), withdirs=False)
-        except FileNotFoundError:
-            return []
-        return [self._rel(p) for p in paths]
-
-    def _list_dirs(self, prefix: str) -> list[str]:
-        try:
-            entries = self._clients.fs.ls(self._path(prefix), detail=True, refresh=True)
-        except FileNotFoundError:
-            return []
-        return [
-            e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory"
-        ]
-
-    def _delete(self, key: str) -> None:
-        with suppress(FileNotFoundError):
-            self._clients.fs.rm_file(self._path(key))
-
-    def _delete_prefix(self, prefix: str) -> None:
-        under = prefix + "/" if prefix else ""
-        for key in self._list(prefix):
-            if key.startswith(under):
-                self._delete(key)
-
-    def _move(self, src: str, dst: str) -> None:
-        fs = self._clients.fs
-        fs.copy(self._path(src), self._path(dst))
-        self._delete(src)
 
     # ---- control objects (google-cloud-storage, preconditions) ---------------------------
 
@@ -310,5 +236,3 @@ class GCSStore(Store):
                 ) from e
             raise
 
-    def _flush(self) -> None:
-        pass  # an upload is durable once it returns

@@ -9,7 +9,8 @@ with tenacity (exponential backoff with jitter, a bounded number of attempts, an
 ``colabjob.errors`` tree with a hint saying what to do: 403/EACCES/EROFS →
 ``StoragePermissionError``, a missing bucket → ``BucketNotFoundError``, quota/ENOSPC →
 ``StorageFullError``, 404/ENOENT → ``ObjectNotFoundError``. Backend exceptions are
-recognised by duck typing (``.code`` / class names), so nothing here imports a backend.
+recognised by duck typing (``.code``, botocore's ``response`` dict, class names), so nothing
+here imports a backend; s3fs's OSErrors are judged by the botocore error they were made of.
 """
 
 from __future__ import annotations
@@ -98,33 +99,53 @@ TRANSIENT_CLASS_NAMES = frozenset(
 )
 
 
-# google-auth: no Application Default Credentials, or a credentials file it cannot use.
-CREDENTIALS_CLASS_NAMES = frozenset({"DefaultCredentialsError", "RefreshError"})
+# google-auth: no Application Default Credentials, or a credentials file it cannot use;
+# botocore (S3): no credentials found, or half of a key pair.
+CREDENTIALS_CLASS_NAMES = frozenset(
+    {"DefaultCredentialsError", "RefreshError", "NoCredentialsError", "PartialCredentialsError"}
+)
 CREDENTIALS_HINT = (
     "authenticate this machine: in Colab run `from google.colab import auth; "
     "auth.authenticate_user()`; elsewhere `gcloud auth application-default login`, or set "
     "GOOGLE_APPLICATION_CREDENTIALS to a valid service-account JSON key file"
 )
+AWS_CREDENTIALS_HINT = (
+    "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (R2, B2, MinIO: the service's S3 key "
+    "pair), or AWS_PROFILE to a profile in ~/.aws/credentials"
+)
 
 
 def credentials_error(exc: BaseException, *, where: str = "") -> CredentialsError:
-    """The colabjob error for google-auth's "no or unusable credentials" (exit 2)."""
+    """The colabjob error for "no or unusable credentials" (google-auth, botocore; exit 2)."""
     first = exc.args[0] if exc.args else ""
     text = str(first if isinstance(first, str) else exc).splitlines()[0][:200]
+    if "BotoCoreError" in _mro_names(exc):
+        return CredentialsError(
+            f"no usable S3 credentials{where}: {text}", hint=AWS_CREDENTIALS_HINT
+        )
     return CredentialsError(
         f"no usable Google Cloud credentials{where}: {text}", hint=CREDENTIALS_HINT
     )
 
 
 def _http_status(exc: BaseException) -> int | None:
-    """The HTTP status of a gcsfs ``HttpError`` / google-api-core error / requests error."""
+    """The HTTP status of a gcsfs ``HttpError`` / google-api-core error / requests error /
+    botocore ``ClientError`` (or the OSError s3fs made of one, keeping it as the cause)."""
     for attr in ("code", "status_code", "status"):
         value = getattr(exc, attr, None)
         if isinstance(value, int) and 100 <= value < 600:
             return value
     response = getattr(exc, "response", None)
+    if isinstance(response, dict):  # botocore
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return status if isinstance(status, int) else None
     status = getattr(response, "status_code", None) or getattr(response, "status", None)
-    return status if isinstance(status, int) else None
+    if isinstance(status, int):
+        return status
+    cause = exc.__cause__
+    if isinstance(exc, OSError) and isinstance(getattr(cause, "response", None), dict):
+        return _http_status(cause)  # type: ignore[arg-type]
+    return None
 
 
 def _mro_names(exc: BaseException) -> set[str]:
@@ -171,7 +192,9 @@ def translate(exc: BaseException, *, target: str = "") -> BaseException:
         if _BUCKET_MISSING.search(text):
             return BucketNotFoundError(
                 f"bucket not found{where} ({detail})",
-                hint="check the bucket name, or create it: gcloud storage buckets create gs://NAME",
+                hint="check the bucket name, or create it: aws s3 mb s3://NAME"
+                if target.startswith("s3://")
+                else "check the bucket name, or create it: gcloud storage buckets create gs://NAME",
             )
         return ObjectNotFoundError(f"no object{where}")
     if status == 412:
@@ -186,7 +209,8 @@ def translate(exc: BaseException, *, target: str = "") -> BaseException:
         return StoragePermissionError(
             f"permission denied{where} ({detail})",
             hint="choose a location you can write to, or grant access "
-            "(GCS: roles/storage.objectAdmin on the bucket; check `gcloud auth list`)",
+            "(GCS: roles/storage.objectAdmin on the bucket; check `gcloud auth list`; "
+            "S3: s3:ListBucket, s3:GetObject, s3:PutObject, s3:DeleteObject; check the keys)",
         )
     if status is not None or code is not None:
         return StorageError(f"storage operation failed{where} ({detail})")

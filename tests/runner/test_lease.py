@@ -225,11 +225,11 @@ def test_heartbeat_thread_renews_with_status() -> None:
 
 
 # -- real processes ---------------------------------------------------------------------------
-@pytest.fixture(params=["local", "gcs"])
+@pytest.fixture(params=["local", "gcs", "s3"])
 def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "local":
         return str(tmp_path / "job")
-    return str(request.getfixturevalue("gcs_bucket"))
+    return str(request.getfixturevalue(f"{request.param}_bucket"))
 
 
 @pytest.mark.slow

@@ -34,13 +34,13 @@ from colabjob.storage.retry import RetryPolicy
 from tests.fakes import FakeClock
 
 
-@pytest.fixture(params=["memory", "local", "gcs"])
+@pytest.fixture(params=["memory", "local", "gcs", "s3"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "memory":
         return f"memory://{uuid.uuid4().hex}"
     if request.param == "local":
         return str(tmp_path / "job")
-    return str(request.getfixturevalue("gcs_bucket"))
+    return str(request.getfixturevalue(f"{request.param}_bucket"))
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """Fixtures for the storage suites: ``store_url`` / ``store`` are parametrized over every
-backend (local, memory, GCS emulator), so a test written once runs on all. The Store contract
-itself is the mixin in ``contract.py``, subclassed per backend."""
+backend (local, memory, GCS emulator, S3 emulator), so a test written once runs on all. The
+Store contract itself is the mixin in ``contract.py``, subclassed per backend."""
 
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ def _url(kind: str, request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return str(tmp_path / "store")
     if kind == "memory":
         return f"memory://{uuid.uuid4().hex}"
-    assert kind == "gcs"
-    return str(request.getfixturevalue("gcs_bucket"))
+    assert kind in ("gcs", "s3")
+    return str(request.getfixturevalue(f"{kind}_bucket"))
 
 
-@pytest.fixture(params=["local", "memory", "gcs"])
+@pytest.fixture(params=["local", "memory", "gcs", "s3"])
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A fresh root URL on each backend."""
     return _url(request.param, request, tmp_path)

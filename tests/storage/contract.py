@@ -324,8 +324,18 @@ class StoreContract:
     def test_replace_sees_bulk_writes_as_changes(self, store: Store) -> None:
         v1 = store.create("ctl/rec", b"one")
         store.write_bytes("ctl/rec", b"one")  # same bytes, but a new write
+        if store.versions_track_writes:
+            with pytest.raises(PreconditionFailedError):
+                store.replace("ctl/rec", b"two", v1)
+        else:  # a Version is a content hash (S3's ETag): identical bytes are no change
+            v2 = store.replace("ctl/rec", b"two", v1)
+            assert store.read_versioned("ctl/rec") == (b"two", v2)
+        v3 = store.read_versioned("ctl/rec")
+        assert v3 is not None
+        store.write_bytes("ctl/rec", b"other bytes")
         with pytest.raises(PreconditionFailedError):
-            store.replace("ctl/rec", b"two", v1)
+            store.replace("ctl/rec", b"lost", v3[1])
+        assert store.read_bytes("ctl/rec") == b"other bytes"
 
     def test_replace_of_deleted_object_is_rejected(self, store: Store) -> None:
         v1 = store.create("ctl/rec", b"one")

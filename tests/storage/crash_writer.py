@@ -6,7 +6,7 @@ MODE is ``sync`` (``save`` with in-memory bytes) or ``async`` (``save_async`` wi
 that serialises into the staging directory, then ``wait``). Every file operation of the
 save is counted. On a local store: each mutating OS call (temp-file creation, each half of
 every write, each in-kernel copy call, fsync, rename/replace/link, unlink, rmdir, rmtree).
-On a remote store (GCS): each backend write/delete/move hook. With ``KILL_AT=N`` in the
+On a remote store (GCS, S3): each backend write/delete/move hook. With ``KILL_AT=N`` in the
 environment the process sends itself SIGKILL just *before* operation N, so no handler,
 ``finally`` or atexit runs, exactly like a VM that vanishes. On success it prints
 ``OPS <count>``.

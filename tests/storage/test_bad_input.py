@@ -24,7 +24,7 @@ from colabjob.storage.retry import RetryPolicy
 
 
 @pytest.mark.parametrize(
-    "url", ["s3://bucket/x", "hf://datasets/x", "https://example.com/x", "azure://c"]
+    "url", ["ftp://host/x", "hf://datasets/x", "https://example.com/x", "azure://c"]
 )
 def test_unknown_scheme_is_rejected_with_a_hint(url: str) -> None:
     with pytest.raises(UnsupportedURLError) as info:
@@ -32,9 +32,12 @@ def test_unknown_scheme_is_rejected_with_a_hint(url: str) -> None:
     err = info.value
     assert isinstance(err, ConfigError) and err.exit_code == 2
     assert err.hint is not None and "gs://" in err.hint and "memory://" in err.hint
+    assert "s3://" in err.hint
 
 
-@pytest.mark.parametrize("url", ["", "file://otherhost/tmp/x", "gs://", "gs:///x", "memory://"])
+@pytest.mark.parametrize(
+    "url", ["", "file://otherhost/tmp/x", "gs://", "gs:///x", "memory://", "s3://", "s3:///x"]
+)
 def test_malformed_urls_are_rejected(url: str) -> None:
     with pytest.raises(UnsupportedURLError):
         open_store(url)
@@ -52,7 +55,8 @@ def test_missing_backend_package_is_named(monkeypatch: pytest.MonkeyPatch) -> No
 def test_backends_are_imported_only_when_used() -> None:
     code = (
         "import sys; from colabjob.storage import open_store; open_store('memory://x');"
-        "print(sorted(m for m in ('gcsfs', 'google.cloud.storage', 'torch') if m in sys.modules))"
+        "print(sorted(m for m in ('gcsfs', 'google.cloud.storage', 's3fs', 'botocore', 'torch')"
+        " if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -10,7 +10,7 @@ reaching N, on a store that already holds two checkpoints (so retention runs too
 * a new save then succeeds without any manual cleanup, and leaves no orphan prefix behind.
 
 The local run kills inside each atomic write too (temp file, half-written bytes, fsync,
-rename, directory fsync); the GCS emulator run kills between backend calls.
+rename, directory fsync); the GCS and S3 emulator runs kill between backend calls.
 """
 
 from __future__ import annotations
@@ -135,19 +135,23 @@ def test_kill_at_every_local_file_operation(
 
 
 @pytest.mark.slow
-@pytest.mark.gcs
-def test_kill_between_gcs_operations(
-    gcs_bucket: str, fast_retry: RetryPolicy, tmp_path: Path
+@pytest.mark.parametrize(
+    "backend",
+    [pytest.param("gcs", marks=pytest.mark.gcs), pytest.param("s3", marks=pytest.mark.s3)],
+)
+def test_kill_between_object_store_operations(
+    backend: str, request: pytest.FixtureRequest, fast_retry: RetryPolicy, tmp_path: Path
 ) -> None:
+    bucket = str(request.getfixturevalue(f"{backend}_bucket"))
     runs = iter(range(10_000))
 
     def fresh() -> tuple[str, Store]:
-        url = f"{gcs_bucket}/run{next(runs)}"
+        url = f"{bucket}/run{next(runs)}"
         store = open_store(url, retry=fast_retry)
         seed(store)
         return url, store
 
     kills, seen = kill_every_operation("sync", fresh, tmp_path / "staging")
-    print(f"\ngcs: {kills} kill points; latest() after a kill: {seen}")
+    print(f"\n{backend}: {kills} kill points; latest() after a kill: {seen}")
     assert kills >= 5  # 3 uploads, the manifest, retention's deletes
     assert seen.get(NEW_STEP - 1) and seen.get(NEW_STEP)

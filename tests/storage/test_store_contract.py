@@ -1,5 +1,5 @@
-"""The Store contract (``tests/storage/contract.py``) run on the local, memory and GCS-emulator
-backends; ``test_drive.py`` runs it on the Drive store."""
+"""The Store contract (``tests/storage/contract.py``) run on the local, memory, GCS-emulator and
+S3-emulator backends; ``test_drive.py`` runs it on the Drive store."""
 
 from __future__ import annotations
 
@@ -30,3 +30,10 @@ class TestGcsStore(SharedStoreContract):
     @pytest.fixture
     def store_url(self, gcs_bucket: str) -> str:
         return gcs_bucket
+
+
+@pytest.mark.s3
+class TestS3Store(SharedStoreContract):
+    @pytest.fixture
+    def store_url(self, s3_bucket: str) -> str:
+        return s3_bucket
