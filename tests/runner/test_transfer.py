@@ -1,4 +1,5 @@
-"""Moving a job: Drive → GCS copy verified by hash, refusal of corrupt files, the moved marker.
+"""Moving a job: Drive (or S3) → GCS copy verified by hash, refusal of corrupt files, the moved
+marker.
 
 The source is a real ``DriveStore`` on a stand-in mount (``COLABJOB_DRIVE_ROOT`` → a temp
 dir) holding checkpoints committed by ``CheckpointStore``; the destination is the GCS
@@ -94,6 +95,24 @@ def test_a_drive_job_is_copied_to_gcs_and_verified(drive_job: Store, gcs_bucket:
     assert dst.read_bytes("metrics/metrics.jsonl") == drive_job.read_bytes("metrics/metrics.jsonl")
     assert not [k for k in dst.list() if k.startswith("control/")]
     assert read_moved(drive_job) is None  # marking is the caller's next step
+
+
+@pytest.mark.gcs
+@pytest.mark.s3
+def test_an_s3_job_is_copied_to_gcs_and_the_s3_copy_refuses_to_run(
+    s3_bucket: str, gcs_bucket: str
+) -> None:
+    """The handoff's copy from S3 (the VM reaches only GCS): verified, then marked moved."""
+    src, dst = open_store(s3_bucket), open_store(gcs_bucket)
+    make_job(src)
+    report = copy_job(src, dst, clock=FakeClock())
+    assert (report.copied, report.refused) == (STEPS, ())
+    latest = CheckpointStore(dst).latest(verify="full")
+    assert latest is not None and latest.step == 30
+    assert load_record(dst).extras["moved_from"] == src.url
+    mark_moved(src, MovedMarker(moved_to=dst.url, moved_at=1_700_000_000.0, last_step=30))
+    with pytest.raises(JobMovedError, match=f"moved to {dst.url}"):
+        check_not_moved(src, load_record(src))
 
 
 @pytest.mark.gcs
