@@ -54,7 +54,9 @@ def configure_parser(
         epilog=EXAMPLE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("job_url", metavar="JOB_URL", help="the job: a Drive path, local path or gs://")
+    p.add_argument(
+        "job_url", metavar="JOB_URL", help="the job: a Drive path, local path, gs:// or s3://"
+    )
     p.add_argument(
         "--engine",
         choices=("gce", "skypilot"),

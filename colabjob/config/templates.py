@@ -19,7 +19,7 @@ job:
   name: {name}
   kind: {kind:<28}# finetune | lora | scratch | python
   # Where checkpoints and the job record live: a local path, /content/drive/MyDrive/...,
-  # or gs://bucket/prefix. null: the CLI's --storage or its default.
+  # gs://bucket/prefix or s3://bucket/prefix. null: the CLI's --storage or its default.
   storage: null
 """
 
