@@ -8,9 +8,10 @@ to do next. Lower-level exceptions are chained with ``raise ... from e``.
     │   └── UnsupportedTransformersError  transformers lacks the Trainer internals we
     │                                     override (version outside the supported range)
     ├── StorageError                 anything about durable storage
-    │   ├── UnsupportedURLError      unknown scheme in a storage URL
+    │   ├── UnsupportedURLError      unknown scheme in a storage URL, or a store that
+    │   │                            cannot hold a job (S3 without conditional writes)
     │   ├── DriveNotMountedError     /content/drive is not mounted
-    │   ├── BucketNotFoundError      gs:// bucket missing or unreachable
+    │   ├── BucketNotFoundError      gs:// or s3:// bucket missing or unreachable
     │   ├── StoragePermissionError   403 / read-only path
     │   │   └── CredentialsError     no or unusable cloud credentials           (exit 2)
     │   ├── StorageFullError         disk full / quota exceeded
