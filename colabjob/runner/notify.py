@@ -150,15 +150,29 @@ class Delivery:
 
 
 class _Capture(logging.Handler):
+    """apprise's log lines, to the list of the thread that is sending (if any). Its logger
+    stops propagating: its lines can name a token, and only scrubbed answers are shown."""
+
     def __init__(self) -> None:
         super().__init__(logging.INFO)
-        self.lines: list[str] = []
+        self.local = threading.local()
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(record.getMessage())
+        lines = getattr(self.local, "lines", None)
+        if lines is not None:
+            lines.append(record.getMessage())
 
 
-_SEND_LOCK = threading.Lock()  # apprise's logger is shared: one capture at a time
+_CAPTURE = _Capture()
+_INSTALL = threading.Lock()
+
+
+def _capture_apprise_logs() -> None:
+    with _INSTALL:
+        logger = logging.getLogger("apprise")
+        if _CAPTURE not in logger.handlers:
+            logger.addHandler(_CAPTURE)
+            logger.propagate = False
 
 
 def deliver(url: str, title: str, body: str, *, timeout: float = SEND_TIMEOUT) -> Delivery:
@@ -170,20 +184,17 @@ def deliver(url: str, title: str, body: str, *, timeout: float = SEND_TIMEOUT) -
     if plugin is None:
         return Delivery(ok=False, answer="not a URL apprise understands")
     plugin.socket_connect_timeout = plugin.socket_read_timeout = float(timeout)
-    capture = _Capture()
-    logger = logging.getLogger("apprise")
-    with _SEND_LOCK:
-        # apprise's own lines can name a token: caught here, scrubbed, never propagated
-        logger.addHandler(capture)
-        propagate, logger.propagate = logger.propagate, False
-        try:
-            ok = bool(plugin.notify(body=body, title=title))
-        except Exception as e:  # a plugin's bug must not reach the training process
-            ok, capture.lines = False, [*capture.lines, f"{type(e).__name__}: {e}"]
-        finally:
-            logger.removeHandler(capture)
-            logger.propagate = propagate
-    answer = "; ".join(line for line in capture.lines if line.strip())
+    _capture_apprise_logs()
+    lines: list[str] = []
+    _CAPTURE.local.lines = lines  # no lock held over the network: endpoints never wait
+    try:
+        ok = bool(plugin.notify(body=body, title=title))
+    except Exception as e:  # a plugin's bug must not reach the training process
+        ok = False
+        lines.append(f"{type(e).__name__}: {e}")
+    finally:
+        _CAPTURE.local.lines = None
+    answer = "; ".join(line for line in lines if line.strip())
     return Delivery(ok=ok, answer=scrub(answer or ("sent" if ok else "no answer"), [url]))
 
 

@@ -10,13 +10,14 @@ fenced by the lease epoch and timed on the runner's clock. Closing (``finish``):
 heartbeat, the watchdog and the trackers, close the segment with its stop reason and the job
 state (COMPLETED when the job finished, SUSPENDED after a budget/signal/preemption/stop-request
 stop, CANCELLED after ``colabjob stop --cancel``, FAILED with the error on an exception), then
-release the lease and run ``store.flush()`` (the Drive push) last; the lease is released on
-every way out, even when the record cannot be written (full or read-only storage). A runner
-that lost its lease leaves the record to the new holder; one whose storage vanished (the job
-directory was deleted) writes nothing more there. Under ``--nproc N`` or torchrun, opening
-first joins the process group; only rank 0 does all of the above, the other ranks get a
-context without record, lease or trackers (``colabjob.jobs.distributed``), and closing leaves
-the group it joined.
+release the lease and run ``store.flush()`` (the Drive push), then give the segment's
+notifications (``runner.notify_events``) a few seconds at most to go out; the lease is
+released on every way out, even when the record cannot be written (full or read-only
+storage). A runner that lost its lease leaves the record to the new holder; one whose
+storage vanished (the job directory was deleted) writes nothing more there. Under
+``--nproc N`` or torchrun, opening first joins the process group; only rank 0 does all of
+the above, the other ranks get a context without record, lease or trackers
+(``colabjob.jobs.distributed``), and closing leaves the group it joined.
 """
 
 from __future__ import annotations
@@ -319,10 +320,10 @@ class SegmentRun:
             try:
                 if lease is not None:
                     self._release(lease)
-                if self.notices is not None:
-                    self.notices.close()  # waits a few seconds at most for the last messages
             finally:
                 self.store.flush()
+                if self.notices is not None:  # after the Drive push: the job is safe first
+                    self.notices.close()  # waits a few seconds at most for the last messages
                 if self.own_group:
                     shutdown_distributed()
 
