@@ -12,12 +12,13 @@ then ~600 MB over both ranks (weights + two AdamW moments), ~300 MB written by e
   machine's load drifts).
 - ``ours``: ``colabjob.session()`` on a local job directory, checkpointing every 2 steps.
   *Stall*: on rank 0, the wall time of the ``s.step()`` that starts a checkpoint minus a
-  plain ``s.step()``'s (median): every rank writes its shards with ``dcp.save`` on the
-  training thread (as of this commit only the hashing and commit run in the background), so
-  the stall is expected near the baseline. *Commit time*: from that ``s.step()`` starting to
+  plain ``s.step()``'s (median): every rank takes ``get_state_dict`` and one host copy of
+  its shards, then ``dcp.async_save`` writes them (hashing as it writes) straight into the
+  checkpoint's prefix on a thread. *Commit time*: from that ``s.step()`` starting to
   the manifest being committed: the ``s.step()``'s wall time plus the background commit's
-  ``CheckpointInfo.stats.total_seconds`` (write, hash+upload, manifest), with training
-  running on the same 2 cores meanwhile. The final ``s.save(final=True)`` (synchronous) is
+  ``CheckpointInfo.stats.total_seconds`` (waiting for every rank's DCP write and writing
+  ``state.json``, size checks, manifest), with training running on the same 2 cores
+  meanwhile. The final ``s.save(final=True)`` (synchronous) is
   timed too, for reference.
 
 Ratios are against ``dcp`` (issue 13 targets: stall <= 0.25x, commit <= 1.25x). Reports only.
@@ -207,7 +208,8 @@ def report(r: dict[str, Any]) -> None:
     )
     write, upload, manifest = (statistics.median(p) for p in zip(*r["parts"], strict=True))
     print(
-        f"ours: background part = staging write {write:.3f} s + hash/upload {upload:.3f} s "
+        f"ours: background part = DCP writes + state.json {write:.3f} s + upload/size checks "
+        f"{upload:.3f} s "
         f"+ manifest {manifest:.3f} s (medians)"
     )
     print(f"ours: final synchronous s.save(final=True) {r['final']:.3f} s")

@@ -49,7 +49,15 @@ from .manifest import (
     digest_file,
     parse_dir,
 )
-from .staging import FilesArg, PendingCommit, make_staging_dir, parallel, resolve, stage_copies
+from .staging import (
+    FilesArg,
+    PendingCommit,
+    Written,
+    make_staging_dir,
+    parallel,
+    resolve,
+    stage_copies,
+)
 
 if TYPE_CHECKING:
     from .store import Store
@@ -125,25 +133,37 @@ class CheckpointStore:
         config_hash: str = "",
         meta: Mapping[str, Any] | None = None,
         versions: Mapping[str, str] | None = None,
+        prefix: str | None = None,
     ) -> CheckpointInfo:
         """Commit ``files`` as ``step`` and return it; blocks until committed.
 
-        ``files``: ``{name: bytes | path}``, a directory (every file under it), or a writer
-        ``(staging_dir) -> {name: path}`` called here. ``versions`` adds to the recorded
-        colabjob/python versions (e.g. torch); ``meta`` is any JSON-serialisable dict.
+        ``files``: ``{name: bytes | path | Written}``, a directory (every file under it), or a
+        writer ``(staging_dir) -> {name: source}`` called here. ``versions`` adds to the
+        recorded colabjob/python versions (e.g. torch); ``meta`` is any JSON-serialisable
+        dict. ``prefix``: one from ``reserve(step)``, where ``Written`` files already lie.
         """
         with self._serial:
             self._wait_previous()
             t0 = self.clock.monotonic()
-            if not callable(files):
-                return self._commit(step, resolve(files), epoch, config_hash, meta, versions, 0.0)
-            staging = make_staging_dir(self.staging_dir, step)
+            staging = make_staging_dir(self.staging_dir, step) if callable(files) else None
             try:
                 sources = resolve(files, staging)
-                write_s = self.clock.monotonic() - t0
-                return self._commit(step, sources, epoch, config_hash, meta, versions, write_s)
+                write_s = self.clock.monotonic() - t0 if staging is not None else 0.0
+                return self._commit(
+                    step, sources, epoch, config_hash, meta, versions, write_s, prefix
+                )
             finally:
-                shutil.rmtree(staging, ignore_errors=True)
+                self._inflight.discard(prefix or "")
+                if staging is not None:
+                    shutil.rmtree(staging, ignore_errors=True)
+
+    def reserve(self, step: int) -> str:
+        """A fresh prefix for ``step`` whose files others write in place (``Written``
+        sources) before ``save(..., prefix=)`` commits it; not swept meanwhile."""
+        _checked_meta(step, None)
+        prefix = f"{CKPT_DIR}/{checkpoint_dir(step, uuid.uuid4().hex[:12])}"
+        self._inflight.add(prefix)
+        return prefix
 
     def save_async(
         self,
@@ -154,6 +174,7 @@ class CheckpointStore:
         config_hash: str = "",
         meta: Mapping[str, Any] | None = None,
         versions: Mapping[str, str] | None = None,
+        prefix: str | None = None,
     ) -> PendingCommit[CheckpointInfo]:
         """Stage to local disk, then upload and commit on a background thread.
 
@@ -162,6 +183,7 @@ class CheckpointStore:
         the background thread (serialise a CPU snapshot there). At most one commit is in
         flight: this first waits for the previous one (whose error, if any, is re-raised by
         its own ``wait()``). The staging directory is removed once the commit ends.
+        ``prefix``: as for ``save``.
         """
         _checked_meta(step, meta)  # bad arguments fail here, not in the background
         with self._serial:
@@ -181,9 +203,10 @@ class CheckpointStore:
                     sources = staged if staged is not None else resolve(files, staging)
                     write_s = sync_s + self.clock.monotonic() - t1
                     return self._commit(
-                        step, sources, epoch, config_hash, meta, versions, write_s
+                        step, sources, epoch, config_hash, meta, versions, write_s, prefix
                     )
                 finally:
+                    self._inflight.discard(prefix or "")
                     shutil.rmtree(staging, ignore_errors=True)
 
             self._pending = PendingCommit(step, work).start()
@@ -204,18 +227,22 @@ class CheckpointStore:
     def _commit(
         self,
         step: int,
-        sources: Mapping[str, bytes | Path],
+        sources: Mapping[str, bytes | Path | Written],
         epoch: int,
         config_hash: str,
         meta: Mapping[str, Any] | None,
         versions: Mapping[str, str] | None,
         write_s: float,
+        reserved: str | None = None,
     ) -> CheckpointInfo:
         meta_d = _checked_meta(step, meta)
         if self.job is not None:
             meta_d.setdefault(JOB_META, self.job)
-        uid = uuid.uuid4().hex[:12]
-        prefix = f"{CKPT_DIR}/{checkpoint_dir(step, uid)}"
+        prefix = reserved or f"{CKPT_DIR}/{checkpoint_dir(step, uuid.uuid4().hex[:12])}"
+        got = parse_dir(prefix.rpartition("/")[2])
+        if got is None or got[0] != step:
+            raise ConfigError(f"prefix {prefix!r} is not one reserved for step {step}")
+        uid = got[1]
         self._check_fence(step, epoch)  # fail fast, before paying for the upload
         self._inflight.add(prefix)
         try:
@@ -254,16 +281,19 @@ class CheckpointStore:
         return info
 
     def _upload_all(
-        self, prefix: str, sources: Mapping[str, bytes | Path]
+        self, prefix: str, sources: Mapping[str, bytes | Path | Written]
     ) -> dict[str, dict[str, Any]]:
         """Hash and upload every file; each file's hash and its upload run as separate tasks
-        so hashing overlaps the transfer (hashlib releases the GIL on large buffers)."""
+        so hashing overlaps the transfer (hashlib releases the GIL on large buffers).
+        ``Written`` files are in place already: only their stored size is checked."""
         crc = bool(self.store.crc32c_supported)
         names = sorted(sources)
 
         def task(job: tuple[str, str]) -> dict[str, Any] | None:
             what, name = job
             src, key = sources[name], f"{prefix}/{name}"
+            if isinstance(src, Written):
+                return {"size": src.size, "sha256": src.sha256} if what == "hash" else None
             if what == "hash":
                 if isinstance(src, bytes):
                     return digest_bytes(src, crc32c=crc)

@@ -26,7 +26,7 @@ from typing import IO, Any
 
 from colabjob.errors import AlreadyExistsError, PreconditionFailedError, StoragePermissionError
 from colabjob.storage.retry import RetryPolicy
-from colabjob.storage.store import RESERVED_PREFIX, Store, Version
+from colabjob.storage.store import RESERVED_PREFIX, Store, Version, check_key
 
 __all__ = ["LocalStore", "atomic_local_fetch", "atomic_local_write"]
 
@@ -203,6 +203,11 @@ class LocalStore(Store):
 
     def _path(self, key: str) -> str:
         return os.path.join(self._root, *key.split("/")) if key else self._root
+
+    def fsspec_target(self, key: str) -> tuple[object, str] | None:
+        from fsspec.implementations.local import LocalFileSystem
+
+        return LocalFileSystem(auto_mkdir=True), self._path(check_key(key))
 
     # ---- bulk objects -----------------------------------------------------------------
 

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, NoReturn, TypeAlias, TypeVar
 
@@ -31,7 +32,19 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
-FileSource: TypeAlias = "bytes | str | os.PathLike[str]"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Written:
+    """A file already written at its place under the checkpoint's prefix (by every rank of
+    a sharded save, hashed as it was written): the commit lists it with this size and
+    sha256 and checks the stored size, without reading or copying it."""
+
+    size: int
+    sha256: str
+
+
+FileSource: TypeAlias = "bytes | str | os.PathLike[str] | Written"
 Writer: TypeAlias = "Callable[[Path], Mapping[str, FileSource]]"
 FilesArg: TypeAlias = "Mapping[str, FileSource] | Writer | str | os.PathLike[str]"
 
@@ -49,13 +62,16 @@ def files_of_dir(root: str | os.PathLike[str]) -> dict[str, Path]:
 
 def normalize(
     files: Mapping[str, FileSource], *, base: Path | None = None
-) -> dict[str, bytes | Path]:
+) -> dict[str, bytes | Path | Written]:
     """Validate names and turn every source into bytes or an existing local ``Path``."""
     if not files:
         raise ConfigError("a checkpoint needs at least one file")
-    out: dict[str, bytes | Path] = {}
+    out: dict[str, bytes | Path | Written] = {}
     for name, src in files.items():
         check_name(name)
+        if isinstance(src, Written):
+            out[name] = src
+            continue
         if isinstance(src, bytes | bytearray | memoryview):
             out[name] = bytes(src)
             continue
@@ -68,7 +84,7 @@ def normalize(
     return out
 
 
-def resolve(files: FilesArg, staging: Path | None = None) -> dict[str, bytes | Path]:
+def resolve(files: FilesArg, staging: Path | None = None) -> dict[str, bytes | Path | Written]:
     """Sources of a save: a mapping, a directory, or (with ``staging``) a writer's output."""
     if callable(files):
         if staging is None:
@@ -79,11 +95,13 @@ def resolve(files: FilesArg, staging: Path | None = None) -> dict[str, bytes | P
     return normalize(files)
 
 
-def stage_copies(sources: Mapping[str, bytes | Path], staging: Path) -> dict[str, bytes | Path]:
+def stage_copies(
+    sources: Mapping[str, bytes | Path | Written], staging: Path
+) -> dict[str, bytes | Path | Written]:
     """Copy path sources into ``staging`` so the caller may reuse its files at once."""
-    out: dict[str, bytes | Path] = {}
+    out: dict[str, bytes | Path | Written] = {}
     for name, src in sources.items():
-        if isinstance(src, bytes):
+        if isinstance(src, bytes | Written):
             out[name] = src  # immutable: nothing to protect
             continue
         dst = staging / name

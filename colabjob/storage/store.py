@@ -138,6 +138,13 @@ class Store(abc.ABC):
         """The full URL of ``key`` (for messages and logs)."""
         return f"{self._url.rstrip('/')}/{key}" if key else self._url
 
+    def fsspec_target(self, key: str) -> tuple[object, str] | None:
+        """An fsspec filesystem and path through which any process of this machine (or of
+        the job's others, for a shared store) writes ``key`` in place, or None where there
+        is none (``memory://``). Bytes written so bypass the retry policy and atomicity:
+        only for files under a checkpoint prefix that its manifest, written last, lists."""
+        return None
+
     def _call(self, fn: Callable[[], T], key: str = "") -> T:
         return self._retry.call(fn, target=self.url_of(key))
 

@@ -17,6 +17,9 @@ job) is raised, any other failure of a periodic checkpoint is logged, counted
 ``retry_due`` for the next boundary; a final one is raised. With several processes
 (a ``Coordinator``) only rank 0 commits; the other ranks ``follow`` each save, and a final
 commit's result is broadcast, so no rank returns before the final checkpoint is committed.
+A sharded model's DCP files are written by every rank (``track_shards``): a rank counts as
+busy (``in_flight``) until its own write finished, so no rank starts the next checkpoint
+before every rank's previous write is done, and ``reap`` waits for it.
 """
 
 from __future__ import annotations
@@ -36,9 +39,9 @@ from colabjob.jobs.state.capture import write_snapshot
 from colabjob.jobs.state.format import Snapshot
 from colabjob.jobs.state.host_memory import SaveChooser, parse_async
 from colabjob.jobs.state.pinned import StagingPool
-from colabjob.jobs.state.sharded import move_into
 
 if TYPE_CHECKING:
+    from colabjob.jobs.state.dcp_writer import ShardWrite
     from colabjob.storage.checkpoints import CheckpointInfo, PendingCommit
 
 log = logging.getLogger(__name__)
@@ -66,6 +69,7 @@ class Committer:
         self._pending_snap_s = 0.0
         self._on_commit = on_commit
         self._chooser: SaveChooser | None = None  # background or synchronous saves
+        self._shards: ShardWrite | None = None  # this rank's DCP write of sharded state
 
     @property
     def rank(self) -> int:
@@ -86,13 +90,38 @@ class Committer:
 
     @property
     def in_flight(self) -> bool:
-        """A background commit was started and not yet reaped (it may have finished)."""
-        return self._pending is not None
+        """A background commit was started and not yet reaped (it may have finished), or
+        this rank's DCP write of sharded state is still running."""
+        return self._pending is not None or not self._shards_done()
 
     @property
     def busy(self) -> bool:
-        """A background commit is still uploading."""
-        return self._pending is not None and not self._pending.done()
+        """A background commit is still uploading (or this rank's shards being written)."""
+        return (self._pending is not None and not self._pending.done()) or not self._shards_done()
+
+    def track_shards(self, shards: ShardWrite) -> None:
+        """This rank's DCP write of one checkpoint, started at the step (every rank)."""
+        self._reap_shards(block=True)
+        self._shards = shards
+
+    def wait_shards(self) -> None:
+        """Wait for this rank's DCP write in flight, if any (before starting another)."""
+        self._reap_shards(block=True)
+
+    def _shards_done(self) -> bool:
+        return self._shards is None or self._shards.done()
+
+    def _reap_shards(self, *, block: bool) -> None:
+        """Forget this rank's finished DCP write; its failure is rank 0's failed commit (DCP
+        tells every rank), so here it is only logged."""
+        shards = self._shards
+        if shards is None or (not block and not shards.done()):
+            return
+        self._shards = None
+        try:
+            shards.result()
+        except Exception as e:
+            log.warning("rank %d: writing the sharded checkpoint failed: %s", self.rank, e)
 
     def _kwargs(self, snap: Snapshot, meta: Mapping[str, Any]) -> dict[str, Any]:
         c = snap.counters
@@ -101,14 +130,15 @@ class Committer:
             "config_hash": self.ctx.config_hash,
             "meta": {"samples_seen": c.samples_seen, "epoch": c.epoch, **snap.meta, **meta},
             "versions": {"torch": torch.__version__},
+            "prefix": snap.shards.prefix if snap.shards is not None else None,
         }
 
     @staticmethod
-    def _writer(snap: Snapshot, extra: Mapping[str, bytes]) -> Callable[[Path], dict[str, Path]]:
-        def write(staging: Path) -> dict[str, Path]:  # on the upload thread for async saves
-            files = write_snapshot(snap, staging, consume=True)
-            if snap.sharded_dir is not None:  # every rank's DCP files, written at the step
-                files.update(move_into(Path(snap.sharded_dir), staging))
+    def _writer(snap: Snapshot, extra: Mapping[str, bytes]) -> Callable[[Path], dict[str, Any]]:
+        def write(staging: Path) -> dict[str, Any]:  # on the upload thread for async saves
+            files: dict[str, Any] = dict(write_snapshot(snap, staging, consume=True))
+            if snap.shards is not None:  # every rank's DCP files, once every rank wrote them
+                files.update(snap.shards.wait(staging))
             for name, data in extra.items():
                 path = staging / name
                 path.write_bytes(data)
@@ -196,7 +226,9 @@ class Committer:
         """Collect the background commit (waiting unless ``block=False`` and it is still
         running). False when a periodic commit failed (logged; ``retry_due`` is set); raises
         a fenced-out one, any when ``final``, and a ``StorageError`` after
-        ``MAX_FAILED_CHECKPOINTS`` failures in a row."""
+        ``MAX_FAILED_CHECKPOINTS`` failures in a row. This rank's DCP write is waited for
+        only when ``final`` (``save_async`` reaps right after starting one)."""
+        self._reap_shards(block=final)
         pending = self._pending
         if pending is None or (not block and not pending.done()):
             return True

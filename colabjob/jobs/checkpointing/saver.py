@@ -15,9 +15,11 @@ its RNGs from ``(seed, rank, step)``); a snapshot gathers every rank's RNGs and 
 position to rank 0, which alone writes and commits. The model, optimizer and the rest are
 taken from rank 0 (identical on every rank under ``DistributedDataParallel``). A sharded
 (FSDP2) model and its optimizer are the exception: every rank writes its shards with DCP
-into a directory rank 0 chooses and commits under ``dcp/``, and every rank loads them back
-(``colabjob.jobs.state.sharded``); a whole checkpoint (one process, DDP) resumed into a
-sharded model is cut to each rank's shards (``colabjob.jobs.state.whole_to_sharded``).
+into the ``dcp/`` folder of the checkpoint prefix rank 0 reserves (in the background where
+host memory allows), rank 0 commits them once every rank's write finished, and every rank
+loads them back (``colabjob.jobs.state.sharded``, ``colabjob.jobs.state.dcp_writer``); a
+whole checkpoint (one process, DDP) resumed into a sharded model is cut to each rank's
+shards (``colabjob.jobs.state.whole_to_sharded``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,13 @@ from colabjob.jobs.context import SegmentContext
 from colabjob.jobs.distributed import Coordinator
 from colabjob.jobs.state.capture import snapshot
 from colabjob.jobs.state.codec import deep_cpu_copy, read_json
+from colabjob.jobs.state.dcp_writer import (
+    HostCopy,
+    ShardWrite,
+    checkpoint_group,
+    shard_target,
+    start_shard_write,
+)
 from colabjob.jobs.state.format import STATE_FILE, Counters, RankState, Restored, Snapshot
 from colabjob.jobs.state.restore import restore
 from colabjob.jobs.state.rng import capture_rng, derive_seed, seed_everything
@@ -50,7 +59,7 @@ from colabjob.jobs.state.sharded import (
     SHARDED_META,
     is_sharded,
     load_sharded,
-    save_sharded,
+    sharded_state,
 )
 from colabjob.jobs.state.sizing import checkpoint_nbytes
 from colabjob.jobs.state.whole_to_sharded import load_whole
@@ -97,6 +106,7 @@ class Checkpointer:
         self.rank = 0 if sync is None else sync.rank
         self.tracked = SessionTracked()
         self.committer = Committer(ctx, sync=sync, on_commit=on_commit)
+        self._host: HostCopy | None = None  # a sharded model's host copy, kept between saves
         self._say = say
 
     # -- restore ------------------------------------------------------------------------------
@@ -195,7 +205,7 @@ class Checkpointer:
         mono = self.ctx.monotonic
         t0 = mono()
         sync = self.sync
-        shards = self._save_shards() if is_sharded(t.model) else None
+        shards = self._save_shards(counters.step, background) if is_sharded(t.model) else None
         if sync is not None and sync.rank != 0:
             send_rank_state(sync, t.loader)
             return Snapshot(counters=counters), mono() - t0
@@ -218,43 +228,44 @@ class Checkpointer:
             staging=self.committer.staging,
         )
         if shards is not None:
-            snap = dataclasses.replace(snap, sharded_dir=str(shards))
+            snap = dataclasses.replace(snap, shards=shards)
         if sync is not None:
             snap = gather_rank_states(sync, snap)
         return snap, mono() - t0
 
-    def _save_shards(self) -> Path:
-        """Every rank: the sharded model's and optimizer's DCP files of this step, written
-        into one fresh directory that rank 0 chooses; raises on every rank when rank 0 does
-        not see every rank's files there (ranks on machines without a shared staging dir)."""
-        t, sync = self.tracked, self.sync
+    def _save_shards(self, step: int, background: bool) -> ShardWrite:
+        """Every rank: start writing the sharded model's and optimizer's DCP files of
+        ``step`` into the checkpoint prefix rank 0 reserves (a local folder rank 0 makes
+        when the store has no fsspec target); in the background when ``background`` and a
+        copy of this rank's shards fits in host memory, else before this returns."""
+        t, sync, committer = self.tracked, self.sync, self.committer
         assert t.model is not None
-        path = None
+        committer.wait_shards()  # DCP's collectives of the previous write come first
+        group = checkpoint_group()
+        where: tuple[str, str | None] | None = None
         if self.rank == 0:
-            parent = self.ctx.staging_dir
-            if parent is not None:
-                Path(parent).mkdir(parents=True, exist_ok=True)
-            path = tempfile.mkdtemp(prefix="colabjob-shards-", dir=parent)
+            ckpts = self.ctx.checkpoints
+            prefix = ckpts.reserve(step)
+            local = None
+            if ckpts.store.fsspec_target(prefix) is None:
+                parent = self.ctx.staging_dir
+                if parent is not None:
+                    Path(parent).mkdir(parents=True, exist_ok=True)
+                local = tempfile.mkdtemp(prefix="colabjob-shards-", dir=parent)
+            where = (prefix, local)
         if sync is not None:
-            path = sync.broadcast(path)
-        directory = Path(str(path))
-        seen = save_sharded(t.model, t.optimizer, directory)
-        if sync is None:
-            return directory
-        views = sync.gather(seen)
-        problem = None
-        if views is not None:  # rank 0
-            missing = sorted(set().union(*map(set, views)) - set(seen))
-            if missing:
-                problem = f"rank 0 does not see {missing[:3]} in {directory}"
-        problem = sync.broadcast(problem)
-        if problem is not None:
-            raise CheckpointError(
-                f"sharded checkpoint: {problem}",
-                hint="every rank writes its shards into rank 0's staging directory: run the "
-                "ranks on one machine, or set checkpoint.staging_dir to a shared filesystem",
-            )
-        return directory
+            where = sync.broadcast(where)
+        assert where is not None
+        prefix, local = where
+        target = shard_target(self.ctx.checkpoints.store, prefix, local)
+        fits = committer.background_fits if background else None
+        self._host = self._host or HostCopy()
+        state = sharded_state(t.model, t.optimizer)
+        shards = start_shard_write(
+            state, target, prefix=prefix, fits=fits, group=group, host=self._host
+        )
+        committer.track_shards(shards)
+        return shards
 
 
 def _fetch_reported_once(

@@ -22,12 +22,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from colabjob.jobs.data.geometry import Geometry
 from colabjob.jobs.state.rng import RngState
+
+if TYPE_CHECKING:
+    from colabjob.jobs.state.dcp_writer import ShardWrite
 
 __all__ = [
     "FILES",
@@ -130,9 +133,10 @@ class Snapshot:
     versions: dict[str, str] = field(default_factory=dict)
     ranks: tuple[RankState, ...] = ()  # ranks 1.. of a multi-process run (rank 0 is above)
     live: bool = False  # model/optimizer tensors are the live ones: write before training on
-    # An FSDP2 model's and optimizer's DCP files, already written by every rank into this
-    # directory (``colabjob.jobs.state.sharded``): committed under ``dcp/`` with the rest.
-    sharded_dir: str | None = None
+    # An FSDP2 model's and optimizer's DCP files, being written by every rank into the
+    # checkpoint prefix it names (``colabjob.jobs.state.dcp_writer``): the commit waits for
+    # them and lists them under ``dcp/`` with the rest.
+    shards: ShardWrite | None = None
     # Called once the snapshot's tensors are no longer read (written, or never to be): its
     # pinned staging buffers (``colabjob.jobs.state.pinned``) may serve the next snapshot.
     release: Callable[[], None] | None = field(default=None, repr=False, compare=False)

@@ -3,15 +3,15 @@
 
 A model is *sharded* when it is an ``FSDPModule`` (``fully_shard``) or holds ``DTensor``
 parameters. Its weights and optimizer state then never exist whole on one rank: at a
-checkpoint every rank calls ``save_sharded`` at the same step, which writes its shards with
-``dcp.save`` (the ``get_state_dict`` view: keys by parameter name, resharding on load) into
-one directory that every rank of the machine sees; rank 0 then commits those files under
-``dcp/`` next to the usual ``state.json`` (``move_into``), each listed in the manifest with
-its size and sha256 like any other file. ``load_sharded`` reads them back on every rank
-with ``dcp.load`` + ``set_state_dict``, on any number of processes (DCP reshards), and into
-a plain (unsharded) model too. DCP's ``.metadata`` file is a pickle: it is read by an
-unpickler that admits only DCP's own metadata classes and plain containers, so a forged
-file cannot run code.
+checkpoint every rank writes its shards of the ``sharded_state`` view (the ``get_state_dict``
+view: keys by parameter name, resharding on load) with DCP straight into the checkpoint's
+``dcp/`` folder, in the background where host memory allows
+(``colabjob.jobs.state.dcp_writer``); rank 0 then commits them next to the usual
+``state.json``, each listed in the manifest with its size and sha256 like any other file.
+``load_sharded`` reads them back on every rank with ``dcp.load`` + ``set_state_dict``, on
+any number of processes (DCP reshards), and into a plain (unsharded) model too. DCP's
+``.metadata`` file is a pickle: it is read by an unpickler that admits only DCP's own
+metadata classes and plain containers, so a forged file cannot run code.
 """
 
 from __future__ import annotations
@@ -19,20 +19,19 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from colabjob.errors import CorruptCheckpointError, UnsafeCheckpointError
 
-__all__ = ["SHARDED_DIR", "SHARDED_META", "is_sharded", "load_sharded", "move_into", "save_sharded"]
+__all__ = ["SHARDED_DIR", "SHARDED_META", "is_sharded", "load_sharded", "sharded_state"]
 
 SHARDED_DIR = "dcp"  # the checkpoint's folder of DCP files (``.metadata``, ``*.distcp``)
 SHARDED_META = "sharded"  # state.json meta key: the model and optimizer are in SHARDED_DIR
@@ -60,29 +59,12 @@ def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> d
     return {_MODEL: msd, _OPTIM: osd}
 
 
-def save_sharded(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, directory: Path
-) -> list[str]:
-    """Every rank, at the same step: write this rank's shards of ``model`` and
-    ``optimizer`` into ``directory`` (shared by the ranks); the file names it sees there."""
-    directory.mkdir(parents=True, exist_ok=True)
-    dcp.save(_state(model, optimizer), storage_writer=FileSystemWriter(directory))
-    return sorted(p.name for p in directory.iterdir() if p.is_file())
-
-
-def move_into(source: Path, staging: Path) -> dict[str, Path]:
-    """Rank 0's commit: the DCP files of ``source`` moved to ``staging/dcp/`` (a rename on
-    one filesystem), as ``{"dcp/<name>": path}``; ``source`` is removed."""
-    dest = staging / SHARDED_DIR
-    dest.mkdir(parents=True, exist_ok=True)
-    files: dict[str, Path] = {}
-    for path in sorted(source.iterdir()):
-        if path.is_file():
-            target = dest / path.name
-            shutil.move(path, target)
-            files[f"{SHARDED_DIR}/{path.name}"] = target
-    shutil.rmtree(source, ignore_errors=True)
-    return files
+def sharded_state(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer | None
+) -> dict[str, Any]:
+    """This rank's ``get_state_dict`` view of ``model`` and ``optimizer``, as a checkpoint
+    saves it (``colabjob.jobs.state.dcp_writer``) and ``load_sharded`` reads it."""
+    return _state(model, optimizer)
 
 
 def load_sharded(

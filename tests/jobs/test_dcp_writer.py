@@ -1,0 +1,129 @@
+"""The DCP write of a sharded checkpoint, in one process (no process group): every file is
+hashed as it is written (the digests equal the files' real sha256 and sizes), a background
+write keeps the values of the moment it started while training changes the live tensors,
+and the files committed in place load back; without an fsspec target (``memory://``) they
+are moved from a local folder into the commit's staging directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from colabjob.jobs.state.dcp_writer import HostCopy, shard_target, start_shard_write
+from colabjob.jobs.state.sharded import SHARDED_DIR, load_sharded, sharded_state
+from colabjob.storage import open_store
+from colabjob.storage.checkpoints import CheckpointStore
+from colabjob.storage.staging import Written
+
+pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+
+
+def _trained() -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 8))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 64)).pow(2).mean().backward()
+    opt.step()
+    return model, opt
+
+
+def _clone(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _train_on(model: nn.Module, opt: torch.optim.Optimizer) -> None:
+    opt.zero_grad()
+    model(torch.randn(4, 64)).pow(2).mean().backward()
+    opt.step()
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_files_written_in_place_are_hashed_and_load_back(tmp_path: Path, background: bool) -> None:
+    model, opt = _trained()
+    at_save = _clone(model)
+    ckpts = CheckpointStore(open_store(tmp_path / "job"))
+    prefix = ckpts.reserve(3)
+    target = shard_target(ckpts.store, prefix, None)
+    assert target.in_place and target.sync_files
+    fits: Any = (lambda nbytes: nbytes > 0) if background else None
+    shards = start_shard_write(
+        sharded_state(model, opt), target, prefix=prefix, fits=fits, group=None
+    )
+    assert (shards._future is not None) is background
+    _train_on(model, opt)  # training goes on while it writes: the checkpoint keeps step 1
+    files = shards.wait(tmp_path / "unused")
+    assert f"{SHARDED_DIR}/.metadata" in files and f"{SHARDED_DIR}/__0_0.distcp" in files
+    for name, src in files.items():
+        assert isinstance(src, Written)
+        data = (tmp_path / "job" / prefix / name).read_bytes()
+        assert (src.size, src.sha256) == (len(data), hashlib.sha256(data).hexdigest()), name
+    info = ckpts.save(3, {**files, "state.json": b"{}"}, prefix=prefix)
+    local = ckpts.fetch(ckpts.latest(verify="full") or info, tmp_path / "fetched")
+    fresh, fresh_opt = _trained()
+    _train_on(fresh, fresh_opt)
+    load_sharded(fresh, fresh_opt, local / SHARDED_DIR)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, at_save[k]), k
+
+
+def test_without_an_fsspec_target_the_files_move_into_staging(tmp_path: Path) -> None:
+    model, opt = _trained()
+    ckpts = CheckpointStore(open_store("memory://dcp-writer-test"))
+    prefix = ckpts.reserve(2)
+    local = tmp_path / "shards"
+    local.mkdir()
+    target = shard_target(ckpts.store, prefix, str(local))
+    assert not target.in_place
+    shards = start_shard_write(
+        sharded_state(model, opt), target, prefix=prefix, fits=lambda n: True, group=None
+    )
+    staging = tmp_path / "staging"
+    files = shards.wait(staging)
+    assert set(files) >= {f"{SHARDED_DIR}/.metadata", f"{SHARDED_DIR}/__0_0.distcp"}
+    assert all(isinstance(p, Path) and p.parent == staging / SHARDED_DIR for p in files.values())
+    assert not local.exists()  # the temp folder is gone once its files moved
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        info = ckpts.save(2, dict(files), prefix=prefix)
+    assert set(info.manifest["files"]) == set(files)
+
+
+def test_the_host_copy_is_reused_and_always_current(tmp_path: Path) -> None:
+    """Two background saves through one ``HostCopy``: the second copies into the first's
+    buffers (same memory) and writes the values of its own step; a save that does not fit
+    frees them."""
+    model, opt = _trained()
+    host = HostCopy()
+    ckpts = CheckpointStore(open_store(tmp_path / "job"))
+    saved = []
+    for step in (1, 2):
+        prefix = ckpts.reserve(step)
+        state = sharded_state(model, opt)
+        shards = start_shard_write(
+            state, shard_target(ckpts.store, prefix, None), prefix=prefix,
+            fits=lambda n: True, group=None, host=host,
+        )  # fmt: skip
+        saved.append((_clone(model), {k: v.data_ptr() for k, v in host._cache["model"].items()}))
+        _train_on(model, opt)
+        files = shards.wait(tmp_path)
+        ckpts.save(step, {**files, "state.json": b"{}"}, prefix=prefix)
+    assert saved[0][1] == saved[1][1]  # the same buffers
+    assert host.nbytes > 0
+    local = ckpts.fetch(ckpts.latest() or pytest.fail("no checkpoint"), tmp_path / "fetched")
+    fresh, fresh_opt = _trained()
+    load_sharded(fresh, fresh_opt, local / SHARDED_DIR)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, saved[1][0][k]), k
+    prefix = ckpts.reserve(3)
+    start_shard_write(
+        sharded_state(model, opt), shard_target(ckpts.store, prefix, None), prefix=prefix,
+        fits=lambda n: False, group=None, host=host,
+    )  # fmt: skip
+    assert host.nbytes == 0
