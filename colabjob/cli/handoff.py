@@ -96,6 +96,12 @@ def configure_parser(
     p.add_argument("--disk-gb", type=int, default=DEFAULT_DISK_GB, help="boot disk size in GB")
     p.add_argument("--service-account", help="VM service account email (default: compute's)")
     p.add_argument(
+        "--notify-secret",
+        metavar="NAME",
+        help="gce: a Secret Manager secret holding the notification URLs; the VM reads it "
+        "into COLABJOB_NOTIFY before each resume (the URLs never enter the startup script)",
+    )
+    p.add_argument(
         "--pip",
         action="append",
         default=[],
@@ -150,6 +156,7 @@ def cmd_handoff(args: argparse.Namespace, *, out: TextIO | None = None) -> int:
         service_account=args.service_account,
         extra_packages=tuple(args.pip),
         script_path=args.script_out,
+        notify_secret=args.notify_secret,
         log=say,
     )
     return _report(plan, stdout)

@@ -316,3 +316,76 @@ def test_the_cli_tells_a_pause_once_across_a_sigkill_and_a_resume(
     assert "json://127.0.0.1" in first.stderr  # shown redacted
     assert _files_mention(job, TOKEN) == []
     assert os.path.exists(tmp_path / "m2")
+
+
+# ---- a handoff: the URLs travel through Secret Manager, never in the startup script ----------
+
+
+def _startup(**kw: Any) -> str:
+    from colabjob.runner.handoff.startup_script import render_startup_script
+
+    return render_startup_script(
+        job_url="gs://bucket/jobs/run1", version=colabjob.__version__, gpu=False,
+        instance="colabjob-run1", zone="us-central1-a", project="my-project", **kw,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("secret", [None, "colabjob-notify"])
+def test_the_startup_script_reads_the_urls_from_a_secret_and_stays_valid_bash(
+    tmp_path: Path, secret: str | None
+) -> None:
+    import shutil
+    import subprocess
+
+    path = tmp_path / "startup.sh"
+    path.write_text(_startup(notify_secret=secret))
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    shellcheck = shutil.which("shellcheck")
+    if shellcheck is None:
+        pytest.fail("shellcheck is missing: apt-get install -y shellcheck (Debian/Ubuntu)")
+    lint = subprocess.run([shellcheck, "--shell=bash", "--severity=style", str(path)],
+                          capture_output=True, text=True)  # fmt: skip
+    assert lint.returncode == 0, lint.stdout
+    text = path.read_text()
+    assert (f"NOTIFY_SECRET={secret}" if secret else "NOTIFY_SECRET=''") in text
+
+
+@pytest.mark.parametrize("readable", [True, False])
+def test_the_vm_reads_the_secret_before_each_resume(tmp_path: Path, readable: bool) -> None:
+    from tests.runner.vm_stubs import FakeVm
+
+    vm = FakeVm(tmp_path, installed=colabjob.__version__)
+    done = vm.run(
+        _startup(notify_secret="colabjob-notify"),
+        STUB_RC="0",
+        STUB_GCLOUD_RC="0" if readable else "1",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert vm.gcloud_calls == [
+        "[secrets][versions][access][latest][--secret=colabjob-notify][--project][my-project]"
+    ]
+    assert ("could not read the secret colabjob-notify" in vm.log) is not readable
+    assert vm.stub_log("colabjob").splitlines() == ["resume gs://bucket/jobs/run1 --platform gce"]
+
+
+@pytest.mark.gcs
+def test_a_handoff_of_a_job_with_notifications_says_how_to_pass_them(
+    tmp_path: Path, hook: Hook, gcs_bucket: str
+) -> None:
+    from colabjob.runner.handoff.to_vm import handoff
+
+    clock = FakeClock()
+    with colabjob.session(
+        gcs_bucket, clock=clock, log=None, platform="local", budget="1h", max_steps=200,
+        every_steps=50, notify=[hook.url],
+    ) as s:  # fmt: skip
+        train_tiny(s, clock=clock)
+    vm = {"project": "my-project", "zone": "us-central1-a", "machine_type": "n1-standard-4"}
+    plan = handoff(gcs_bucket, **vm, dry_run=True, script_path=tmp_path / "s.sh")
+    (warning,) = [w for w in plan.warnings if "notif" in w]
+    assert redact(hook.url) in warning and "--notify-secret NAME" in warning
+    assert TOKEN not in warning and TOKEN not in (tmp_path / "s.sh").read_text()
+    plan = handoff(gcs_bucket, **vm, dry_run=True, script_path=tmp_path / "s2.sh",
+                   notify_secret="colabjob-notify")  # fmt: skip
+    assert not [w for w in plan.warnings if "notif" in w]
+    assert "NOTIFY_SECRET=colabjob-notify" in (tmp_path / "s2.sh").read_text()

@@ -75,8 +75,11 @@ def render_startup_script(
     resume_args: Sequence[str] = (),
     torch_cpu_index: str = TORCH_CPU_INDEX,
     mig: str | None = None,
+    notify_secret: str | None = None,
 ) -> str:
-    """The startup script (bash) that resumes ``job_url`` (a ``gs://`` URL) on the VM."""
+    """The startup script (bash) that resumes ``job_url`` (a ``gs://`` URL) on the VM.
+    ``notify_secret``: a Secret Manager secret whose value (notification URLs, which hold
+    tokens: never in the script) becomes ``COLABJOB_NOTIFY`` before each resume."""
     if not job_url.startswith("gs://"):
         raise ConfigError(
             f"the VM resumes from GCS; {job_url!r} is not a gs:// URL",
@@ -92,9 +95,12 @@ def render_startup_script(
     }
     if mig is not None:
         values.update(MIG=mig, TEMPLATE=template_name_for(mig))
+    if notify_secret is not None:
+        values["NOTIFY_SECRET"] = notify_secret
     lines = [_assign(k, v) for k, v in values.items()]
     lines += [
         *([] if mig is not None else ["MIG=''  # not in a managed instance group", "TEMPLATE=''"]),
+        *([] if notify_secret is not None else ["NOTIFY_SECRET=''  # no notifications"]),
         f"EXPECT_GPU={1 if gpu else 0}",
         f"EX_PAUSED={int(ExitCode.PAUSED)}",
         _array("EXTRA_PACKAGES", extra_packages),
@@ -270,6 +276,15 @@ forward_signal() {
 
 run_job() {
   local rc=0 again
+  if [ -n "$NOTIFY_SECRET" ]; then  # the URLs hold tokens: read at run time, never stored
+    if COLABJOB_NOTIFY="$(gcloud secrets versions access latest --secret="$NOTIFY_SECRET" \
+        --project "$PROJECT")"; then
+      export COLABJOB_NOTIFY
+    else
+      log "could not read the secret $NOTIFY_SECRET (the VM's service account needs" \
+        "roles/secretmanager.secretAccessor): no notifications this time"
+    fi
+  fi
   log "running: colabjob resume $JOB_URL --platform gce${RESUME_ARGS[*]:+ ${RESUME_ARGS[*]}}"
   SIGNALLED=0
   trap forward_signal TERM INT

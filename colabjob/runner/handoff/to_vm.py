@@ -160,6 +160,7 @@ def handoff(
     service_account: str | None = None,
     extra_packages: Sequence[str] = (),
     script_path: str | Path | None = None,
+    notify_secret: str | None = None,
     gcloud: str = "gcloud",
     runner: Runner = subprocess.run,
     clock: Clock = SYSTEM_CLOCK,
@@ -169,7 +170,9 @@ def handoff(
 
     ``to`` (a ``gs://`` URL) is required when the job is not on GCS, and optional otherwise
     (a copy to another bucket, e.g. one in the VM's region). ``runner`` runs gcloud
-    (``subprocess.run``'s signature); ``log`` receives progress lines.
+    (``subprocess.run``'s signature); ``log`` receives progress lines. ``notify_secret``:
+    the Secret Manager secret the VM reads ``COLABJOB_NOTIFY`` from (notification URLs hold
+    tokens and never go into the startup script).
     """
     say = log or (lambda _msg: None)
     acc = parse_accelerator(accelerator) if isinstance(accelerator, str) else accelerator
@@ -194,6 +197,14 @@ def handoff(
     if name is None:
         vm = dataclasses.replace(vm, name=instance_name_for(record.job_id))
     warnings = [*job.warnings, *_location_warnings(dst.url, vm)]
+    if record.extras.get("notify") and notify_secret is None:
+        shown = ", ".join(map(str, record.extras["notify"]))
+        warnings.append(
+            f"this job notified {shown}; notification URLs hold tokens and do not travel "
+            "with the job: put them in a Secret Manager secret (gcloud secrets create NAME "
+            "--data-file=-) and hand off with --notify-secret NAME (the VM's service account "
+            "needs roles/secretmanager.secretAccessor)"
+        )
     script = render_startup_script(  # before anything moves: a bad value stops us here
         job_url=dst.url,
         version=colabjob.__version__,
@@ -203,6 +214,7 @@ def handoff(
         project=vm.project,
         extra_packages=extra_packages,
         mig=vm.name if restart_on_preemption else None,
+        notify_secret=notify_secret,
     )
     path = write_plan_file(script, script_path, f"{vm.name}-startup.sh")
     plan = HandoffPlan(
