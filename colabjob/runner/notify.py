@@ -104,7 +104,7 @@ def notify_urls(
     env = os.environ if environ is None else environ
     urls: list[str] = []
     for group in (*given, split_urls(env.get(ENV_VAR, ""))):
-        for url in group or ():
+        for url in [group] if isinstance(group, str) else group or ():  # one URL, not chars
             url = str(url).strip()
             if url and url not in urls:
                 urls.append(url)

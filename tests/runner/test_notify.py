@@ -235,6 +235,22 @@ def test_nothing_is_sent_when_notifications_are_off(tmp_path: Path, hook: Hook) 
     assert not (tmp_path / "job" / "control" / "notified.json").exists()
 
 
+def test_a_failure_is_told_with_its_error_line(tmp_path: Path, hook: Hook) -> None:
+    clock = FakeClock()
+
+    def boom(s: Any) -> None:
+        if s.global_step == 2:
+            raise RuntimeError("CUDA error: device-side assert triggered\nmore lines")
+
+    with pytest.raises(RuntimeError), colabjob.session(
+        str(tmp_path / "job"), clock=clock, log=None, platform="local", notify=hook.url
+    ) as s:  # one URL given as a string is one URL
+        train_tiny(s, clock=clock, after=boom)
+    (msg,) = hook.messages()
+    assert msg.startswith("colabjob: job failed | RuntimeError: CUDA error: device-side assert")
+    assert "more lines" not in msg and "Fix the cause, then:" in msg
+
+
 def test_a_claimed_event_is_claimed_once(tmp_path: Path) -> None:
     store = open_store(str(tmp_path / "job"))
     assert claim(store, "paused:step-3") and claim(store, "completed")
