@@ -5,8 +5,9 @@ load ``job.json``, refuse a job that was moved elsewhere (``JobMovedError``) or 
 acquire the lease (a live holder raises ``LeaseHeldError`` before anything changes), move the
 record to RUNNING with a new ``Segment``, start the watchdog (budget, signals, preemption
 notice, stop requests, an optional extra policy) and the lease heartbeat, start the experiment
-trackers (``runner.trackers``) and build the ``SegmentContext`` with a ``CheckpointStore``
-fenced by the lease epoch and timed on the runner's clock. Closing (``finish``): stop the
+trackers (``runner.trackers``), sweep the checkpoint prefixes an earlier session left
+uncommitted, and build the ``SegmentContext`` with a ``CheckpointStore`` fenced by the
+lease epoch and timed on the runner's clock. Closing (``finish``): stop the
 heartbeat, the watchdog and the trackers, close the segment with its stop reason and the job
 state (COMPLETED when the job finished, SUSPENDED after a budget/signal/preemption/stop-request
 stop, CANCELLED after ``colabjob stop --cancel``, FAILED with the error on an exception), then
@@ -131,6 +132,7 @@ class SegmentRun:
         try:
             if opts.resume is not None and opts.resume.scratch:  # under the lease: it writes
                 set_aside_all(checkpoints)
+            self._sweep(checkpoints)
             record = update_record(self.store, self._begin, clock=self.clock)
             every = opts.every_minutes
             self.notices = notices_for(
@@ -182,6 +184,18 @@ class SegmentRun:
             committed_step=record.committed_step,
             **self._loop_settings(staging),
         )
+
+    def _sweep(self, checkpoints: CheckpointStore) -> None:
+        """Under the lease, before this segment writes: remove what an earlier one left
+        uncommitted (a crash or a failed save; a sharded save's shards lie in its
+        checkpoint prefix). Housekeeping only: a storage error is logged, not raised."""
+        try:
+            swept = checkpoints.sweep_staging()
+        except StorageError as e:
+            log.warning("could not sweep abandoned checkpoint prefixes: %s", e)
+            return
+        for prefix in swept:
+            self._log(f"removed {prefix}: a checkpoint an earlier session never committed")
 
     # -- notifications (runner.notify_events) ----------------------------------------------
     def _on_status(self, status: dict[str, Any]) -> None:
