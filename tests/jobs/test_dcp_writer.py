@@ -2,7 +2,8 @@
 hashed as it is written (the digests equal the files' real sha256 and sizes), a background
 write keeps the values of the moment it started while training changes the live tensors,
 and the files committed in place load back; without an fsspec target (``memory://``) they
-are moved from a local folder into the commit's staging directory.
+are moved from a local folder into the commit's staging directory. The host copy is reused
+by the next background save (same buffers, current values) and freed by a synchronous one.
 """
 
 from __future__ import annotations
