@@ -3,7 +3,9 @@ hashed as it is written (the digests equal the files' real sha256 and sizes), a 
 write keeps the values of the moment it started while training changes the live tensors,
 and the files committed in place load back; without an fsspec target (``memory://``) they
 are moved from a local folder into the commit's staging directory. The host copy is reused
-by the next background save (same buffers, current values) and freed by a synchronous one.
+by the next background save (same buffers, current values) and freed by a synchronous one;
+the save chooser counts it as room for the next copy and frees it when saving turns
+synchronous.
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ import pytest
 import torch
 from torch import nn
 
-from colabjob.jobs.state.dcp_writer import HostCopy, shard_target, start_shard_write
+from colabjob.jobs.checkpointing.committer import _Held
+from colabjob.jobs.state.dcp_writer import HostCopy, local_nbytes, shard_target, start_shard_write
+from colabjob.jobs.state.host_memory import MARGIN_FRACTION, MIN_MARGIN, SaveChooser
+from colabjob.jobs.state.pinned import StagingPool
 from colabjob.jobs.state.sharded import SHARDED_DIR, load_sharded, sharded_state
 from colabjob.storage import open_store
 from colabjob.storage.checkpoints import CheckpointStore
@@ -128,3 +133,24 @@ def test_the_host_copy_is_reused_and_always_current(tmp_path: Path) -> None:
         fits=lambda n: False, group=None, host=host,
     )  # fmt: skip
     assert host.nbytes == 0
+
+
+def test_the_chooser_counts_the_kept_host_copy_as_room_and_frees_it() -> None:
+    """The committer's ``SaveChooser`` sees the kept copy as room for the next one (it is
+    reused), and a save that turns synchronous frees it."""
+    model, opt = _trained()
+    host = HostCopy()
+    host.stage(sharded_state(model, opt))
+    held = host.nbytes
+    state = local_nbytes(sharded_state(model, opt))
+    assert held == state > 0
+    margin = max(MIN_MARGIN, int(MARGIN_FRACTION * state))
+    free = [state + margin - held]  # enough only with the kept copy counted
+    said: list[str] = []
+    chooser = SaveChooser(
+        "auto", say=said.append, buffers=_Held(StagingPool(), host), available=lambda: free[0]
+    )
+    assert chooser.background(state) and host.nbytes == held
+    free[0] = 0
+    assert not chooser.background(state)
+    assert host.nbytes == 0 and len(said) == 1

@@ -36,8 +36,9 @@ from colabjob.jobs.checkpointing.failures import CommitFailures
 from colabjob.jobs.context import SegmentContext
 from colabjob.jobs.distributed import Coordinator
 from colabjob.jobs.state.capture import write_snapshot
+from colabjob.jobs.state.dcp_writer import HostCopy
 from colabjob.jobs.state.format import Snapshot
-from colabjob.jobs.state.host_memory import SaveChooser, parse_async
+from colabjob.jobs.state.host_memory import HostBuffers, SaveChooser, parse_async
 from colabjob.jobs.state.pinned import StagingPool
 
 if TYPE_CHECKING:
@@ -65,6 +66,7 @@ class Committer:
         self.retry_due = False  # a periodic commit failed: the next boundary saves again
         self.failures = CommitFailures()  # consecutive failed periodic commits
         self.staging = StagingPool()  # pinned host buffers for background GPU snapshots
+        self.host_copy = HostCopy()  # a sharded model's host copy for DCP's background write
         self._pending: PendingCommit[CheckpointInfo] | None = None
         self._pending_snap_s = 0.0
         self._on_commit = on_commit
@@ -84,7 +86,7 @@ class Committer:
                 parse_async(self.ctx.async_checkpoint),
                 say=self.say,
                 on_status=self.ctx.on_status,
-                buffers=self.staging,
+                buffers=_Held(self.staging, self.host_copy),
             )
         return self._chooser.background(nbytes)
 
@@ -264,6 +266,21 @@ class Committer:
         log.info("%s", message)
         if self.ctx.log is not None:
             self.ctx.log(message)
+
+
+class _Held:
+    """Every host buffer kept for background copies, as the ``SaveChooser`` sees them (room
+    for the next copy; freed when saving turns synchronous)."""
+
+    def __init__(self, *parts: HostBuffers) -> None:
+        self.parts = parts
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
+    def clear(self) -> int:
+        return sum(p.clear() for p in self.parts)
 
 
 def report_commit(

@@ -45,7 +45,6 @@ from colabjob.jobs.distributed import Coordinator
 from colabjob.jobs.state.capture import snapshot
 from colabjob.jobs.state.codec import deep_cpu_copy, read_json
 from colabjob.jobs.state.dcp_writer import (
-    HostCopy,
     ShardWrite,
     checkpoint_group,
     shard_target,
@@ -106,7 +105,6 @@ class Checkpointer:
         self.rank = 0 if sync is None else sync.rank
         self.tracked = SessionTracked()
         self.committer = Committer(ctx, sync=sync, on_commit=on_commit)
-        self._host: HostCopy | None = None  # a sharded model's host copy, kept between saves
         self._say = say
 
     # -- restore ------------------------------------------------------------------------------
@@ -259,10 +257,9 @@ class Checkpointer:
         prefix, local = where
         target = shard_target(self.ctx.checkpoints.store, prefix, local)
         fits = committer.background_fits if background else None
-        self._host = self._host or HostCopy()
         state = sharded_state(t.model, t.optimizer)
         shards = start_shard_write(
-            state, target, prefix=prefix, fits=fits, group=group, host=self._host
+            state, target, prefix=prefix, fits=fits, group=group, host=committer.host_copy
         )
         committer.track_shards(shards)
         return shards
