@@ -37,6 +37,7 @@ __all__ = [
     "DemoReport",
     "DemoSize",
     "StepBudget",
+    "WeightComparison",
     "compare_final_weights",
     "demo_spec",
     "prepare_demo",
@@ -195,8 +196,36 @@ def _local_segment(url: Path, spec: JobSpec, policy: StopPolicy, log: Any) -> Se
     return run_kind(spec, ctx)
 
 
-def compare_final_weights(a: str | Path, b: str | Path) -> bool:
-    """Whether the newest checkpoints of two job roots hold bit-identical model tensors."""
+@dataclass(frozen=True, kw_only=True)
+class WeightComparison:
+    """The final model tensors of two job roots compared bit for bit; truthy when identical.
+
+    When they are not, ``str()`` says how: which tensors differ and by how much, so a failed
+    exactness check tells a logic slip (large differences) from numerical noise (a few ulps)."""
+
+    missing: str | None = None  # why nothing could be compared
+    differing: tuple[str, ...] = ()
+    total: int = 0
+    max_abs: float = 0.0
+
+    def __bool__(self) -> bool:
+        return self.missing is None and not self.differing
+
+    def __str__(self) -> str:
+        if self.missing is not None:
+            return f"not compared: {self.missing}"
+        if not self.differing:
+            return f"all {self.total} tensors bit-identical"
+        shown = ", ".join(self.differing[:3]) + (", ..." if len(self.differing) > 3 else "")
+        return (
+            f"{len(self.differing)} of {self.total} tensors differ "
+            f"(largest |difference| {self.max_abs:.3g}; {shown})"
+        )
+
+
+def compare_final_weights(a: str | Path, b: str | Path) -> WeightComparison:
+    """The model tensors of the newest checkpoints of two job roots, compared bit for bit."""
+    import torch
     from safetensors.torch import load_file
 
     from colabjob.storage.checkpoints import CheckpointStore
@@ -207,10 +236,18 @@ def compare_final_weights(a: str | Path, b: str | Path) -> bool:
         for i, url in enumerate((a, b)):
             info = CheckpointStore(open_store(str(url))).fetch_latest(Path(tmp) / str(i))
             if info is None:
-                return False
+                return WeightComparison(missing=f"no checkpoint in {url}")
             tensors.append(load_file(str(Path(tmp) / str(i) / "model.safetensors")))
     x, y = tensors
-    return x.keys() == y.keys() and all(bool((x[k] == y[k]).all()) for k in x)
+    if x.keys() != y.keys():
+        return WeightComparison(missing=f"different tensor names: {sorted(x.keys() ^ y.keys())}")
+    differing = tuple(k for k in sorted(x) if not torch.equal(x[k], y[k]))
+    worst = max(
+        (float((x[k].double() - y[k].double()).abs().max()) for k in differing
+         if x[k].shape == y[k].shape),
+        default=0.0,
+    )
+    return WeightComparison(differing=differing, total=len(x), max_abs=worst)
 
 
 def _losses(url: Path) -> list[float]:
@@ -268,7 +305,10 @@ def run_demo(
         if log is not None:
             log("the same job again, uninterrupted, to compare the final weights")
         straight = run_one(root / "straight", spec, StepBudget(sz.steps + 1), verbose=False)
-        identical = compare_final_weights(root / "job", root / "straight")
+        comparison = compare_final_weights(root / "job", root / "straight")
+        identical = bool(comparison)
+        if not identical and log is not None:
+            log(f"final weights: {comparison}")
     losses = _losses(root / "job")
     report = DemoReport(
         sessions=tuple(outcomes),

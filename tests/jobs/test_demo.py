@@ -28,3 +28,20 @@ def test_tiny_demo_resumes_exactly_and_the_loss_falls(tmp_path: Path) -> None:
     assert report.last_loss < report.first_loss - 0.2
     assert any("bit-identical" in line for line in lines)
     assert (tmp_path / "tokenizer" / "tokenizer.json").exists()
+
+
+def test_a_weight_comparison_says_how_two_runs_differ(tmp_path: Path) -> None:
+    """Against another job's checkpoint: the tensors that differ, by how much; a root with
+    no checkpoint is 'not compared', never 'identical'."""
+    from colabjob.jobs.demo import compare_final_weights
+
+    run_demo(tmp_path / "a", size="tiny", sessions=1, compare=False, log=None)
+    same = compare_final_weights(tmp_path / "a" / "job", tmp_path / "a" / "job")
+    assert same and str(same).startswith("all ")
+    lonely = compare_final_weights(tmp_path / "a" / "job", tmp_path / "nothing")
+    assert not lonely and "no checkpoint" in str(lonely)
+    small = DEMO_SIZES["tiny"].__class__(**{**DEMO_SIZES["tiny"].__dict__, "steps": 2})
+    run_demo(tmp_path / "b", size=small, sessions=1, compare=False, log=None)
+    other = compare_final_weights(tmp_path / "a" / "job", tmp_path / "b" / "job")
+    assert not other and other.differing and other.max_abs > 0
+    assert f"{len(other.differing)} of {other.total} tensors differ" in str(other)
