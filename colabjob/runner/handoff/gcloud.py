@@ -6,7 +6,9 @@ zone has which GPU today), and the GPU/machine pairs GCE allows (L4 only on g2, 
 a2, H100 only on a3, T4/V100/P100/P4 only on n1). ``create_argv`` renders the exact
 ``gcloud compute instances create`` argv (spot flags, accelerator, maintenance policy, the
 Deep Learning VM image, a ``cloud-platform``-scoped service account: no key files), and
-``check_gcloud`` finds gcloud and its active account through a real subprocess.
+``check_gcloud`` finds gcloud and its active account through a real subprocess. ``run_cli``
+runs any external CLI a handoff drives (gcloud, sky, kaggle) the one way: resolved on PATH, a
+clear error when missing or failing.
 
 With ``restart_on_preemption`` (spot only) the VM is instead one member of a zonal managed
 instance group of size 1: ``template_argv`` renders ``gcloud compute instance-templates
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from colabjob.errors import ConfigError, GcloudError
+from colabjob.errors import ConfigError, GcloudError, HandoffError
 
 __all__ = [
     "DEFAULT_DISK_GB",
@@ -43,6 +45,7 @@ __all__ = [
     "group_argv",
     "instance_name_for",
     "parse_accelerator",
+    "run_cli",
     "template_argv",
     "template_name_for",
 ]
@@ -315,21 +318,46 @@ def _tail(text: str, lines: int = 12) -> str:
     return "\n".join(text.strip().splitlines()[-lines:])
 
 
+def run_cli(
+    argv: Sequence[str],
+    *,
+    missing: HandoffError,
+    runner: Runner = subprocess.run,
+    timeout: float,
+    error: type[HandoffError] = HandoffError,
+    failed_hint: str | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run an external CLI (gcloud, sky, kaggle) with argv[0] resolved on PATH.
+
+    ``missing`` is raised when it is not there, ``error`` when it cannot be started or runs
+    past ``timeout``. With ``failed_hint`` a non-zero exit raises ``HandoffError`` with the
+    tail of its output; without, the caller judges the exit status."""
+    path = shutil.which(argv[0])
+    if path is None:
+        raise missing
+    try:
+        done = runner([path, *argv[1:]], capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise error(f"could not run {shlex.join(list(argv[:4]))}: {e}") from e
+    if failed_hint is not None and done.returncode != 0:
+        raise HandoffError(
+            f"`{shlex.join(list(argv))}` failed (exit {done.returncode}):\n"
+            f"{describe_failure(done)}",
+            hint=failed_hint,
+        )
+    return done
+
+
 def run_gcloud(
     argv: Sequence[str], *, runner: Runner = subprocess.run, timeout: float = 600.0
 ) -> subprocess.CompletedProcess[str]:
     """Run gcloud (argv[0] resolved on PATH); ``GcloudError`` if it cannot be started."""
-    path = shutil.which(argv[0])
-    if path is None:
-        raise GcloudError(
-            f"{argv[0]} (the Google Cloud CLI) is not installed or not on PATH",
-            hint="install it (https://cloud.google.com/sdk/docs/install; Colab has it), "
-            "or pass --dry-run to only print the command",
-        )
-    try:
-        return runner([path, *argv[1:]], capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise GcloudError(f"could not run {shlex.join(list(argv[:4]))}: {e}") from e
+    missing = GcloudError(
+        f"{argv[0]} (the Google Cloud CLI) is not installed or not on PATH",
+        hint="install it (https://cloud.google.com/sdk/docs/install; Colab has it), "
+        "or pass --dry-run to only print the command",
+    )
+    return run_cli(argv, missing=missing, runner=runner, timeout=timeout, error=GcloudError)
 
 
 def check_gcloud(*, gcloud: str = "gcloud", runner: Runner = subprocess.run) -> str:

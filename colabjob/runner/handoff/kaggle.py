@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import json
 import re
-import shlex
-import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from colabjob.errors import ConfigError, HandoffError, KaggleNotFoundError
-from colabjob.runner.handoff.gcloud import Runner, describe_failure
+from colabjob.errors import ConfigError, KaggleNotFoundError
+from colabjob.runner.handoff.gcloud import Runner, run_cli
 
 __all__ = [
     "CODE_FILE",
@@ -252,22 +250,13 @@ def run_kaggle(
 ) -> subprocess.CompletedProcess[str]:
     """Run the ``kaggle`` CLI (argv[0] on PATH): ``KaggleNotFoundError`` when it is missing,
     ``HandoffError`` (exit 1) when it fails."""
-    path = shutil.which(argv[0])
-    if path is None:
-        raise KaggleNotFoundError(
-            f"{argv[0]} (Kaggle's CLI) is not installed or not on PATH",
-            hint=f"{KAGGLE_INSTALL}, and put your API token in ~/.kaggle/kaggle.json (or "
-            "KAGGLE_USERNAME/KAGGLE_KEY); or pass --dry-run to only write the kernel",
-        )
-    try:
-        done = runner([path, *argv[1:]], capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise HandoffError(f"could not run {shlex.join(list(argv[:3]))}: {e}") from e
-    if done.returncode != 0:
-        raise HandoffError(
-            f"`{shlex.join(list(argv))}` failed (exit {done.returncode}):\n"
-            f"{describe_failure(done)}",
-            hint="check the token (`kaggle kernels list --mine`) and that the account is "
-            "phone-verified (GPU and internet need it); then push again",
-        )
-    return done
+    missing = KaggleNotFoundError(
+        f"{argv[0]} (Kaggle's CLI) is not installed or not on PATH",
+        hint=f"{KAGGLE_INSTALL}, and put your API token in ~/.kaggle/kaggle.json (or "
+        "KAGGLE_USERNAME/KAGGLE_KEY); or pass --dry-run to only write the kernel",
+    )
+    hint = (
+        "check the token (`kaggle kernels list --mine`) and that the account is "
+        "phone-verified (GPU and internet need it); then push again"
+    )
+    return run_cli(argv, missing=missing, runner=runner, timeout=timeout, failed_hint=hint)

@@ -33,8 +33,8 @@ import yaml
 
 import colabjob
 from colabjob.clock import SYSTEM_CLOCK, Clock
-from colabjob.errors import ConfigError, ExitCode, HandoffError, SkyNotFoundError
-from colabjob.runner.handoff.gcloud import Runner, describe_failure, instance_name_for
+from colabjob.errors import ConfigError, ExitCode, SkyNotFoundError
+from colabjob.runner.handoff.gcloud import Runner, instance_name_for, run_cli
 from colabjob.runner.handoff.startup_script import TORCH_CPU_INDEX, checked_value
 from colabjob.runner.handoff.to_vm import move_job, prepare_job, write_plan_file
 from colabjob.runner.handoff.transfer import TransferReport
@@ -178,25 +178,15 @@ def run_sky(
     argv: Sequence[str], *, runner: Runner = subprocess.run, timeout: float = 1800.0
 ) -> subprocess.CompletedProcess[str]:
     """Run ``sky`` (argv[0] resolved on PATH); ``SkyNotFoundError`` when it is missing."""
-    path = shutil.which(argv[0])
-    if path is None:
-        raise SkyNotFoundError(
-            f"{argv[0]} (the SkyPilot CLI) is not installed or not on PATH",
-            hint=f"{SKY_INSTALL}, then `sky check gcp`; or pass --dry-run to only write the "
-            "task",
-        )
-    try:
-        done = runner([path, *argv[1:]], capture_output=True, text=True, timeout=timeout)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise HandoffError(f"could not run {shlex.join(list(argv[:3]))}: {e}") from e
-    if done.returncode != 0:
-        raise HandoffError(
-            f"`{shlex.join(list(argv))}` failed (exit {done.returncode}):\n"
-            f"{describe_failure(done)}",
-            hint="the job is on GCS and nothing runs yet: fix the cause (`sky check` shows "
-            "the clouds SkyPilot may use) and run the same command again",
-        )
-    return done
+    missing = SkyNotFoundError(
+        f"{argv[0]} (the SkyPilot CLI) is not installed or not on PATH",
+        hint=f"{SKY_INSTALL}, then `sky check gcp`; or pass --dry-run to only write the task",
+    )
+    hint = (
+        "the job is on GCS and nothing runs yet: fix the cause (`sky check` shows "
+        "the clouds SkyPilot may use) and run the same command again"
+    )
+    return run_cli(argv, missing=missing, runner=runner, timeout=timeout, failed_hint=hint)
 
 
 @dataclass(frozen=True, kw_only=True)
