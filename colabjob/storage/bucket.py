@@ -6,14 +6,16 @@ all), so a bulk write is a single ``pipe_file``/``put_file``; a download lands i
 temp file first (``atomic_local_fetch``). A "directory" is only a common prefix: listings
 go to the server each time (the filesystems are built without a listings cache), because
 other processes write too. Control objects (create-only, compare-and-swap) differ per
-service and stay in the backends (``gcs.py``, ``s3.py``).
+service and stay in the backends (``gcs.py``, ``s3.py``), each of which brings its lazily
+built clients (``fs`` the fsspec filesystem, shared with children) and a one-call check that
+its bucket exists, run once when a store is opened.
 """
 
 from __future__ import annotations
 
 import abc
 from contextlib import suppress
-from typing import Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from colabjob.storage.local import atomic_local_fetch
 from colabjob.storage.retry import RetryPolicy
@@ -22,20 +24,42 @@ from colabjob.storage.store import Store, join_key
 __all__ = ["BucketStore"]
 
 
-class BucketStore(Store):
-    """A Store under ``bucket/prefix`` of an fsspec object-store filesystem (``_fs``)."""
+class _Clients(Protocol):
+    @property
+    def fs(self) -> Any:
+        """The fsspec filesystem."""
+
+
+ClientsT = TypeVar("ClientsT", bound=_Clients)
+
+
+class BucketStore(Store, Generic[ClientsT]):
+    """A Store under ``bucket/prefix`` of an fsspec object-store filesystem (``clients.fs``)."""
 
     def __init__(
-        self, url: str, bucket: str, prefix: str, *, retry: RetryPolicy | None = None
+        self,
+        url: str,
+        bucket: str,
+        prefix: str,
+        *,
+        clients: ClientsT,
+        retry: RetryPolicy | None,
+        check_bucket: bool,
     ) -> None:
         super().__init__(url, retry=retry)
         self._bucket = bucket
         self._prefix = prefix
+        self._clients = clients
+        if check_bucket:
+            self._call(self._check_bucket)
+
+    @abc.abstractmethod
+    def _check_bucket(self) -> None:
+        """``BucketNotFoundError`` when the bucket does not exist (one cheap listing)."""
 
     @property
-    @abc.abstractmethod
     def _fs(self) -> Any:
-        """The fsspec filesystem (built lazily, shared with children)."""
+        return self._clients.fs
 
     def _name(self, key: str) -> str:
         """Object name inside the bucket."""

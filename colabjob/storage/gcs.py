@@ -100,7 +100,7 @@ def _is_status(exc: BaseException, status: int) -> bool:
     return getattr(exc, "code", None) == status
 
 
-class GCSStore(BucketStore):
+class GCSStore(BucketStore[_Clients]):
     """A Store under ``gs://bucket/prefix``."""
 
     crc32c_supported = True
@@ -116,10 +116,14 @@ class GCSStore(BucketStore):
         check_bucket: bool = True,
         _clients: _Clients | None = None,
     ) -> None:
-        super().__init__(f"gs://{join_key(bucket, prefix)}", bucket, prefix, retry=retry)
-        self._clients = _clients or _Clients(project=project, token=token)
-        if check_bucket:
-            self._call(self._check_bucket)
+        super().__init__(
+            f"gs://{join_key(bucket, prefix)}",
+            bucket,
+            prefix,
+            clients=_clients or _Clients(project=project, token=token),
+            retry=retry,
+            check_bucket=check_bucket,
+        )
 
     @classmethod
     def from_url(
@@ -174,10 +178,6 @@ class GCSStore(BucketStore):
             check_bucket=False,
             _clients=self._clients,
         )
-
-    @property
-    def _fs(self) -> Any:
-        return self._clients.fs
 
     def crc32c(self, key: str) -> str | None:
         """The object's crc32c as GCS reports it (base64 of the big-endian checksum)."""

@@ -136,7 +136,7 @@ class _Clients:
         return result
 
 
-class S3Store(BucketStore):
+class S3Store(BucketStore[_Clients]):
     """A Store under ``s3://bucket/prefix`` (an endpoint URL for S3-compatible services)."""
 
     versions_track_writes = False
@@ -154,11 +154,13 @@ class S3Store(BucketStore):
         endpoint = endpoint_url.rstrip("/") if endpoint_url else None
         self._query = f"?{urlencode({'endpoint_url': endpoint}, safe=':/')}" if endpoint else ""
         super().__init__(
-            f"s3://{join_key(bucket, prefix)}{self._query}", bucket, prefix, retry=retry
+            f"s3://{join_key(bucket, prefix)}{self._query}",
+            bucket,
+            prefix,
+            clients=_clients or _Clients(endpoint=endpoint or endpoint_from_env()),
+            retry=retry,
+            check_bucket=check_bucket,
         )
-        self._clients = _clients or _Clients(endpoint=endpoint or endpoint_from_env())
-        if check_bucket:
-            self._call(self._check_bucket)
 
     @classmethod
     def from_url(
@@ -224,10 +226,6 @@ class S3Store(BucketStore):
             check_bucket=False,
             _clients=self._clients,
         )
-
-    @property
-    def _fs(self) -> Any:
-        return self._clients.fs
 
     # ---- control objects (conditional PUTs) -----------------------------------------------
 
