@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from colabjob.config.schema import DEFAULT_MARGIN
@@ -23,6 +24,12 @@ HOME_ENV = "COLABJOB_HOME"
 def note(line: str) -> None:
     """A line for people, on stderr (stdout stays parseable: JSON, JSONL, tables)."""
     print(line, file=sys.stderr, flush=True)
+
+
+def warn(warnings: Iterable[str]) -> None:
+    """Each of a plan's warnings as a ``colabjob: warning:`` note."""
+    for warning in warnings:
+        note(f"colabjob: warning: {warning}")
 
 
 def open_job(url: str) -> tuple[Store, JobRecord]:

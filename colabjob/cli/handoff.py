@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable
 from typing import Any, TextIO
 
+from colabjob.cli.common import warn
 from colabjob.errors import ConfigError
 from colabjob.runner.handoff.gcloud import (
     DEFAULT_DISK_GB,
@@ -184,8 +185,7 @@ def _skypilot(args: argparse.Namespace, stdout: TextIO, say: Callable[[str], Non
 def _report(plan: Any, stdout: TextIO, *, dry_run_first: str | None = None) -> int:
     """What either engine's plan says: warnings, the copy, then the command and the next
     steps (a dry run shows ``dry_run_first``, e.g. the task file, and comments the steps)."""
-    for warning in plan.warnings:
-        print(f"colabjob: warning: {warning}", file=sys.stderr)
+    warn(plan.warnings)
     if plan.transfer is not None:
         print(plan.transfer.describe(), file=stdout)
     if plan.dry_run:

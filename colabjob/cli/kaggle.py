@@ -13,6 +13,7 @@ import shlex
 import sys
 from typing import Any, TextIO
 
+from colabjob.cli.common import warn
 from colabjob.runner.handoff.kaggle import (
     DEFAULT_MAX_VERSIONS,
     DEFAULT_WEEKLY_GPU_HOURS,
@@ -101,8 +102,7 @@ def cmd_kaggle_push(args: argparse.Namespace, *, out: TextIO | None = None) -> i
         folder=args.dir,
         dry_run=args.dry_run,
     )
-    for warning in plan.warnings:
-        print(f"colabjob: warning: {warning}", file=sys.stderr)
+    warn(plan.warnings)
     command = shlex.join(plan.argv)
     budget = "" if plan.budget_s is None else f", budget {format_duration(plan.budget_s)}"
     print(f"kernel: {plan.folder} ({plan.kernel.kernel}{budget})", file=stdout)

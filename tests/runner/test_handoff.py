@@ -496,6 +496,22 @@ def test_cli_dry_run_prints_the_exact_command(
     assert "my-train" in (tmp_path / "s.sh").read_text()
 
 
+@pytest.mark.gcs
+def test_cli_warnings_go_to_stderr_one_line_each(
+    gcs_bucket: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = {"job": {"name": "Run_1"}, "data": {"source": "/content/data/train.jsonl"}}
+    make_job(open_store(gcs_bucket), config=config)
+    args = parse(gcs_bucket, "--project", "my-project", "--zone", "us-central1-a",
+                 "--machine-type", "n1-standard-8", "--dry-run",
+                 "--script-out", str(tmp_path / "s.sh"))
+    assert cmd_handoff(args) == 0
+    got = capsys.readouterr()
+    warned = [line for line in got.err.splitlines() if line.startswith("colabjob: warning: ")]
+    assert any("/content/data/train.jsonl" in line for line in warned), got.err
+    assert "colabjob: warning" not in got.out
+
+
 def test_cli_errors_reach_main_with_their_hint_and_exit_code() -> None:
     args = parse("gs://b/j", "--project", "my-project", "--zone", "us-central1",
                  "--machine-type", "g2-standard-8", "--dry-run")
