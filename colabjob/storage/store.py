@@ -226,38 +226,39 @@ class Store(abc.ABC):
     def create(self, key: str, data: bytes) -> Version:
         k = check_key(key)
         payload = bytes(data)
-        attempt = 0
-
-        def op() -> Version:
-            nonlocal attempt
-            attempt += 1
-            try:
-                return self._create(k, payload)
-            except AlreadyExistsError:
-                if (mine := self._own_earlier_write(attempt, k, payload)) is None:
-                    raise
-                return mine
-
-        return self._call(op, k)
+        return self._conditional(k, payload, lambda: self._create(k, payload), AlreadyExistsError)
 
     def replace(self, key: str, data: bytes, expected: Version) -> Version:
         k = check_key(key)
         if not isinstance(expected, Version):
             raise TypeError(f"expected must be a Version, got {expected!r}")
         payload = bytes(data)
+        return self._conditional(
+            k, payload, lambda: self._replace(k, payload, expected), PreconditionFailedError
+        )
+
+    def _conditional(
+        self,
+        key: str,
+        data: bytes,
+        write: Callable[[], Version],
+        lost: type[PreconditionFailedError],
+    ) -> Version:
+        """``write`` (a conditional write of ``data`` to ``key``) under the retry policy; a
+        retry that fails with ``lost`` because our own earlier try landed returns its version."""
         attempt = 0
 
         def op() -> Version:
             nonlocal attempt
             attempt += 1
             try:
-                return self._replace(k, payload, expected)
-            except PreconditionFailedError:
-                if (mine := self._own_earlier_write(attempt, k, payload)) is None:
+                return write()
+            except lost:
+                if (mine := self._own_earlier_write(attempt, key, data)) is None:
                     raise
                 return mine
 
-        return self._call(op, k)
+        return self._call(op, key)
 
     def _own_earlier_write(self, attempt: int, key: str, data: bytes) -> Version | None:
         """After a transient error the server may have applied our write anyway; a retry then
