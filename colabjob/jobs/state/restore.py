@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from colabjob.jobs.state.rng import RngState, restore_rng
 from colabjob.jobs.state.tensorfile import TensorFile
 from colabjob.jobs.state.tracked import SCALER, Tracked
 
-__all__ = ["check_model", "read_optimizer_state", "restore"]
+__all__ = ["check_model", "read_optimizer_state", "restore", "tensor_chunks"]
 
 
 _CHUNK = 32 * 2**20  # bytes of weights handed to load_state_dict at a time
@@ -73,8 +73,18 @@ def check_model(model: torch.nn.Module, f: TensorFile, info: Mapping[str, Any]) 
 def _load_model(model: torch.nn.Module, f: TensorFile, info: Mapping[str, Any]) -> None:
     """Load the weights a few tensors at a time (``load_state_dict`` per chunk, so module
     hooks still run): the extra memory is one chunk, not a second copy of the model."""
+    for chunk in tensor_chunks(f, info["aliases"], limit=_CHUNK):
+        model.load_state_dict(chunk, strict=False)
+
+
+def tensor_chunks(
+    f: TensorFile, aliases: Mapping[str, str], *, limit: int, clone_aliases: bool = False
+) -> Iterator[dict[str, torch.Tensor]]:
+    """The file's tensors, each tied weight also under its ``aliases`` (``{alias: key}``),
+    in dicts of about ``limit`` bytes; ``clone_aliases`` gives an alias its own copy (for
+    loaders that fill each value in place)."""
     by_target: dict[str, list[str]] = {}
-    for alias, key in info["aliases"].items():
+    for alias, key in aliases.items():
         by_target.setdefault(key, []).append(alias)
     chunk: dict[str, torch.Tensor] = {}
     size = 0
@@ -82,13 +92,13 @@ def _load_model(model: torch.nn.Module, f: TensorFile, info: Mapping[str, Any]) 
         t = f.get(key)
         chunk[key] = t
         for alias in by_target.get(key, ()):
-            chunk[alias] = t
+            chunk[alias] = t.clone() if clone_aliases else t
         size += t.numel() * t.element_size()
-        if size >= _CHUNK:
-            model.load_state_dict(chunk, strict=False)
+        if size >= limit:
+            yield chunk
             chunk, size = {}, 0
     if chunk:
-        model.load_state_dict(chunk, strict=False)
+        yield chunk
 
 
 def read_optimizer_state(directory: str | os.PathLike[str]) -> Any:

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
 from colabjob.errors import CorruptCheckpointError, ResumeError
 from colabjob.jobs.state.codec import read_json
 from colabjob.jobs.state.format import MODEL_FILE, STATE_FILE
-from colabjob.jobs.state.restore import check_model, read_optimizer_state
+from colabjob.jobs.state.restore import check_model, read_optimizer_state, tensor_chunks
 from colabjob.jobs.state.tensorfile import TensorFile
 
 __all__ = ["load_whole"]
@@ -55,30 +55,12 @@ def load_whole(
     options = StateDictOptions(full_state_dict=True, strict=False)
     with TensorFile(directory / MODEL_FILE) as f:
         check_model(model, f, info)
-        for chunk in _chunks(f, info):
-            set_model_state_dict(model, chunk, options=options)
+        # DCP distributes each value in place: a tied weight's aliases get their own copy
+        for chunk in tensor_chunks(f, info.get("aliases", {}), limit=_CHUNK, clone_aliases=True):
+            # its value type is a union wider than Tensor, and dict is invariant
+            set_model_state_dict(model, cast("dict[str, Any]", chunk), options=options)
     if optimizer is not None and osd is not None:
         set_optimizer_state_dict(model, optimizer, osd, options=options)
-
-
-def _chunks(f: TensorFile, info: dict[str, Any]) -> Any:
-    """The file's tensors (with their aliases: tied weights) a few at a time."""
-    by_target: dict[str, list[str]] = {}
-    for alias, key in info.get("aliases", {}).items():
-        by_target.setdefault(key, []).append(alias)
-    chunk: dict[str, torch.Tensor] = {}
-    size = 0
-    for key in f.entries:
-        t = f.get(key)
-        chunk[key] = t
-        for alias in by_target.get(key, ()):
-            chunk[alias] = t.clone()  # DCP distributes each value in place
-        size += t.numel() * t.element_size()
-        if size >= _CHUNK:
-            yield chunk
-            chunk, size = {}, 0
-    if chunk:
-        yield chunk
 
 
 def _by_name(
