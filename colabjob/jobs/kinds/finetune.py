@@ -13,13 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from colabjob.jobs.defaults import DeviceCaps
-from colabjob.jobs.kinds.hf_trainer import (
-    load_model,
-    load_pretrained_data,
-    plan_training,
-    run_trainer,
-    weights_dtype,
-)
+from colabjob.jobs.kinds.hf_trainer import load_pretrained, plan_training, run_trainer
 
 if TYPE_CHECKING:
     from colabjob.config import JobSpec
@@ -27,11 +21,7 @@ if TYPE_CHECKING:
 
 
 def run(spec: JobSpec, ctx: SegmentContext) -> SegmentOutcome:
-    from transformers import set_seed
-
     assert spec.model is not None and spec.data is not None
-    tokenizer, dataset = load_pretrained_data(spec)
-    set_seed(spec.training.seed)
-    model = load_model(spec, weights_dtype(spec, "fp32", frozen_base=False))
+    tokenizer, dataset, model = load_pretrained(spec, "fp32", frozen_base=False)
     plan = plan_training(spec, ctx, model, caps=DeviceCaps.detect())
     return run_trainer(spec, ctx, model=model, tokenizer=tokenizer, dataset=dataset, plan=plan)

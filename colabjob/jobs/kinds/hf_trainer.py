@@ -43,6 +43,7 @@ __all__ = [
     "commit_final",
     "fetch_final",
     "load_model",
+    "load_pretrained",
     "load_tokenizer",
     "plan_training",
     "run_trainer",
@@ -264,6 +265,17 @@ def run_trainer(
 
 def _save_pretrained(model: Any, directory: Path) -> None:
     model.save_pretrained(directory)
+
+
+def load_pretrained(spec: JobSpec, precision: str, *, frozen_base: bool) -> tuple[Any, Any, Any]:
+    """The tokenizer, the tokenized data and the pretrained model (in ``weights_dtype``,
+    loaded after seeding): what the finetune and lora kinds start from."""
+    from transformers import set_seed
+
+    tokenizer, dataset = load_pretrained_data(spec)
+    set_seed(spec.training.seed)
+    model = load_model(spec, weights_dtype(spec, precision, frozen_base=frozen_base))
+    return tokenizer, dataset, model
 
 
 def load_pretrained_data(spec: JobSpec) -> tuple[Any, Any]:

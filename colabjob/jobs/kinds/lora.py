@@ -17,13 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from colabjob.errors import ConfigError
 from colabjob.jobs.defaults import DeviceCaps, choose_precision
-from colabjob.jobs.kinds.hf_trainer import (
-    load_model,
-    load_pretrained_data,
-    plan_training,
-    run_trainer,
-    weights_dtype,
-)
+from colabjob.jobs.kinds.hf_trainer import load_pretrained, plan_training, run_trainer
 
 if TYPE_CHECKING:
     from colabjob.config import JobSpec
@@ -71,14 +65,10 @@ def add_adapters(model: Any, spec: JobSpec) -> Any:
 
 
 def run(spec: JobSpec, ctx: SegmentContext) -> SegmentOutcome:
-    from transformers import set_seed
-
     assert spec.model is not None and spec.data is not None
-    tokenizer, dataset = load_pretrained_data(spec)
     caps = DeviceCaps.detect()
     precision, _ = choose_precision(spec.training.precision, caps)
-    set_seed(spec.training.seed)
-    base = load_model(spec, weights_dtype(spec, precision, frozen_base=True))
+    tokenizer, dataset, base = load_pretrained(spec, precision, frozen_base=True)
     model = add_adapters(base, spec)
     plan = plan_training(spec, ctx, model, caps=caps)
     if plan.gradient_checkpointing:
