@@ -20,7 +20,14 @@ import torch
 from torch import nn
 
 from colabjob.jobs.checkpointing.committer import _Held
-from colabjob.jobs.state.dcp_writer import HostCopy, local_nbytes, shard_target, start_shard_write
+from colabjob.jobs.state.dcp_writer import (
+    _SLICE,
+    HostCopy,
+    _HashingStream,
+    local_nbytes,
+    shard_target,
+    start_shard_write,
+)
 from colabjob.jobs.state.host_memory import MARGIN_FRACTION, MIN_MARGIN, SaveChooser
 from colabjob.jobs.state.pinned import StagingPool
 from colabjob.jobs.state.sharded import SHARDED_DIR, load_sharded, sharded_state
@@ -31,9 +38,9 @@ from colabjob.storage.staging import Written
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
 
-def _trained() -> tuple[nn.Module, torch.optim.Optimizer]:
+def _trained(width: int = 64) -> tuple[nn.Module, torch.optim.Optimizer]:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 8))
+    model = nn.Sequential(nn.Linear(64, width), nn.Tanh(), nn.Linear(width, 8))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model(torch.randn(4, 64)).pow(2).mean().backward()
     opt.step()
@@ -50,9 +57,14 @@ def _train_on(model: nn.Module, opt: torch.optim.Optimizer) -> None:
     opt.step()
 
 
-@pytest.mark.parametrize("background", [True, False])
-def test_files_written_in_place_are_hashed_and_load_back(tmp_path: Path, background: bool) -> None:
-    model, opt = _trained()
+@pytest.mark.parametrize(
+    ("background", "width"),
+    [(True, 64), (False, 64), (True, 3000)],  # 3000: tensors of 750 KB, hashed in slices
+)
+def test_files_written_in_place_are_hashed_and_load_back(
+    tmp_path: Path, background: bool, width: int
+) -> None:
+    model, opt = _trained(width)
     at_save = _clone(model)
     ckpts = CheckpointStore(open_store(tmp_path / "job"))
     prefix = ckpts.reserve(3)
@@ -72,11 +84,36 @@ def test_files_written_in_place_are_hashed_and_load_back(tmp_path: Path, backgro
         assert (src.size, src.sha256) == (len(data), hashlib.sha256(data).hexdigest()), name
     info = ckpts.save(3, {**files, "state.json": b"{}"}, prefix=prefix)
     local = ckpts.fetch(ckpts.latest(verify="full") or info, tmp_path / "fetched")
-    fresh, fresh_opt = _trained()
+    fresh, fresh_opt = _trained(width)
     _train_on(fresh, fresh_opt)
     load_sharded(fresh, fresh_opt, local / SHARDED_DIR)
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, at_save[k]), k
+
+
+def test_the_stream_hashes_every_byte_of_writes_of_any_size(tmp_path: Path) -> None:
+    """Writes around and far above the slice size, from bytes, a bytearray and a tensor's
+    memory, give the real file's size and sha256; a write has been hashed when it returns
+    (the caller's buffer changed afterwards does not change the digest)."""
+    gen = torch.Generator().manual_seed(1)
+    tensor = torch.randn(3 * _SLICE // 4 + 5, generator=gen)  # 3 slices and 20 bytes
+    reused = bytearray(torch.randint(0, 256, (_SLICE * 2 + 1,), dtype=torch.uint8).numpy())
+    chunks: list[Any] = [
+        b"header", bytes(_SLICE), tensor.numpy(), bytes(range(256)) * (_SLICE // 256 + 1),
+        reused, b"", b"x",
+    ]  # fmt: skip
+    path = tmp_path / "f.bin"
+    with open(path, "wb") as raw:
+        stream = _HashingStream(raw)
+        for chunk in chunks:
+            assert stream.write(chunk) == memoryview(chunk).nbytes
+            if chunk is reused:
+                reused[:] = bytes(len(reused))  # the caller reuses its buffer
+        stream.finish()
+    data = path.read_bytes()
+    assert stream.size == len(data) == stream.tell()
+    assert stream.sha.hexdigest() == hashlib.sha256(data).hexdigest()
+    assert stream._pool is None  # the helper thread is gone
 
 
 def test_without_an_fsspec_target_the_files_move_into_staging(tmp_path: Path) -> None:

