@@ -8,9 +8,14 @@ first access from the module that owns it.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 __version__ = "0.1.0"
+
+# Exact resume on a CPU needs oneMKL's reproducible mode, read at its first call: set the
+# default before any torch math runs (colabjob.jobs.numerics says why; MKL_CBWR wins).
+os.environ.setdefault("MKL_CBWR", "AUTO")
 
 # name -> (module, attribute)
 _EXPORTS: dict[str, tuple[str, str]] = {

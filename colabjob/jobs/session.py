@@ -47,6 +47,7 @@ from colabjob.jobs.context import SegmentContext, SegmentOutcome
 from colabjob.jobs.data import Geometry
 from colabjob.jobs.decision import Vote, decide_agreed
 from colabjob.jobs.distributed import Coordinator
+from colabjob.jobs.numerics import pin_threads
 from colabjob.jobs.policy import StopReason
 from colabjob.jobs.progress import format_metric_line, progress_row
 from colabjob.jobs.state.format import Counters, Snapshot, Stateful
@@ -67,6 +68,7 @@ class Session:
     """One training segment seen from the training loop. See the module docstring."""
 
     def __init__(self, ctx: SegmentContext) -> None:
+        pin_threads()  # oneMKL's dynamic threading off: the same sums in every session
         self.ctx = ctx
         self._policy = ctx.policy
         self._mono = ctx.monotonic

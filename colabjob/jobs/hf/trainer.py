@@ -56,6 +56,7 @@ from colabjob.jobs.hf.callback import (
 from colabjob.jobs.hf.compat import check_trainer_compat
 from colabjob.jobs.hf.data import align_epoch, train_loader
 from colabjob.jobs.hf.finish import JobLossMixin, job_train_loss
+from colabjob.jobs.numerics import pin_threads
 from colabjob.jobs.policy import StopReason
 from colabjob.jobs.state.capture import snapshot
 from colabjob.jobs.state.codec import read_json
@@ -81,6 +82,7 @@ class ResumableTrainerMixin(JobLossMixin):
         """Bind to ``ctx``. ``forward_logs``: HF's log rows go to ``ctx.log`` instead of HF's
         own printer/progress bar (the built-in kinds); else HF keeps printing them."""
         check_trainer_compat(Trainer)  # the private internals overridden here must exist
+        pin_threads()  # oneMKL's dynamic threading off: the same sums in every session
         from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
         self._colabjob = HFRun(ctx, meta)

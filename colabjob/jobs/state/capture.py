@@ -59,6 +59,8 @@ def _versions() -> dict[str, str]:
         "torch": torch.__version__,
         "numpy": np.__version__,
         "safetensors": safetensors.__version__,
+        # on a CPU the intra-op threads split every sum: another count, other last bits
+        "cpu_threads": str(torch.get_num_threads()),
     }
     try:
         out["colabjob"] = importlib.metadata.version("colabjob")

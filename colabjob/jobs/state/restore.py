@@ -40,7 +40,7 @@ from colabjob.jobs.state.rng import RngState, restore_rng
 from colabjob.jobs.state.tensorfile import TensorFile
 from colabjob.jobs.state.tracked import SCALER, Tracked
 
-__all__ = ["check_model", "read_optimizer_state", "restore", "tensor_chunks"]
+__all__ = ["check_model", "not_exact_because", "read_optimizer_state", "restore", "tensor_chunks"]
 
 
 _CHUNK = 32 * 2**20  # bytes of weights handed to load_state_dict at a time
@@ -199,13 +199,8 @@ def restore(
         rng_tensors = {k[cut:]: v for k, v in tensors.items() if k.startswith(rng_prefix)}
         restore_rng(RngState.from_parts(rng_doc, rng_tensors))
     versions = dict(doc.get("versions") or {})
-    if versions.get("torch") not in (None, torch.__version__):
-        warnings.warn(
-            f"checkpoint written with torch {versions['torch']}, running {torch.__version__}: "
-            "the resumed run may not be bit-identical",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    for why in not_exact_because(versions, on_cpu=_on_cpu(model)):
+        warnings.warn(why, RuntimeWarning, stacklevel=2)
     return Restored(
         counters=Counters.from_dict(doc["counters"]),
         metrics=list(metrics),
@@ -216,3 +211,28 @@ def restore(
         world_size=int(doc.get("world_size", 1)),
         rng_found=rng_doc is not None,
     )
+
+
+def _on_cpu(model: torch.nn.Module | None) -> bool:
+    param = next(iter(model.parameters()), None) if model is not None else None
+    return param is not None and param.device.type == "cpu"
+
+
+def not_exact_because(versions: dict[str, str], *, on_cpu: bool) -> list[str]:
+    """Why a run resumed from a checkpoint with these ``versions`` will not be bit-identical
+    to an uninterrupted one: another torch, or (training on the CPU, where a sum is split
+    across the intra-op threads) another thread count."""
+    out = []
+    if versions.get("torch") not in (None, torch.__version__):
+        out.append(
+            f"checkpoint written with torch {versions['torch']}, running {torch.__version__}: "
+            "the resumed run may not be bit-identical"
+        )
+    saved = versions.get("cpu_threads")
+    if on_cpu and saved is not None and saved != str(torch.get_num_threads()):
+        out.append(
+            f"checkpoint written with {saved} CPU threads, running {torch.get_num_threads()}: "
+            "on a CPU the sums differ in the last bits, so the resumed run is not "
+            f"bit-identical; set OMP_NUM_THREADS={saved} for an exact resume"
+        )
+    return out
