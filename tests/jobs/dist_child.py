@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from colabjob.jobs.context import SegmentContext
+from colabjob.jobs.data import make_loader
 from colabjob.jobs.distributed import (
     World,
     init_distributed,
@@ -40,7 +41,7 @@ from colabjob.jobs.session import Session
 from colabjob.storage import open_store
 from colabjob.storage.checkpoints import CheckpointStore
 
-from .helpers import IN, OUT, NoisyDataset, _lr_lambda
+from .helpers import IN, OUT, NoisyDataset, _lr_lambda, shuffled_stream
 
 N_SAMPLES = 36
 DATA_SEED = 11
@@ -59,9 +60,17 @@ class StopAt(StopPolicy):
 
 
 def build(
-    *, init_seed: int, batch_size: int, grad_accum: int, total: int, dropout: bool, opt: str
+    *,
+    init_seed: int,
+    batch_size: int,
+    grad_accum: int,
+    total: int,
+    dropout: bool,
+    opt: str,
+    data: str = "map",
 ) -> dict[str, Any]:
-    """Fresh objects; each rank seeds its RNGs apart, so per-rank RNG state matters."""
+    """Fresh objects; each rank seeds its RNGs apart, so per-rank RNG state matters.
+    ``data="shuffled"``: a ``ShuffledStream`` over 6 shards, split across the ranks."""
     world = World.current()
     seed = init_seed + 100 * world.rank
     torch.manual_seed(seed)
@@ -78,9 +87,15 @@ def build(
         optimizer: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2)
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    loader = make_distributed_loader(
-        NoisyDataset(N_SAMPLES), batch_size=batch_size, seed=DATA_SEED, grad_accum=grad_accum
-    )
+    if data == "shuffled":
+        loader: Any = make_loader(
+            shuffled_stream("shards", N_SAMPLES, buffer_size=4), batch_size=batch_size,
+            seed=DATA_SEED,
+        )
+    else:
+        loader = make_distributed_loader(
+            NoisyDataset(N_SAMPLES), batch_size=batch_size, seed=DATA_SEED, grad_accum=grad_accum
+        )
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(total, warmup=2))
     return {"model": model, "optimizer": optimizer, "scheduler": sched, "loader": loader}
 
@@ -144,6 +159,7 @@ def segment(
     dropout: bool = True,
     opt: str = "adamw",
     allow_geometry_change: bool = False,
+    data: str = "map",
 ) -> dict[str, Any]:
     """One segment with a hand-built context; the rank's ids per step and its outcome."""
     world = World.current()
@@ -157,6 +173,7 @@ def segment(
         total=total,
         dropout=dropout,
         opt=opt,
+        data=data,
     )
     with Session(ctx) as s:
         if isinstance(policy, StopAt):
@@ -219,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-dropout", action="store_true")
     p.add_argument("--allow-geometry-change", action="store_true")
     p.add_argument("--signal-after", type=int, default=0)
+    p.add_argument("--data", choices=("map", "shuffled"), default="map")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     init_distributed()  # before the model is wrapped in DDP (as any DDP script does)
@@ -246,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
                     dropout=not args.no_dropout,
                     opt=args.opt,
                     allow_geometry_change=args.allow_geometry_change,
+                    data=args.data,
                 )
             )
     for i, result in enumerate(results):

@@ -401,17 +401,25 @@ def test_resume_1_to_2_to_1_keeps_the_global_sample_order(tmp_path: Path) -> Non
 
 
 @pytest.mark.slow
-def test_2_to_2_split_is_bit_identical(tmp_path: Path) -> None:
+@pytest.mark.parametrize("data", ["map", "shuffled"])
+def test_2_to_2_split_is_bit_identical(tmp_path: Path, data: str) -> None:
     """Dropout (each rank its own RNG stream), AdamW, warmup, accumulation 2: a straight
     2-process run against the same job stopped by rank 0 at step 3 and resumed in new
-    processes: same samples per step, bit-identical final weights."""
+    processes: same samples per step, bit-identical final weights. ``shuffled``: a
+    ``ShuffledStream`` over 6 shards split across the 2 ranks (each rank its own buffer),
+    over more than one epoch."""
     a, b = tmp_path / "a", tmp_path / "b"
     straight, first = _launch(
-        tmp_path, "segments", "--segment", f"{a}:-:0", "--segment", f"{b}:3:0", "--total", "8"
+        tmp_path, "segments", "--segment", f"{a}:-:0", "--segment", f"{b}:3:0", "--total", "8",
+        "--data", data,
     )
     (second,) = _launch(
-        tmp_path, "segments", "--segment", f"{b}:-:5", "--total", "8", name="resumed"
+        tmp_path, "segments", "--segment", f"{b}:-:5", "--total", "8", "--data", data,
+        name="resumed",
     )
+    if data == "shuffled":  # in epoch 0 (steps 1-4) the ranks read different shards, shuffled
+        ids = [[i for _, w in straight[r]["steps"][:4] for i in w] for r in range(2)]
+        assert not set(ids[0]) & set(ids[1]) and ids[0] != sorted(ids[0])
     for r in range(2):
         assert first[r]["outcome"]["stop_reason"] == "budget"  # rank 0's, agreed by rank 1
         assert first[r]["steps"] + second[r]["steps"] == straight[r]["steps"]
