@@ -11,6 +11,8 @@ synchronous.
 from __future__ import annotations
 
 import hashlib
+import io
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from torch import nn
 
 from colabjob.jobs.checkpointing.committer import _Held
 from colabjob.jobs.state.dcp_writer import (
+    _KICK,
     _SLICE,
     HostCopy,
     _HashingStream,
@@ -114,6 +117,28 @@ def test_the_stream_hashes_every_byte_of_writes_of_any_size(tmp_path: Path) -> N
     assert stream.size == len(data) == stream.tell()
     assert stream.sha.hexdigest() == hashlib.sha256(data).hexdigest()
     assert stream._pool is None  # the helper thread is gone
+
+
+def test_a_stream_to_be_fsynced_hands_its_bytes_to_the_disk_as_it_goes(tmp_path: Path) -> None:
+    """With ``kick`` (a file DCP will fsync) the bytes written are handed to the disk every
+    ``_KICK`` bytes (Linux's sync_file_range), the digest unchanged; a stream with no file
+    descriptor (a ``BytesIO``) stops kicking and still hashes every byte."""
+    piece = bytes(range(256)) * (_KICK // 512 + 1)  # a little over half of _KICK
+    path = tmp_path / "f.bin"
+    with open(path, "wb") as raw:
+        stream = _HashingStream(raw, kick=True)
+        for _ in range(3):
+            stream.write(piece)
+        stream.finish()
+    data = path.read_bytes()
+    assert stream.size == len(data) == 3 * len(piece)
+    assert stream.sha.hexdigest() == hashlib.sha256(data).hexdigest()
+    if sys.platform.startswith("linux"):
+        assert stream._kicked == 2 * len(piece)  # after the 2nd write, past _KICK; not the 3rd
+    memory = _HashingStream(io.BytesIO(), kick=True)
+    memory.write(piece * 2)
+    assert not memory._kick and memory._kicked == 0
+    assert memory.sha.hexdigest() == hashlib.sha256(piece * 2).hexdigest()
 
 
 def test_without_an_fsspec_target_the_files_move_into_staging(tmp_path: Path) -> None:
