@@ -60,6 +60,15 @@ def _train_on(model: nn.Module, opt: torch.optim.Optimizer) -> None:
     opt.step()
 
 
+def _zip_crcs(data: bytes) -> list[int]:
+    """The CRC32 of every record in the zip central directories of ``data``."""
+    out, i = [], data.find(b"PK\x01\x02")
+    while i != -1:
+        out.append(int.from_bytes(data[i + 16 : i + 20], "little"))
+        i = data.find(b"PK\x01\x02", i + 4)
+    return out
+
+
 @pytest.mark.parametrize(
     ("background", "width"),
     [(True, 64), (False, 64), (True, 3000)],  # 3000: tensors of 750 KB, hashed in slices
@@ -85,6 +94,11 @@ def test_files_written_in_place_are_hashed_and_load_back(
         assert isinstance(src, Written)
         data = (tmp_path / "job" / prefix / name).read_bytes()
         assert (src.size, src.sha256) == (len(data), hashlib.sha256(data).hexdigest()), name
+    # torch.save's zip CRC32s were skipped (the sha256 covers the bytes), and torch's
+    # process-wide flag is back as it was
+    shard = (tmp_path / "job" / prefix / f"{SHARDED_DIR}/__0_0.distcp").read_bytes()
+    assert _zip_crcs(shard) and not any(_zip_crcs(shard))
+    assert torch.serialization.get_crc32_options() is True
     info = ckpts.save(3, {**files, "state.json": b"{}"}, prefix=prefix)
     local = ckpts.fetch(ckpts.latest(verify="full") or info, tmp_path / "fetched")
     fresh, fresh_opt = _trained(width)
