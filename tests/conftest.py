@@ -19,9 +19,9 @@ from collections.abc import Iterator
 import pytest
 
 from colabjob.storage.retry import RetryPolicy
-from tests.gcs_emulator import EmulatorError, running_emulator
-from tests.s3_emulator import EmulatorError as S3EmulatorError
+from tests.gcs_emulator import running_emulator
 from tests.s3_emulator import running_s3_emulator
+from tests.server_process import EmulatorError
 
 GCS_TEST_BUCKET = "test-bucket"
 S3_TEST_BUCKET = "test-bucket"
@@ -49,7 +49,7 @@ def s3_emulator() -> Iterator[str]:
     try:
         with running_s3_emulator(S3_TEST_BUCKET) as url:
             yield url
-    except S3EmulatorError as e:
+    except EmulatorError as e:
         pytest.fail(str(e))
 
 

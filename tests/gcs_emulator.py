@@ -10,28 +10,15 @@ and the server stopped on exit. It raises ``EmulatorError`` when the server cann
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import tempfile
-import time
-import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from tests.server_process import EmulatorError, free_port, server_process
+
 STARTUP_S = 20.0
 _ENV_KEYS = ("STORAGE_EMULATOR_HOST", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
-
-
-class EmulatorError(RuntimeError):
-    pass
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _binary() -> Path:
@@ -44,39 +31,22 @@ def _binary() -> Path:
     return Path(_server._get_binary_path())
 
 
-def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise EmulatorError(
-                f"fake-gcs-server exited with {proc.returncode}: {log.read_text()[-2000:]}"
-            )
-        try:
-            with urllib.request.urlopen(f"{url}/storage/v1/b", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.05)  # polling a starting server
-    proc.kill()
-    raise EmulatorError(
-        f"fake-gcs-server did not answer in {STARTUP_S}s: {log.read_text()[-2000:]}"
-    )
+def _answers(url: str) -> bool:
+    with urllib.request.urlopen(f"{url}/storage/v1/b", timeout=2) as resp:
+        return bool(resp.status == 200)
 
 
 @contextmanager
 def running_emulator(*buckets: str) -> Iterator[str]:
     """Yield ``http://127.0.0.1:PORT`` of a live emulator holding ``buckets``."""
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = Path(tempfile.mkdtemp(prefix="fake-gcs-")) / "server.log"
     args = ["-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port)]
     args += ["-external-url", url, "-log-level", "error"]
-    with open(log, "wb") as logf:
-        proc = subprocess.Popen([str(_binary()), *args], stdout=logf, stderr=subprocess.STDOUT)
-    saved = {k: os.environ.get(k) for k in _ENV_KEYS}
-    try:
-        _wait_ready(proc, url, log)
+    with server_process(
+        [str(_binary()), *args], url=url, name="fake-gcs-server", answers=_answers,
+        env_keys=_ENV_KEYS, startup_s=STARTUP_S,
+    ):  # fmt: skip
         os.environ["STORAGE_EMULATOR_HOST"] = url
         os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
         from google.auth.credentials import AnonymousCredentials
@@ -86,15 +56,3 @@ def running_emulator(*buckets: str) -> Iterator[str]:
         for bucket in buckets:
             client.create_bucket(bucket)
         yield url
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

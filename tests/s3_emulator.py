@@ -19,17 +19,12 @@ Two differences from a bare ``moto_server``, both on the server side of real HTT
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 STARTUP_S = 60.0
@@ -41,33 +36,12 @@ CREDENTIALS = {
 _ENV_KEYS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE", *CREDENTIALS)
 
 
-class EmulatorError(RuntimeError):
-    pass
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_S
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise EmulatorError(
-                f"moto S3 server exited with {proc.returncode}: {log.read_text()[-2000:]}"
-            )
-        try:
-            with urllib.request.urlopen(f"{url}/moto-api/", timeout=2):
-                return
-        except urllib.error.HTTPError:
-            return  # it answers
-        except (urllib.error.URLError, OSError):
-            pass
-        time.sleep(0.05)  # polling a starting server
-    proc.kill()
-    raise EmulatorError(f"moto S3 server did not answer in {STARTUP_S}s: {log.read_text()[-2000:]}")
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/moto-api/", timeout=2):
+            return True
+    except urllib.error.HTTPError:
+        return True  # it answers
 
 
 def create_buckets(url: str, buckets: Iterable[str]) -> None:
@@ -90,15 +64,16 @@ def running_s3_emulator(*buckets: str, ignore_conditions: bool = False) -> Itera
 
     The process environment points botocore at it while the block runs, unless
     ``ignore_conditions`` (that server is reached through ``?endpoint_url=`` instead)."""
-    port = _free_port()
+    # imported here: this file also runs as the server script, where ``tests`` is no package
+    from tests.server_process import free_port, server_process
+
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    log = Path(tempfile.mkdtemp(prefix="moto-s3-")) / "server.log"
     args = [sys.executable, __file__, str(port), *(["--ignore-conditions"] * ignore_conditions)]
-    with open(log, "wb") as logf:
-        proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT)
-    saved = {k: os.environ.get(k) for k in _ENV_KEYS}
-    try:
-        _wait_ready(proc, url, log)
+    with server_process(
+        args, url=url, name="moto S3 server", answers=_answers, env_keys=_ENV_KEYS,
+        startup_s=STARTUP_S,
+    ):  # fmt: skip
         os.environ.update(CREDENTIALS)
         os.environ.pop("AWS_PROFILE", None)
         if not ignore_conditions:
@@ -106,18 +81,6 @@ def running_s3_emulator(*buckets: str, ignore_conditions: bool = False) -> Itera
             os.environ["AWS_ENDPOINT_URL"] = url
         create_buckets(url, buckets)
         yield url
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 # ---- the server (this file run as a script) ----------------------------------------------
