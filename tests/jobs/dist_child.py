@@ -250,27 +250,39 @@ def main(argv: list[str] | None = None) -> int:
             )
         ]
     else:
-        results = []
-        for spec in args.segment:
-            store, stop, seed = spec.rsplit(":", 2)
-            results.append(
-                segment(
-                    store,
-                    total=args.total,
-                    stop_at=None if stop == "-" else int(stop),
-                    init_seed=int(seed),
-                    batch_size=args.batch_size,
-                    grad_accum=args.grad_accum,
-                    dropout=not args.no_dropout,
-                    opt=args.opt,
-                    allow_geometry_change=args.allow_geometry_change,
-                    data=args.data,
-                )
+        results = [
+            segment(
+                store,
+                total=args.total,
+                stop_at=stop_at,
+                init_seed=seed,
+                batch_size=args.batch_size,
+                grad_accum=args.grad_accum,
+                dropout=not args.no_dropout,
+                opt=args.opt,
+                allow_geometry_change=args.allow_geometry_change,
+                data=args.data,
             )
-    for i, result in enumerate(results):
-        Path(f"{args.out}.{i}.rank{result['rank']}.json").write_text(json.dumps(result))
+            for store, stop_at, seed in segment_specs(args.segment)
+        ]
+    write_results(args.out, results)
     shutdown_distributed()
     return 0
+
+
+def segment_specs(specs: list[str]) -> list[tuple[str, int | None, int]]:
+    """``--segment STORE:STOP_AT:INIT_SEED`` arguments (``STOP_AT`` ``-``: no stop)."""
+    out = []
+    for spec in specs:
+        store, stop, seed = spec.rsplit(":", 2)
+        out.append((store, None if stop == "-" else int(stop), int(seed)))
+    return out
+
+
+def write_results(out: str, results: list[dict[str, Any]]) -> None:
+    """Each segment's result of this rank as ``OUT.<segment>.rank<rank>.json``."""
+    for i, result in enumerate(results):
+        Path(f"{out}.{i}.rank{result['rank']}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -15,12 +15,10 @@ optimizer state gathered whole (``torch.save``, keys by parameter name) to ``PAT
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import signal
 import sys
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -36,7 +34,15 @@ from colabjob.jobs.distributed import (
 )
 from colabjob.jobs.session import Session
 
-from .dist_child import DATA_SEED, N_SAMPLES, StopAt, _outcome, segment_context
+from .dist_child import (
+    DATA_SEED,
+    N_SAMPLES,
+    StopAt,
+    _outcome,
+    segment_context,
+    segment_specs,
+    write_results,
+)
 from .helpers import IN, OUT, NoisyDataset, _lr_lambda
 
 
@@ -137,24 +143,21 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     init_distributed()
-    results = []
-    for spec in args.segment:
-        store, stop, seed = spec.rsplit(":", 2)
-        results.append(
-            segment(
-                store,
-                total=args.total,
-                stop_at=None if stop == "-" else int(stop),
-                init_seed=int(seed),
-                batch_size=args.batch_size,
-                grad_accum=args.grad_accum,
-                kill_at=args.kill_at,
-                allow_geometry_change=args.allow_geometry_change,
-                dump_start=args.dump_start,
-            )
+    results = [
+        segment(
+            store,
+            total=args.total,
+            stop_at=stop_at,
+            init_seed=seed,
+            batch_size=args.batch_size,
+            grad_accum=args.grad_accum,
+            kill_at=args.kill_at,
+            allow_geometry_change=args.allow_geometry_change,
+            dump_start=args.dump_start,
         )
-    for i, result in enumerate(results):
-        Path(f"{args.out}.{i}.rank{result['rank']}.json").write_text(json.dumps(result))
+        for store, stop_at, seed in segment_specs(args.segment)
+    ]
+    write_results(args.out, results)
     shutdown_distributed()
     return 0
 
