@@ -150,7 +150,8 @@ class _SegmentTrainerMixin:
         from transformers.trainer_utils import TrainOutput
 
         from colabjob.jobs.context import SegmentContext
-        from colabjob.jobs.hf.trainer import TRAINER_STATE_FILE, job_train_loss
+        from colabjob.jobs.hf.callback import TRAINER_STATE_FILE
+        from colabjob.jobs.hf.trainer import job_train_loss
         from colabjob.jobs.state.restore import restore
         from colabjob.jobs.state.tracked import Tracked
         from colabjob.storage.checkpoints import CheckpointStore

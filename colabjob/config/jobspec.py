@@ -109,16 +109,6 @@ class JobSpec(Section):
                 f"only for kind 'lora' (this job is {kind!r})",
                 hint="remove checkpoint.final_artifact",
             )
-        if self.training.fsdp and kind != "python":
-            # accelerate applies its FSDP plugin on GPUs only, and the HF Trainer path
-            # commits the whole model from rank 0: FSDP runs through the Session API
-            self._fail(
-                "training.fsdp",
-                f"kind {kind!r} trains through HF Trainer, which colabjob runs as DDP; "
-                "sharded (FSDP2) training is for kind 'python' (the Session API)",
-                hint="remove training.fsdp (or --fsdp), or use kind 'python' with "
-                "colabjob.jobs.sharding.shard_model(model)",
-            )
         if kind == "lora" and self.checkpoint.final_artifact is None:
             object.__setattr__(
                 self, "checkpoint", dataclasses.replace(self.checkpoint, final_artifact="adapter")

@@ -18,20 +18,23 @@ from torch import nn
 from colabjob.jobs.distributed import World
 from colabjob.jobs.state.sharded import is_sharded
 
-__all__ = ["blocks", "shard_model"]
+__all__ = ["block_lists", "blocks", "shard_model"]
+
+
+def block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """The model's outermost ``nn.ModuleList``s (a transformer's layers), by name."""
+    found: list[tuple[str, nn.ModuleList]] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix, _ in found):
+            continue
+        if isinstance(module, nn.ModuleList):
+            found.append((name, module))
+    return found
 
 
 def blocks(model: nn.Module) -> list[nn.Module]:
     """The children of the model's outermost ``nn.ModuleList``s, in module order."""
-    found: list[nn.Module] = []
-    inside: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix + ".") for prefix in inside):
-            continue
-        if isinstance(module, nn.ModuleList):
-            inside.append(name)
-            found.extend(module.children())
-    return found
+    return [block for _, blocks_ in block_lists(model) for block in blocks_.children()]
 
 
 def shard_model(model: torch.nn.Module) -> torch.nn.Module:

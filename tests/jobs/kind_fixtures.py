@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,34 @@ class StopAfter(StopPolicy):
 
     def should_stop(self) -> StopReason | None:
         return StopReason.BUDGET if self.n is not None and self.steps >= self.n else None
+
+
+class KillAfter(StopAfter):
+    """SIGKILLs this process after step ``kill_at``, once a background commit has been
+    reaped: the kill then always finds a committed checkpoint behind it, however slow this
+    machine is. On a slow machine the first reap may come only at the segment's end (the
+    final save reaps the background commit before writing its own): the kill is then
+    there, before the final commit, so it happens in every run. It never stops otherwise."""
+
+    def __init__(self, kill_at: int) -> None:
+        super().__init__(None)
+        self.kill_at = kill_at
+
+    def _kill_when_due(self) -> None:
+        if self.steps >= self.kill_at and self.checkpoints >= 1:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def observe_step(self, seconds: float) -> None:
+        super().observe_step(seconds)
+        self._kill_when_due()
+
+    def observe_checkpoint(
+        self, *, write_seconds: float, upload_seconds: float, nbytes: int
+    ) -> None:
+        super().observe_checkpoint(
+            write_seconds=write_seconds, upload_seconds=upload_seconds, nbytes=nbytes
+        )
+        self._kill_when_due()
 
 
 def make_ctx(url: str | Path, policy: Any = None, **kw: Any) -> SegmentContext:
@@ -109,8 +138,9 @@ def params_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def sigkill_spec(kind: str, *, model_dir: Path, data_path: Path) -> JobSpec:
-    """The small spec of each kind that the SIGKILL tests run (8 steps, dropout on)."""
+def sigkill_spec(kind: str, *, model_dir: Path, data_path: Path, fsdp: bool = False) -> JobSpec:
+    """The small spec of each kind that the SIGKILL tests run (8 steps, dropout on);
+    ``fsdp``: with ``training.fsdp``."""
     repo = Path(__file__).resolve().parents[2]
     extra: dict[str, Any] = {
         "finetune": {},
@@ -123,5 +153,7 @@ def sigkill_spec(kind: str, *, model_dir: Path, data_path: Path) -> JobSpec:
         "python": {"job": {"entrypoint": f"{repo / 'examples' / 'my_train.py'}:main",
                            "args": {"hidden": 32, "layers": 1, "heads": 2, "dropout": 0.2}}},
     }[kind]
+    if fsdp:
+        extra = {**extra, "training": {"fsdp": True}}
     return spec_for(kind, model_dir=None if kind == "scratch" else model_dir,
                     data_path=data_path, **extra)

@@ -5,9 +5,11 @@ with ``colabjob.jobs.sharding.shard_model``; the job is paused by a preemption n
 step 3 (exit 75), resumed, its rank 0 SIGKILLed right after committing step 5 (the
 supervisor retries from that checkpoint) and it completes bit-identical (model and
 optimizer gathered from the final DCP checkpoint) to an uninterrupted ``--fsdp`` run.
-The HF-Trainer kinds refuse ``training.fsdp`` (exit 2, before anything is written); the
-``python`` kind hands it to its Session, whose ``track()`` refuses a whole model; one
-process only notes it; it may change on resume and stays out of the config hash.
+Every kind takes ``training.fsdp``; a ``finetune`` job started with ``--nproc 2 --fsdp``
+commits sharded checkpoints and a whole final model (the Trainer kinds' resumes are in
+``test_hf_fsdp``). The ``python`` kind hands it to its Session, whose ``track()`` refuses a
+whole model; one process only notes it; it may change on resume and stays out of the config
+hash.
 """
 
 from __future__ import annotations
@@ -166,30 +168,49 @@ def _spec(kind: str, **training: Any) -> dict[str, Any]:
     return doc
 
 
-@pytest.mark.parametrize("kind", ["finetune", "lora", "scratch"])
-def test_trainer_kinds_refuse_fsdp_with_the_reason(kind: str) -> None:
+@pytest.mark.parametrize("kind", ["python", "finetune", "lora", "scratch"])
+def test_every_kind_takes_fsdp(kind: str) -> None:
     doc = _spec(kind, fsdp=True)
     if kind == "scratch":
         doc["model"] = {"architecture": "gpt2"}
         doc["tokenizer"] = {"name_or_path": "gpt2"}
-    with pytest.raises(ConfigError, match=r"training\.fsdp.*HF Trainer") as e:
-        JobSpec.from_dict(doc)
-    assert "python" in str(e.value.hint)
-    assert JobSpec.from_dict(_spec("python", fsdp=True)).training.fsdp is True
+    assert JobSpec.from_dict(doc).training.fsdp is True
 
 
-def test_cli_refuses_fsdp_for_a_trainer_kind_before_writing(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_cli_runs_a_finetune_job_sharded_on_two_processes(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from colabjob.jobs.kinds.hf_trainer import fetch_final
+    from tests.jobs.kind_fixtures import tiny_model_dir, write_text_data
+
+    data = write_text_data(tmp_path / "data")
+    model = tiny_model_dir(tmp_path / "model", data)
     spec = tmp_path / "job.yaml"
     spec.write_text(
-        "job: {name: j, kind: finetune}\nmodel: {name_or_path: gpt2}\n"
-        f"data: {{source: {tmp_path / 'd.jsonl'}}}\n"
+        f"job: {{name: ft, kind: finetune}}\nmodel: {{name_or_path: {model}}}\n"
+        f"data: {{source: {data}, seq_len: 32}}\n"
+        "training: {max_steps: 4, batch_size: 2, log_every_steps: 1}\n"
+        "checkpoint: {every_steps: 2, every_minutes: null}\nbudget: {platform: local}\n"
     )
-    (tmp_path / "d.jsonl").write_text('{"text": "hello"}\n')
     url = tmp_path / "job"
-    out = run_cli("start", str(spec), "--storage", str(url), "--fsdp", env=_env(tmp_path))
-    assert out.returncode == 2, out.stdout + out.stderr
-    assert "training.fsdp" in out.stderr and "HF Trainer" in out.stderr
-    assert not url.exists()
+    out = run_cli(
+        "start", str(spec), "--storage", str(url), "--nproc", "2", "--fsdp",
+        "--progress", "none", env=_env(tmp_path), timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert load_record(open_store(url)).state is JobState.COMPLETED
+    infos = CheckpointStore(open_store(url)).list()
+    assert [i.step for i in infos] == [2, 4]
+    assert all(f"{SHARDED_DIR}/.metadata" in i.files for i in infos)
+    assert fetch_final(open_store(str(url)), tmp_path / "final") is not None
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "final")  # whole again
+    base = AutoModelForCausalLM.from_pretrained(model)
+    assert final.transformer.h[0].attn.c_attn.weight.shape == (
+        base.transformer.h[0].attn.c_attn.weight.shape
+    )
+    assert not torch.equal(final.transformer.h[0].attn.c_attn.weight,
+                           base.transformer.h[0].attn.c_attn.weight)  # trained
 
 
 def test_fsdp_may_change_on_resume_and_stays_out_of_the_config_hash() -> None:

@@ -123,10 +123,11 @@ def test_a_missing_attribute_and_a_renamed_parameter_are_named() -> None:
 
 def test_every_member_the_integration_touches_is_checked() -> None:
     """Each private Trainer member colabjob uses is in the check's lists: the mixin's
-    overrides and its ``self.``/``super().`` members (its ``self`` is the Trainer), and
+    overrides and its ``self.``/``super().`` members (its ``self`` is the Trainer; its
+    checkpoint half is ``checkpoints.py``), and
     ``trainer.`` members anywhere in the integration."""
     jobs = REPO / "colabjob" / "jobs"
-    mixin = (jobs / "hf" / "trainer.py").read_text()
+    mixin = "".join((jobs / "hf" / name).read_text() for name in ("trainer.py", "checkpoints.py"))
     used = set(re.findall(r"(?:self|super\(\))\.(_[a-z][a-z_]*)\b", mixin))
     used |= set(re.findall(r"^    def (_[a-z][a-z_]*)\(", mixin, flags=re.M))
     scanned = [*(jobs / "hf").glob("*.py"), jobs / "kinds" / "hf_trainer.py"]

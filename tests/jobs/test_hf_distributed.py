@@ -10,8 +10,8 @@ continues the global sample order. A user's Trainer script with ``colabjob.hf.re
 bit-identical. ``colabjob start --nproc 2`` runs a scratch job to completion.
 
 As a script (``python -m tests.jobs.test_hf_distributed KIND DATA MODEL OUT STORE:STOP ...``,
-one per rank) it runs each segment in order (``STOP`` ``-`` for none) with a hand-built
-context and writes ``OUT.<i>.rank<r>.json``.
+one per rank) it runs each segment in order (``STOP``: see ``_rank_segment``; ``KIND+fsdp``
+with ``training.fsdp``) with a hand-built context and writes ``OUT.<i>.rank<r>.json``.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from colabjob.runner.launch import launch
 from colabjob.storage.checkpoints import CheckpointStore
 from colabjob.storage.store import open_store
 from tests.jobs.kind_fixtures import (
+    KillAfter,
     StopAfter,
     make_ctx,
     sigkill_spec,
@@ -54,19 +55,36 @@ class SignalAfter(StopAfter):
 
 
 def _spec(kind: str, data: Path, model: Path) -> Any:
-    return sigkill_spec(kind, model_dir=model, data_path=data)
+    """``KIND[+fsdp][+merged]``: with ``training.fsdp``; a merged LoRA artifact."""
+    base, *options = kind.split("+")
+    spec = sigkill_spec(base, model_dir=model, data_path=data, fsdp="fsdp" in options)
+    if "merged" in options:
+        spec = dataclasses.replace(
+            spec, checkpoint=dataclasses.replace(spec.checkpoint, final_artifact="merged")
+        )
+    return spec
 
 
-def _rank_segment(spec: Any, store: Path, stop: int | None, rank: int) -> dict[str, Any]:
+def _rank_segment(spec: Any, store: Path, stop: str, rank: int) -> dict[str, Any]:
+    """One segment on this rank. ``stop``: ``-`` none; ``N``: rank 1 alone stops after step
+    N; ``kN``: rank 0 SIGKILLs itself after step N, once a checkpoint every 2 steps has
+    been committed (the launch then fails); a trailing ``g``: allow a geometry change."""
+    geometry = stop.endswith("g")
+    stop = stop.removesuffix("g")
+    kill = stop.startswith("k")
     if rank == 0:
-        ctx = make_ctx(store, StopAfter(None), max_steps=STEPS)
+        policy = KillAfter(int(stop[1:])) if kill else StopAfter(None)
+        ctx = make_ctx(store, policy, max_steps=STEPS, every_steps=2 if kill else None,
+                       allow_geometry_change=geometry)
     else:  # a follower: it never commits (its fence refuses), it only decides to stop
         s = open_store(str(store))
         ctx = SegmentContext(
             store=s,
             checkpoints=CheckpointStore(s, fence=lambda: 2**62),
-            policy=SignalAfter(stop),
+            policy=SignalAfter(None if stop == "-" or kill else int(stop)),
             max_steps=STEPS,
+            every_steps=2 if kill else None,
+            allow_geometry_change=geometry,
         )
     return dataclasses.asdict(run_kind(spec, ctx))
 
@@ -87,7 +105,7 @@ def _child(argv: list[str]) -> None:
             target.write_bytes(TOKENIZER_KEY, first.read_bytes(TOKENIZER_KEY))
         dist.barrier()
         spec = _spec(kind, data, model)
-        got = _rank_segment(spec, Path(store), None if stop == "-" else int(stop), world.rank)
+        got = _rank_segment(spec, Path(store), stop, world.rank)
         Path(f"{out}.{i}.rank{world.rank}.json").write_text(json.dumps(got))
     shutdown_distributed()
 
@@ -96,14 +114,18 @@ def _child(argv: list[str]) -> None:
 
 
 def _launch(
-    tmp: Path, kind: str, data: Path, model: Path, *segments: str, name: str
+    tmp: Path, kind: str, data: Path, model: Path, *segments: str, name: str,
+    killed: bool = False,
 ) -> list[list[dict[str, Any]]]:
-    """``[segment][rank]`` outcomes of one 2-rank launch."""
+    """``[segment][rank]`` outcomes of one 2-rank launch (``killed``: a rank SIGKILLs
+    itself in the last segment, which then has no outcome)."""
     out = tmp / name
     cmd = [sys.executable, "-m", "tests.jobs.test_hf_distributed", kind, str(data), str(model)]
     cmd += [str(out), *segments]
     got = launch(cmd, nproc=2, env=ENV, cwd=REPO, timeout=LAUNCH_TIMEOUT)
-    assert got.exit_code == 0, got
+    assert (got.exit_code != 0) if killed else (got.exit_code == 0), got
+    if killed:
+        segments = segments[:-1]
     return [
         [json.loads((tmp / f"{name}.{i}.rank{r}.json").read_text()) for r in range(2)]
         for i in range(len(segments))

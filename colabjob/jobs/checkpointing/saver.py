@@ -56,8 +56,8 @@ from colabjob.jobs.state.rng import capture_rng, derive_seed, seed_everything
 from colabjob.jobs.state.sharded import (
     SHARDED_DIR,
     SHARDED_META,
-    is_sharded,
     load_sharded,
+    saves_shards,
     sharded_state,
 )
 from colabjob.jobs.state.sizing import checkpoint_nbytes
@@ -81,9 +81,12 @@ __all__ = [
     "agree_on_load",
     "fetch_agreed",
     "gather_rank_states",
+    "load_model_state",
+    "loads_apart",
     "refuse_silent_restart",
     "seed_missing_rank",
     "send_rank_state",
+    "start_shards",
 ]
 
 log = logging.getLogger(__name__)
@@ -165,19 +168,14 @@ class Checkpointer:
         for name in sorted(set(t.optional) - saved_extras):
             self._say(f"checkpoint step {info.step} holds no {name!r} (optional): kept fresh")
         loaded = t.loaded(saved_extras)
-        sharded = (doc.get("meta") or {}).get(SHARDED_META) == SHARDED_DIR
-        # a whole checkpoint (one process, DDP) into a sharded model: loaded as full state
-        # dicts that each rank cuts to its shards (colabjob.jobs.state.whole_to_sharded)
-        whole_into_shards = not sharded and is_sharded(t.model)
-        if sharded or whole_into_shards:  # the model and optimizer are loaded below
+        special = loads_apart(doc, t.model, t.trainable_only)
+        if special:  # the model and optimizer are loaded below
             loaded = dataclasses.replace(loaded, model=None, optimizer=None)
         got = restore(
             tmp, loaded, allow_geometry_change=ctx.allow_geometry_change, rank=self.rank
         )
-        if sharded and t.model is not None:
-            load_sharded(t.model, t.optimizer, Path(tmp) / SHARDED_DIR)
-        elif whole_into_shards and t.model is not None:
-            load_whole(t.model, t.optimizer, Path(tmp))
+        if special and t.model is not None:
+            load_model_state(Path(tmp), doc, t.model, t.optimizer)
         return got
 
     def _fetch(self, tmp: str) -> CheckpointInfo | None:
@@ -203,7 +201,11 @@ class Checkpointer:
         mono = self.ctx.monotonic
         t0 = mono()
         sync = self.sync
-        shards = self._save_shards(counters.step, background) if is_sharded(t.model) else None
+        shards = (
+            self._save_shards(counters.step, background)
+            if saves_shards(t.model, t.trainable_only)
+            else None
+        )
         if sync is not None and sync.rank != 0:
             send_rank_state(sync, t.loader)
             return Snapshot(counters=counters), mono() - t0
@@ -232,37 +234,71 @@ class Checkpointer:
         return snap, mono() - t0
 
     def _save_shards(self, step: int, background: bool) -> ShardWrite:
-        """Every rank: start writing the sharded model's and optimizer's DCP files of
-        ``step`` into the checkpoint prefix rank 0 reserves (a local folder rank 0 makes
-        when the store has no fsspec target); in the background when ``background`` and a
-        copy of this rank's shards fits in host memory, else before this returns."""
-        t, sync, committer = self.tracked, self.sync, self.committer
+        t = self.tracked
         assert t.model is not None
-        committer.wait_shards()  # DCP's collectives of the previous write come first
-        group = checkpoint_group()
-        where: tuple[str, str | None] | None = None
-        if self.rank == 0:
-            ckpts = self.ctx.checkpoints
-            prefix = ckpts.reserve(step)
-            local = None
-            if ckpts.store.fsspec_target(prefix) is None:
-                parent = self.ctx.staging_dir
-                if parent is not None:
-                    Path(parent).mkdir(parents=True, exist_ok=True)
-                local = tempfile.mkdtemp(prefix="colabjob-shards-", dir=parent)
-            where = (prefix, local)
-        if sync is not None:
-            where = sync.broadcast(where)
-        assert where is not None
-        prefix, local = where
-        target = shard_target(self.ctx.checkpoints.store, prefix, local)
-        fits = committer.background_fits if background else None
-        state = sharded_state(t.model, t.optimizer)
-        shards = start_shard_write(
-            state, target, prefix=prefix, fits=fits, group=group, host=committer.host_copy
+        return start_shards(
+            self.ctx, self.committer, self.sync, t.model, t.optimizer, step, background=background
         )
-        committer.track_shards(shards)
-        return shards
+
+
+def start_shards(
+    ctx: SegmentContext,
+    committer: Committer,
+    sync: Coordinator | None,
+    model: Any,
+    optimizer: Any,
+    step: int,
+    *,
+    background: bool,
+) -> ShardWrite:
+    """Every rank: start writing the sharded model's and optimizer's DCP files of ``step``
+    into the checkpoint prefix rank 0 reserves (a local folder rank 0 makes when the store
+    has no fsspec target); in the background when ``background`` and a copy of this rank's
+    shards fits in host memory, else before this returns. The Session and the HF Trainer
+    path both save sharded state through here; ``committer`` tracks the write."""
+    committer.wait_shards()  # DCP's collectives of the previous write come first
+    group = checkpoint_group()
+    where: tuple[str, str | None] | None = None
+    if committer.rank == 0:
+        ckpts = ctx.checkpoints
+        prefix = ckpts.reserve(step)
+        local = None
+        if ckpts.store.fsspec_target(prefix) is None:
+            parent = ctx.staging_dir
+            if parent is not None:
+                Path(parent).mkdir(parents=True, exist_ok=True)
+            local = tempfile.mkdtemp(prefix="colabjob-shards-", dir=parent)
+        where = (prefix, local)
+    if sync is not None:
+        where = sync.broadcast(where)
+    assert where is not None
+    prefix, local = where
+    target = shard_target(ctx.checkpoints.store, prefix, local)
+    fits = committer.background_fits if background else None
+    state = sharded_state(model, optimizer)
+    shards = start_shard_write(
+        state, target, prefix=prefix, fits=fits, group=group, host=committer.host_copy
+    )
+    committer.track_shards(shards)
+    return shards
+
+
+def loads_apart(doc: dict[str, Any], model: Any, trainable_only: bool | None) -> bool:
+    """Whether the checkpoint whose ``state.json`` is ``doc`` needs ``load_model_state`` for
+    the model and optimizer instead of ``restore``: it is sharded (DCP files), or it is
+    whole and the live model saves shards (``colabjob.jobs.state.whole_to_sharded``)."""
+    sharded = (doc.get("meta") or {}).get(SHARDED_META) == SHARDED_DIR
+    return sharded or saves_shards(model, trainable_only)
+
+
+def load_model_state(directory: Path, doc: dict[str, Any], model: Any, optimizer: Any) -> None:
+    """Every rank, together: the model and optimizer of the checkpoint in ``directory``
+    (``doc``: its ``state.json``) into the live ones, when ``loads_apart`` says so: DCP files
+    resharded for this run (or into a whole model), or whole files cut to this rank's shards."""
+    if (doc.get("meta") or {}).get(SHARDED_META) == SHARDED_DIR:
+        load_sharded(model, optimizer, directory / SHARDED_DIR)
+    else:
+        load_whole(model, optimizer, directory)
 
 
 def _fetch_reported_once(

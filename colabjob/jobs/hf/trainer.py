@@ -27,47 +27,45 @@ every optimizer step agrees on stop and save over all ranks, a checkpoint gather
 rank's RNGs and loader position to rank 0, which alone commits (the others wait for a final
 commit's result), and a resume loads the checkpoint rank 0 chose on every rank, each with
 its own RNGs. The same world size resumes bit-identically on CPU.
+
+A model sharded with FSDP2 as transformers loads it (``distributed_config=``; the kinds'
+``training.fsdp``, ``colabjob.jobs.hf.fsdp``) is saved as the Session saves one: every rank
+writes its shards of the model and optimizer with DCP (``saver.start_shards``), rank 0
+commits them with the rest, and a resume loads them on every rank, resharded, with the
+optimizer (or cuts a whole checkpoint into shards). LoRA adapters on a sharded base are
+plain tensors, alike on every rank: they are saved whole from rank 0 as without FSDP.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import warnings
 from typing import Any
 
 from transformers import Trainer
 
 from colabjob.errors import ConfigError, ResumeError
-from colabjob.jobs.checkpointing.saver import gather_rank_states, seed_missing_rank, send_rank_state
+from colabjob.jobs.checkpointing.saver import loads_apart
 from colabjob.jobs.context import SegmentContext, SegmentOutcome
-from colabjob.jobs.data import Geometry, ResumableLoader
+from colabjob.jobs.data import ResumableLoader
 from colabjob.jobs.data.loader import quiet_workers
 from colabjob.jobs.distributed import in_process_group
-from colabjob.jobs.hf.callback import (
-    TRAINER_STATE_FILE,
-    ColabJobCallback,
-    HFRun,
-    batch_len,
-    metric_rows,
-    remaining_batches,
-)
+from colabjob.jobs.hf.callback import ColabJobCallback, HFRun, batch_len
+from colabjob.jobs.hf.checkpoints import TrainerCheckpoints
 from colabjob.jobs.hf.compat import check_trainer_compat
 from colabjob.jobs.hf.data import align_epoch, train_loader
 from colabjob.jobs.hf.finish import JobLossMixin, job_train_loss
 from colabjob.jobs.numerics import pin_threads
 from colabjob.jobs.policy import StopReason
-from colabjob.jobs.state.capture import snapshot
 from colabjob.jobs.state.codec import read_json
-from colabjob.jobs.state.format import STATE_FILE, Counters
+from colabjob.jobs.state.format import STATE_FILE
 from colabjob.jobs.state.restore import restore
-from colabjob.jobs.state.sizing import checkpoint_nbytes
 from colabjob.jobs.state.tracked import Tracked
 
 __all__ = ["ColabJobTrainer", "ResumableTrainerMixin", "job_train_loss", "make_resumable"]
 
-class ResumableTrainerMixin(JobLossMixin):
+
+class ResumableTrainerMixin(TrainerCheckpoints, JobLossMixin):
     """Mixed in before a ``transformers.Trainer`` class; see the module docstring."""
 
     _colabjob: HFRun
@@ -153,12 +151,14 @@ class ResumableTrainerMixin(JobLossMixin):
             or self.is_fsdp_enabled
         ):
             raise ConfigError(
-                f"colabjob's HF integration runs several processes as plain data parallel "
-                f"(DDP) in the process group it joined; this run has world_size "
-                f"{args.world_size} (process group: {in_process_group()}), DeepSpeed "
-                f"{self.is_deepspeed_enabled}, FSDP {self.is_fsdp_enabled}",
-                hint="start the processes with `colabjob start/resume --nproc N` (or torchrun) "
-                "and leave DeepSpeed/FSDP off",
+                f"colabjob's HF integration runs several processes as data parallel (DDP, or "
+                f"FSDP2 for a model loaded with transformers' distributed_config) in the "
+                f"process group it joined; this run has world_size {args.world_size} (process "
+                f"group: {in_process_group()}), DeepSpeed {self.is_deepspeed_enabled}, "
+                f"accelerate's FSDP {self.is_fsdp_enabled}",
+                hint="start the processes with `colabjob start/resume --nproc N` (or torchrun), "
+                "leave DeepSpeed and the Trainer's fsdp option off; to shard, load the model "
+                "with from_pretrained(..., distributed_config=DistributedConfig(fsdp_size=N))",
             )
         if args.load_best_model_at_end:
             warnings.warn(
@@ -231,8 +231,14 @@ class ResumableTrainerMixin(JobLossMixin):
             max_steps, num_update_steps_per_epoch, num_train_epochs, rdir, trial
         )
         if run.resume_dir is not None:
+            # a sharded model (or checkpoint) loads with its optimizer in _colabjob_restore
+            apart = loads_apart(read_json(run.resume_dir / STATE_FILE), self.model, None)
             with run.loading():
-                got = restore(run.resume_dir, Tracked(model=self.model), restore_rngs=False)
+                got = restore(
+                    run.resume_dir,
+                    Tracked(model=None if apart else self.model),
+                    restore_rngs=False,
+                )
             run.samples = got.counters.samples_seen
             if got.counters.step != self.state.global_step:
                 raise ResumeError(
@@ -241,25 +247,6 @@ class ResumableTrainerMixin(JobLossMixin):
                 )
         run.first_step = int(self.state.global_step)
         return run.epoch_index, 0
-
-    def _colabjob_tracked(self: Any, loader: Any, scaler: Any) -> Tracked:
-        """What this Trainer's checkpoints hold (``colabjob.jobs.state.tracked``): the
-        model, optimizer, scheduler, ``scaler``, ``loader`` and the batch geometry."""
-        return Tracked(
-            model=self.model,
-            optimizer=self.optimizer,
-            scheduler=self.lr_scheduler,
-            scaler=scaler,
-            loader=loader,
-            geometry=self._colabjob_geometry(),
-        )
-
-    def _colabjob_geometry(self: Any) -> Geometry:
-        return Geometry(
-            batch_size=int(self._train_batch_size),
-            grad_accum=int(self.args.gradient_accumulation_steps),
-            world_size=self._colabjob.world_size,
-        )
 
     def _run_epoch(self: Any, **kwargs: Any) -> Any:
         run = self._colabjob
@@ -297,109 +284,6 @@ class ResumableTrainerMixin(JobLossMixin):
         else:
             run.empty_epoch = run.batches_in_epoch == before
         return result
-
-    def _colabjob_restore(self: Any, loader: Any) -> None:
-        run = self._colabjob
-        assert run.resume_dir is not None
-        scaler = getattr(self.accelerator, "scaler", None)
-        saved_scaler = bool((read_json(run.resume_dir / STATE_FILE).get("optimizer") or {}).get(
-            "scaler"
-        ))
-        with run.loading():
-            got = restore(
-                run.resume_dir,
-                dataclasses.replace(  # the model was loaded before HF prepared it
-                    self._colabjob_tracked(
-                        loader if isinstance(loader, ResumableLoader) else None,
-                        scaler if saved_scaler else None,
-                    ),
-                    model=None,
-                ),
-                allow_geometry_change=run.ctx.allow_geometry_change,
-                restore_rngs=True,  # last: nothing may draw from the RNGs before the next step
-                rank=run.rank,
-            )
-        if run.rank and not got.rng_found:  # a rank the checkpoint's run did not have
-            seed_missing_rank(int(self.args.seed), run.rank, got, run.committer.say)
-        hf = got.meta.get("hf") or {}
-        self._tr_loss.fill_(float(hf.get("tr_loss", 0.0)))
-        self._globalstep_last_logged = int(hf.get("last_logged", self.state.global_step))
-        self._colabjob_restore_totals(hf, run.committer.say if run.rank == 0 else None)
-
-    # ---- checkpoints -----------------------------------------------------------------------
-
-    def _save_checkpoint(self: Any, model: Any, trial: Any) -> None:
-        """Called by the Trainer when ``control.should_save``: commit through colabjob."""
-        run = self._colabjob
-        if run.committer.committed_step == self.state.global_step:
-            return
-        final = bool(self.control.should_training_stop)
-        if not final and run.busy:
-            run.save_due = True  # one commit in flight: this one waits for a later boundary
-            return
-        self._colabjob_save(final=final)
-        run.t_last = run.ctx.monotonic()  # the pause is a checkpoint cost, not step time
-
-    def _colabjob_save(self: Any, *, final: bool) -> None:
-        run = self._colabjob
-        t0 = run.ctx.monotonic()
-        self.store_flos()  # a collective with several processes: every rank is here
-        step = int(self.state.global_step)
-        loader = run.loader
-        tr_loss = self._tr_loss
-        if run.sync is not None:  # the mean HF logs, the same on every resumed rank
-            tr_loss = self.accelerator.gather(tr_loss.detach().reshape(1)).mean()
-            if run.rank != 0:
-                send_rank_state(run.sync, loader)
-                run.committer.follow(step, final=final)
-                run.save_due = False
-                return
-        for cb in [*self.callback_handler.callbacks, self.control]:
-            if hasattr(cb, "state") and callable(cb.state) and self.state.stateful_callbacks:
-                name = type(cb).__name__
-                if name in self.state.stateful_callbacks:
-                    self.state.stateful_callbacks[name] = cb.state()
-        state_json = json.dumps(dataclasses.asdict(self.state), sort_keys=True).encode()
-        left = remaining_batches(loader) if loader is not None else None
-        epoch_index = run.epoch_index + (1 if left == 0 else 0)
-        hf = {
-            "epoch_index": epoch_index,
-            "tr_loss": float(tr_loss.item()),
-            "total_loss": self._colabjob_loss_sum(),
-            "learning_rate": getattr(self, "_colabjob_lr", float(self.args.learning_rate)),
-            "last_logged": int(self._globalstep_last_logged),
-            "train_batch_size": int(self._train_batch_size),
-        }
-        scaler = getattr(self.accelerator, "scaler", None)
-        # A background save copies the state first: only when that copy fits in host memory.
-        clone = not final and run.committer.background_fits(
-            checkpoint_nbytes(self.model, self.optimizer)
-        )
-        snap = snapshot(
-            self._colabjob_tracked(
-                loader, scaler if scaler is not None and scaler.is_enabled() else None
-            ),
-            counters=Counters(
-                step=int(self.state.global_step),
-                epoch=epoch_index,
-                samples_seen=run.samples,
-                tokens_seen=int(self.state.num_input_tokens_seen or 0),
-            ),
-            metrics=metric_rows(self.state.log_history),
-            meta={"hf": hf},
-            clone=clone,
-            staging=run.committer.staging,
-        )
-        if run.sync is not None:
-            snap = gather_rank_states(run.sync, snap)
-        snap_s = run.ctx.monotonic() - t0
-        extra = {TRAINER_STATE_FILE: state_json}
-        meta = {**run.extra_meta, "hf": True}  # samples_seen and epoch: the committer's
-        if final:
-            run.committer.save_final(snap, snap_seconds=snap_s, extra=extra, meta=meta)
-        else:
-            run.committer.save_async(snap, snap_seconds=snap_s, extra=extra, meta=meta)
-        run.save_due = False
 
 
 _CLASSES: dict[type, type] = {}

@@ -14,6 +14,7 @@ alone commits the final artifact.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,7 @@ from colabjob.jobs.defaults import (
     search_micro_batch,
 )
 from colabjob.jobs.distributed import World
+from colabjob.jobs.state.sharded import is_sharded
 
 if TYPE_CHECKING:
     from colabjob.config import JobSpec
@@ -48,6 +50,7 @@ __all__ = [
     "plan_training",
     "run_trainer",
     "say",
+    "weights_dtype",
 ]
 
 FINAL_DIR = "final"
@@ -145,6 +148,9 @@ def plan_training(
                 hint="keep training.batch_size x training.grad_accum as the job started",
             )
         notes.append(f"micro-batch {micro} x {accum} accumulation (from the checkpoint)")
+    elif tr.auto_batch_size and caps.kind == "cuda" and is_sharded(model):
+        notes.append(f"auto_batch_size: not searched for a sharded model, micro-batch {micro} "
+                     f"x {accum} as given")
     elif tr.auto_batch_size and caps.kind == "cuda":
         model.to("cuda")  # the Trainer would move it there anyway
         if gc_on:
@@ -223,11 +229,12 @@ def run_trainer(
     tokenizer: Any,
     dataset: Any,
     plan: Plan,
-    save_model: Callable[[Any, Path], None] | None = None,
+    save_model: Callable[[Any, Path, bool], None] | None = None,
 ) -> SegmentOutcome:
     """One segment through ``ColabJobTrainer``; on completion the final artifact, committed
-    under ``final/``, is the trained model (``save_model(trainer.model, directory)``, by
-    default its ``save_pretrained``) and the tokenizer, as ``save_pretrained`` writes it."""
+    under ``final/``, is the trained model (``save_model(trainer.model, directory, main)``,
+    by default its ``save_pretrained``; see ``_final_artifact``) and the tokenizer, as
+    ``save_pretrained`` writes it."""
     from transformers import default_data_collator
     from transformers.utils import logging as hf_logging
 
@@ -253,18 +260,47 @@ def run_trainer(
         outcome = trainer.colabjob_outcome
         assert outcome is not None
         say(ctx, resource_line(out))
-        if outcome.completed and World.current().is_main:
-
-            def write_final(directory: Path) -> None:
-                (save_model or _save_pretrained)(trainer.model, directory)
-                tokenizer.save_pretrained(directory)
-
-            commit_final(ctx, outcome.last_step, write_final)
+        if outcome.completed:
+            _final_artifact(ctx, outcome.last_step, trainer.model, tokenizer, save_model)
     return outcome
 
 
-def _save_pretrained(model: Any, directory: Path) -> None:
-    model.save_pretrained(directory)
+def _final_artifact(
+    ctx: SegmentContext,
+    step: int,
+    model: Any,
+    tokenizer: Any,
+    save_model: Callable[[Any, Path, bool], None] | None,
+) -> None:
+    """Rank 0 commits the final artifact: ``save_model(model, directory, main)``'s, by default
+    ``save_pretrained``'s. A sharded model is saved by every rank (``save_pretrained``
+    gathers its weights then, whole in rank 0's host memory; ``main`` says which rank writes),
+    into a local folder first; a whole one by rank 0 alone, straight into the commit."""
+    save = save_model or _save_pretrained
+    main = World.current().is_main
+    if is_sharded(model):
+        with tempfile.TemporaryDirectory(prefix="colabjob-final-", dir=ctx.staging_dir) as tmp:
+            save(model, Path(tmp), main)
+            if main:
+                tokenizer.save_pretrained(tmp)
+
+                def copy(directory: Path) -> None:
+                    shutil.copytree(tmp, directory, dirs_exist_ok=True)
+
+                commit_final(ctx, step, copy)
+        return
+    if not main:
+        return
+
+    def write_final(directory: Path) -> None:
+        save(model, directory, True)
+        tokenizer.save_pretrained(directory)
+
+    commit_final(ctx, step, write_final)
+
+
+def _save_pretrained(model: Any, directory: Path, main: bool) -> None:
+    model.save_pretrained(directory, is_main_process=main)
 
 
 def load_pretrained(spec: JobSpec, precision: str, *, frozen_base: bool) -> tuple[Any, Any, Any]:
@@ -308,22 +344,33 @@ def load_tokenizer(name: str, *, revision: str | None = None, trust: bool = Fals
     return tok
 
 
-def load_model(spec: JobSpec, dtype: torch.dtype) -> Any:
-    """``model.name_or_path`` as a causal LM in ``dtype`` (ConfigError when it cannot load)."""
-    from transformers import AutoModelForCausalLM
+def load_model(spec: JobSpec, dtype: torch.dtype, *, shard: bool | None = None) -> Any:
+    """``model.name_or_path`` as a causal LM in ``dtype`` (ConfigError when it cannot load);
+    sharded with FSDP2 as it loads when ``shard`` (default ``training.fsdp``) and there are
+    several processes (``colabjob.jobs.hf.fsdp``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from colabjob.jobs.hf.fsdp import fsdp_config, own_storage
 
     assert spec.model is not None
     m, name = spec.model, spec.model.name_or_path
     assert name is not None
+    kw: dict[str, Any] = {"revision": m.revision, "trust_remote_code": m.trust_remote_code}
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            name, dtype=dtype, revision=m.revision, trust_remote_code=m.trust_remote_code
-        )
+        if spec.training.fsdp if shard is None else shard:
+            config = AutoConfig.from_pretrained(name, **kw)
+            dc = fsdp_config(config, trust_remote_code=m.trust_remote_code)
+            if dc is not None:
+                kw["distributed_config"] = dc
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kw)
     except (OSError, ValueError) as e:
         raise ConfigError(
             f"model.name_or_path: cannot load {m.name_or_path!r} as a causal LM: {e}",
             hint="give a local directory saved with save_pretrained, or a hub model name",
         ) from e
+    if "distributed_config" in kw:
+        own_storage(model)
+    return model
 
 
 def final_store(ctx: SegmentContext) -> Any:

@@ -8,22 +8,33 @@ optimizer state: the snapshot keeps trainable parameters when part of the model 
 The final artifact (``final/``) is the adapter (``adapter_config.json`` +
 ``adapter_model.safetensors``) or, with ``checkpoint.final_artifact: merged``, the base with
 the adapters merged in, a plain model that ``AutoModelForCausalLM.from_pretrained`` loads.
+With ``training.fsdp`` on several processes the frozen base is sharded as it loads, the
+adapters stay whole and alike on every rank (checkpoints are unchanged), and a merged
+artifact is merged by rank 0 into a whole copy of the base.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from colabjob.errors import ConfigError
 from colabjob.jobs.defaults import DeviceCaps, choose_precision
-from colabjob.jobs.kinds.hf_trainer import load_pretrained, plan_training, run_trainer
+from colabjob.jobs.kinds.hf_trainer import (
+    load_model,
+    load_pretrained,
+    plan_training,
+    run_trainer,
+    weights_dtype,
+)
+from colabjob.jobs.state.sharded import is_sharded
 
 if TYPE_CHECKING:
     from colabjob.config import JobSpec
     from colabjob.jobs.context import SegmentContext, SegmentOutcome
 
-__all__ = ["add_adapters", "check_targets", "run"]
+__all__ = ["add_adapters", "check_targets", "merged_on_whole_base", "run"]
 
 
 def check_targets(model: Any, spec: JobSpec) -> tuple[str, ...]:
@@ -64,6 +75,20 @@ def add_adapters(model: Any, spec: JobSpec) -> Any:
     return get_peft_model(model, config)
 
 
+def merged_on_whole_base(trained: Any, spec: JobSpec, precision: str, *, main: bool) -> Any:
+    """Every rank, for a base sharded over the processes: the trained adapters (saved by
+    every rank, as PEFT gathers sharded state) merged by the ``main`` rank into a whole
+    copy of the base it loads; None on the other ranks."""
+    from peft import PeftModel
+
+    with tempfile.TemporaryDirectory(prefix="colabjob-adapter-") as tmp:
+        trained.save_pretrained(tmp, is_main_process=main)
+        if not main:
+            return None
+        base = load_model(spec, weights_dtype(spec, precision, frozen_base=True), shard=False)
+        return PeftModel.from_pretrained(base, tmp).merge_and_unload()
+
+
 def run(spec: JobSpec, ctx: SegmentContext) -> SegmentOutcome:
     assert spec.model is not None and spec.data is not None
     caps = DeviceCaps.detect()
@@ -74,11 +99,15 @@ def run(spec: JobSpec, ctx: SegmentContext) -> SegmentOutcome:
     if plan.gradient_checkpointing:
         model.enable_input_require_grads()  # checkpointed blocks need a grad-requiring input
 
-    def save_model(trained: Any, directory: Path) -> None:
-        if spec.checkpoint.final_artifact == "merged":
-            trained.merge_and_unload().save_pretrained(directory)
+    def save_model(trained: Any, directory: Path, main: bool) -> None:
+        if spec.checkpoint.final_artifact != "merged":
+            trained.save_pretrained(directory, is_main_process=main)
+        elif is_sharded(trained):  # every rank: PEFT's save gathers the sharded state
+            merged = merged_on_whole_base(trained, spec, precision, main=main)
+            if merged is not None:
+                merged.save_pretrained(directory)
         else:
-            trained.save_pretrained(directory)
+            trained.merge_and_unload().save_pretrained(directory)
 
     return run_trainer(
         spec, ctx, model=model, tokenizer=tokenizer, dataset=dataset, plan=plan,

@@ -8,7 +8,8 @@ one at ``model.name_or_path``, or a byte-level BPE trained on the job's data bef
 (with several processes rank 0 trains or loads it first, the others then load it).
 Unless given, ``vocab_size`` is the tokenizer's and the position limit covers
 ``data.seq_len``. Weights are initialised from ``training.seed``; checkpoints hold the whole
-model; the final artifact (``final/``) is the model and tokenizer via ``save_pretrained``.
+model (with ``training.fsdp`` on several processes, every rank's shards); the final artifact
+(``final/``) is the model and tokenizer via ``save_pretrained``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from colabjob.jobs.data.text import build_dataset, iter_texts
 from colabjob.jobs.data.tokenizer import load_or_train_tokenizer
 from colabjob.jobs.defaults import DeviceCaps
 from colabjob.jobs.distributed import Coordinator
+from colabjob.jobs.hf.fsdp import shard_built
 from colabjob.jobs.kinds.hf_trainer import load_tokenizer, plan_training, run_trainer, say
 
 if TYPE_CHECKING:
@@ -106,6 +108,8 @@ def run(spec: JobSpec, ctx: SegmentContext) -> SegmentOutcome:
     dataset = build_dataset(spec.data, tokenizer)
     set_seed(spec.training.seed)
     model = AutoModelForCausalLM.from_config(cfg)
+    if spec.training.fsdp:  # every rank built the same weights: each keeps its shards
+        model = shard_built(model)
     n = sum(p.numel() for p in model.parameters())
     say(ctx, f"model: {cfg.model_type} from scratch, {n / 1e6:.2f}M parameters")
     plan = plan_training(spec, ctx, model, caps=DeviceCaps.detect())

@@ -31,7 +31,14 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from colabjob.errors import CorruptCheckpointError, UnsafeCheckpointError
 
-__all__ = ["SHARDED_DIR", "SHARDED_META", "is_sharded", "load_sharded", "sharded_state"]
+__all__ = [
+    "SHARDED_DIR",
+    "SHARDED_META",
+    "is_sharded",
+    "load_sharded",
+    "saves_shards",
+    "sharded_state",
+]
 
 SHARDED_DIR = "dcp"  # the checkpoint's folder of DCP files (``.metadata``, ``*.distcp``)
 SHARDED_META = "sharded"  # state.json meta key: the model and optimizer are in SHARDED_DIR
@@ -48,6 +55,20 @@ def is_sharded(model: torch.nn.Module | None) -> bool:
     if isinstance(model, FSDPModule):
         return True
     return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def saves_shards(model: torch.nn.Module | None, trainable_only: bool | None = None) -> bool:
+    """Whether a checkpoint of ``model`` is written sharded: a parameter it saves is a
+    ``DTensor``. It saves every parameter, or only the trainable ones when ``trainable_only``
+    (``None``: when some parameter is frozen, as ``capture.snapshot`` decides). LoRA adapters
+    added to a sharded frozen base are plain tensors, the same on every rank: saved whole."""
+    if model is None:
+        return False
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    partial = any(not p.requires_grad for p in params) if trainable_only is None else trainable_only
+    return any(isinstance(p, DTensor) for p in params if p.requires_grad or not partial)
 
 
 def _state(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
