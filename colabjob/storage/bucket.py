@@ -19,7 +19,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 from colabjob.storage.local import atomic_local_fetch
 from colabjob.storage.retry import RetryPolicy
-from colabjob.storage.store import Store, join_key
+from colabjob.storage.store import Store, check_key, join_key
 
 __all__ = ["BucketStore"]
 
@@ -60,6 +60,11 @@ class BucketStore(Store, Generic[ClientsT]):
     @property
     def _fs(self) -> Any:
         return self._clients.fs
+
+    def fsspec_target(self, key: str) -> tuple[object, str] | None:
+        """This store's own filesystem and ``bucket/object-name``: every process that can
+        open the store (other machines included) writes there, each file one upload."""
+        return self._fs, self._path(check_key(key))
 
     def _name(self, key: str) -> str:
         """Object name inside the bucket."""

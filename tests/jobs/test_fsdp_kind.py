@@ -181,7 +181,7 @@ def test_every_kind_takes_fsdp(kind: str) -> None:
 def test_cli_runs_a_finetune_job_sharded_on_two_processes(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    from colabjob.jobs.kinds.hf_trainer import fetch_final
+    from colabjob.jobs.kinds.final import fetch_final
     from tests.jobs.kind_fixtures import tiny_model_dir, write_text_data
 
     data = write_text_data(tmp_path / "data")

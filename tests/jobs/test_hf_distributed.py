@@ -262,7 +262,7 @@ budget: {{platform: local}}
 
 @pytest.mark.slow
 def test_cli_start_nproc_2_runs_a_scratch_job(tmp_path: Path) -> None:
-    from colabjob.jobs.kinds.hf_trainer import fetch_final
+    from colabjob.jobs.kinds.final import fetch_final
     from colabjob.runner.record import load_record
     from colabjob.runner.states import JobState
     from tests.cli.builders import run_cli

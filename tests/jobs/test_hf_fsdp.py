@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from colabjob.jobs.kinds import run_kind
-from colabjob.jobs.kinds.hf_trainer import fetch_final
+from colabjob.jobs.kinds.final import fetch_final
 from colabjob.jobs.state.sharded import SHARDED_DIR
 from colabjob.storage.checkpoints import CheckpointStore
 from colabjob.storage.store import open_store

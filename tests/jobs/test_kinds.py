@@ -20,7 +20,7 @@ from colabjob.jobs.context import SegmentOutcome
 from colabjob.jobs.data.tokenizer import TOKENIZER_KEY
 from colabjob.jobs.demo import compare_final_weights
 from colabjob.jobs.kinds import preflight, run_kind
-from colabjob.jobs.kinds.hf_trainer import fetch_final
+from colabjob.jobs.kinds.final import fetch_final
 from colabjob.jobs.state.restore import read_optimizer_state
 from colabjob.storage.checkpoints import CheckpointStore
 from colabjob.storage.store import open_store

@@ -4,9 +4,8 @@ Each kind builds its model and tokenizer; this module does the rest the same way
 pick precision, gradient checkpointing and the micro-batch (``jobs.defaults``; a searched
 micro-batch is recorded in every checkpoint and reused on resume), build the dataset
 (``jobs.datasets``) and the ``TrainingArguments`` from the spec, run a ``ColabJobTrainer``
-(``jobs.hf``) for one segment and, once the job completes, commit the final artifact under
-the job root's ``final/`` with the same manifest-last protocol as checkpoints
-(``final/ckpt/<step>-<uid>/``: a directory ``from_pretrained`` loads; ``fetch_final`` gets it).
+(``jobs.hf``) for one segment and, once the job completes, commit the final artifact
+(``colabjob.jobs.kinds.final``).
 With several processes every rank trains (``training.batch_size`` is per process) and rank 0
 alone commits the final artifact.
 """
@@ -14,7 +13,6 @@ alone commits the final artifact.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -31,19 +29,14 @@ from colabjob.jobs.defaults import (
     resource_line,
     search_micro_batch,
 )
-from colabjob.jobs.distributed import World
+from colabjob.jobs.kinds.final import FINAL_DIR, final_artifact
 from colabjob.jobs.state.sharded import is_sharded
 
 if TYPE_CHECKING:
     from colabjob.config import JobSpec
-    from colabjob.storage.checkpoints import CheckpointInfo
-    from colabjob.storage.store import Store
 
 __all__ = [
-    "FINAL_DIR",
     "Plan",
-    "commit_final",
-    "fetch_final",
     "load_model",
     "load_pretrained",
     "load_tokenizer",
@@ -53,7 +46,6 @@ __all__ = [
     "weights_dtype",
 ]
 
-FINAL_DIR = "final"
 _SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -261,46 +253,11 @@ def run_trainer(
         assert outcome is not None
         say(ctx, resource_line(out))
         if outcome.completed:
-            _final_artifact(ctx, outcome.last_step, trainer.model, tokenizer, save_model)
+            info = final_artifact(ctx, outcome.last_step, trainer.model, tokenizer, save_model)
+            if info is not None:
+                say(ctx, f"final artifact of step {info.step} committed to "
+                         f"{FINAL_DIR}/{info.prefix}")
     return outcome
-
-
-def _final_artifact(
-    ctx: SegmentContext,
-    step: int,
-    model: Any,
-    tokenizer: Any,
-    save_model: Callable[[Any, Path, bool], None] | None,
-) -> None:
-    """Rank 0 commits the final artifact: ``save_model(model, directory, main)``'s, by default
-    ``save_pretrained``'s. A sharded model is saved by every rank (``save_pretrained``
-    gathers its weights then, whole in rank 0's host memory; ``main`` says which rank writes),
-    into a local folder first; a whole one by rank 0 alone, straight into the commit."""
-    save = save_model or _save_pretrained
-    main = World.current().is_main
-    if is_sharded(model):
-        with tempfile.TemporaryDirectory(prefix="colabjob-final-", dir=ctx.staging_dir) as tmp:
-            save(model, Path(tmp), main)
-            if main:
-                tokenizer.save_pretrained(tmp)
-
-                def copy(directory: Path) -> None:
-                    shutil.copytree(tmp, directory, dirs_exist_ok=True)
-
-                commit_final(ctx, step, copy)
-        return
-    if not main:
-        return
-
-    def write_final(directory: Path) -> None:
-        save(model, directory, True)
-        tokenizer.save_pretrained(directory)
-
-    commit_final(ctx, step, write_final)
-
-
-def _save_pretrained(model: Any, directory: Path, main: bool) -> None:
-    model.save_pretrained(directory, is_main_process=main)
 
 
 def load_pretrained(spec: JobSpec, precision: str, *, frozen_base: bool) -> tuple[Any, Any, Any]:
@@ -371,35 +328,3 @@ def load_model(spec: JobSpec, dtype: torch.dtype, *, shard: bool | None = None) 
     if "distributed_config" in kw:
         own_storage(model)
     return model
-
-
-def final_store(ctx: SegmentContext) -> Any:
-    from colabjob.storage.checkpoints import CheckpointStore
-
-    return CheckpointStore(
-        ctx.store.child(FINAL_DIR), fence=ctx.checkpoints.fence, staging_dir=ctx.staging_dir
-    )
-
-
-def commit_final(ctx: SegmentContext, step: int, write: Callable[[Path], None]) -> CheckpointInfo:
-    """Commit the final artifact of ``step`` (skipped when one is already committed)."""
-    store = final_store(ctx)
-    have = store.latest()
-    if have is not None and have.step == step:
-        return have
-
-    def writer(staging: Path) -> dict[str, Path]:
-        write(staging)
-        return {p.relative_to(staging).as_posix(): p for p in staging.rglob("*") if p.is_file()}
-
-    info = store.save(step, writer, epoch=ctx.epoch, config_hash=ctx.config_hash,
-                      meta={"final": True})
-    say(ctx, f"final artifact of step {step} committed to {FINAL_DIR}/{info.prefix}")
-    return info
-
-
-def fetch_final(store: Store, local_dir: str | Path) -> CheckpointInfo | None:
-    """Download the job's newest final artifact into ``local_dir`` (None if there is none)."""
-    from colabjob.storage.checkpoints import CheckpointStore
-
-    return CheckpointStore(store.child(FINAL_DIR)).fetch_latest(local_dir)
