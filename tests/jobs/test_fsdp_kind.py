@@ -110,10 +110,12 @@ def _job(tmp: Path, name: str, *, pause: bool, kill: bool) -> tuple[Path, Path]:
     return spec, tmp / name
 
 
-def _final_state(url: Path, tmp: Path) -> dict[str, Any]:
+def _final_state(url: Path, tmp: Path, steps: int = 8) -> dict[str, Any]:
+    """The newest checkpoint (step ``steps``): its model and optimizer, gathered whole
+    from its DCP files."""
     ckpts = CheckpointStore(open_store(url))
     info = ckpts.latest()
-    assert info is not None and info.step == 8
+    assert info is not None and info.step == steps
     assert f"{SHARDED_DIR}/.metadata" in info.files and "model.safetensors" not in info.files
     local = ckpts.fetch(info, tmp / f"fetched-{url.name}")
     with warnings.catch_warnings():  # "assuming the intent is to load in a single process"

@@ -206,11 +206,12 @@ def test_lora_on_two_ranks_resumes_bit_identical(
 
 
 def _launch_resumable(tmp: Path, url: Path, assets: dict[str, Path], signal_after: int,
-                      name: str) -> list[dict[str, Any]]:
-    """Each rank's outcome of one 2-rank launch of a user's script using ``resumable()``."""
+                      name: str, *options: str) -> list[dict[str, Any]]:
+    """Each rank's outcome of one 2-rank launch of a user's script using ``resumable()``
+    (``options``: ``fsdp`` for a model sharded as it loads)."""
     out = tmp / name
     cmd = [sys.executable, "-m", "tests.jobs.hf_resumable_child", str(url),
-           str(assets["model"]), str(assets["data"]), str(out), str(signal_after)]
+           str(assets["model"]), str(assets["data"]), str(out), str(signal_after), *options]
     got = launch(cmd, nproc=2, env=ENV, cwd=REPO, timeout=LAUNCH_TIMEOUT)
     assert got.exit_code == 0, got
     return [json.loads((tmp / f"{name}.rank{r}.json").read_text()) for r in range(2)]

@@ -10,7 +10,9 @@ optimizer, to an uninterrupted run, and its final artifact is a whole model. ``s
 2-rank checkpoint resumes on 1 process and a 1-process checkpoint on 2 sharded ranks with
 ``allow_geometry_change``, each continuing the global sample order. ``lora``: the frozen
 base is sharded, the adapters are saved whole; stopped and resumed on 2 ranks it ends
-bit-identical, and its merged artifact is a plain model.
+bit-identical, and its merged artifact is a plain model. A user's Trainer script whose
+model is loaded with ``distributed_config`` stops on a signal to one rank and resumes
+bit-identical too.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from colabjob.storage.checkpoints import CheckpointStore
 from colabjob.storage.store import open_store
 from tests.jobs.kind_fixtures import StopAfter, make_ctx, tiny_model_dir, write_text_data
 from tests.jobs.test_fsdp_kind import _final_state, _flat
-from tests.jobs.test_hf_distributed import STEPS, _latest, _launch, _spec
+from tests.jobs.test_hf_distributed import STEPS, _latest, _launch, _launch_resumable, _spec
 
 pytestmark = pytest.mark.slow
 
@@ -155,3 +157,24 @@ def test_lora_merged_artifact_of_a_sharded_base_is_a_plain_model(
     assert not any("lora" in n for n in names)
     changed = [n for n, p in base.named_parameters() if not torch.equal(p, names[n])]
     assert changed and all(n.endswith(("c_attn.weight", "c_proj.weight")) for n in changed)
+
+
+def test_a_users_script_with_a_model_sharded_as_it_loads_resumes_bit_identical(
+    assets: dict[str, Path], tmp_path: Path
+) -> None:
+    """A user's Trainer script plus ``resumable()``, its model loaded with transformers'
+    ``distributed_config`` (FSDP2) in fp32 on CPU: SIGUSR1 to rank 1 stops both ranks at
+    one step with a sharded checkpoint; resumed, it ends bit-identical, model and optimizer,
+    to an uninterrupted run."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    whole = _launch_resumable(tmp_path, straight, assets, 0, "a", "fsdp")
+    assert all(o["completed"] and o["last_step"] == 6 for o in whole)
+    first = _launch_resumable(tmp_path, split, assets, 3, "b", "fsdp")
+    stopped = {o["last_step"] for o in first}
+    assert len(stopped) == 1 and all(o["stop_reason"] == "signal" for o in first)
+    info, doc = _doc(split)
+    assert info.step == stopped.pop() and doc["meta"]["sharded"] == SHARDED_DIR
+    rest = _launch_resumable(tmp_path, split, assets, 0, "c", "fsdp")
+    assert all(o["completed"] and o["first_step"] == info.step for o in rest)
+    a, b = _final_state(straight, tmp_path, 6), _final_state(split, tmp_path, 6)
+    _assert_same(_flat(a), _flat(b))

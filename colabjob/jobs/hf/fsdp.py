@@ -12,7 +12,7 @@ What colabjob adds: a plan for architectures whose class has none (GPT-2's block
 ``transformer.h``, not ``layers``): each outermost ``nn.ModuleList`` block its own FSDP
 unit, as ``colabjob.jobs.sharding`` does for the ``python`` kind; a model built from a
 config (``scratch``) sharded the same way (``shard_built``); shards that own their memory
-(``own_storage``); and checkpoints of the sharded state through the Trainer mixin
+(``own_storage``, at ``train()``); and checkpoints of the sharded state through the Trainer mixin
 (``colabjob.jobs.hf.trainer``).
 """
 
@@ -61,12 +61,10 @@ def shard_built(model: Any) -> Any:
     dc = fsdp_config(model.config)
     if dc is None:
         return model
-    sharded = type(model).from_pretrained(
+    return type(model).from_pretrained(
         None, config=model.config, state_dict=model.state_dict(), distributed_config=dc,
         dtype=model.dtype,
     )
-    own_storage(sharded)
-    return sharded
 
 
 def own_storage(model: torch.nn.Module) -> None:
@@ -75,7 +73,8 @@ def own_storage(model: torch.nn.Module) -> None:
     so every rank would hold the whole model, and copying such a view for a background save
     fails. The compact copies go in with ``load_state_dict(assign=True)``, which FSDP2
     supports (it re-points its shards at the next forward); tied weights stay one parameter.
-    Call it before the optimizer is built: the parameters are new objects."""
+    The Trainer mixin calls it at ``train()`` before the optimizer is built (the parameters
+    are new objects), for the kinds' models and a user's alike."""
     from torch import nn
     from torch.distributed.tensor import DTensor
 

@@ -55,11 +55,13 @@ from colabjob.jobs.hf.checkpoints import TrainerCheckpoints
 from colabjob.jobs.hf.compat import check_trainer_compat
 from colabjob.jobs.hf.data import align_epoch, train_loader
 from colabjob.jobs.hf.finish import JobLossMixin, job_train_loss
+from colabjob.jobs.hf.fsdp import own_storage
 from colabjob.jobs.numerics import pin_threads
 from colabjob.jobs.policy import StopReason
 from colabjob.jobs.state.codec import read_json
 from colabjob.jobs.state.format import STATE_FILE
 from colabjob.jobs.state.restore import restore
+from colabjob.jobs.state.sharded import is_sharded
 from colabjob.jobs.state.tracked import Tracked
 
 __all__ = ["ColabJobTrainer", "ResumableTrainerMixin", "job_train_loss", "make_resumable"]
@@ -114,6 +116,8 @@ class ResumableTrainerMixin(TrainerCheckpoints, JobLossMixin):
         run = self._colabjob
         run.reset()  # joins the process group's coordination, if any
         self._colabjob_check_args()
+        if self.optimizer is None and is_sharded(self.model):
+            own_storage(self.model)  # before the optimizer takes the parameters
         try:
             run.begin()
             self._colabjob_begin_totals(fresh=run.resume_dir is None)

@@ -307,7 +307,7 @@ def load_model(spec: JobSpec, dtype: torch.dtype, *, shard: bool | None = None) 
     several processes (``colabjob.jobs.hf.fsdp``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from colabjob.jobs.hf.fsdp import fsdp_config, own_storage
+    from colabjob.jobs.hf.fsdp import fsdp_config
 
     assert spec.model is not None
     m, name = spec.model, spec.model.name_or_path
@@ -325,6 +325,4 @@ def load_model(spec: JobSpec, dtype: torch.dtype, *, shard: bool | None = None) 
             f"model.name_or_path: cannot load {m.name_or_path!r} as a causal LM: {e}",
             hint="give a local directory saved with save_pretrained, or a hub model name",
         ) from e
-    if "distributed_config" in kw:
-        own_storage(model)
     return model
