@@ -49,8 +49,8 @@ from colabjob.jobs.decision import Vote, decide_agreed
 from colabjob.jobs.distributed import Coordinator
 from colabjob.jobs.numerics import pin_threads
 from colabjob.jobs.policy import StopReason
-from colabjob.jobs.progress import format_metric_line, progress_row
-from colabjob.jobs.state.format import Counters, Snapshot, Stateful
+from colabjob.jobs.session_report import SessionReport
+from colabjob.jobs.state.format import Snapshot, Stateful
 from colabjob.jobs.state.sizing import checkpoint_nbytes
 from colabjob.jobs.step_metrics import MetricsLog
 from colabjob.jobs.tracking import batch_len, build_tracked, release_loader
@@ -61,10 +61,9 @@ if TYPE_CHECKING:
 __all__ = ["SegmentContext", "SegmentOutcome", "Session"]
 
 log = logging.getLogger(__name__)
-STATUS_EVERY = 5.0  # seconds between pushes to ctx.on_status
 
 
-class Session:
+class Session(SessionReport):
     """One training segment seen from the training loop. See the module docstring."""
 
     def __init__(self, ctx: SegmentContext) -> None:
@@ -316,26 +315,6 @@ class Session:
         geometry = self._saver.tracked.geometry
         return batch_len(self._batch, geometry.batch_size if geometry is not None else 0)
 
-    # ---- metrics ---------------------------------------------------------------------------
-
-    def _flush_metrics(self) -> None:
-        entry: dict[str, Any] = {"step": self._step, "epoch": self._epoch, "samples": self._samples}
-        if self._optimizer is not None:
-            entry["lr"] = float(self._optimizer.param_groups[0]["lr"])
-        entry = self._metrics.close_window(entry)
-        progress = self.ctx.progress
-        if progress is not None:
-            progress.update(
-                self._step, self._max_steps, progress_row(entry, self._policy, self._every)
-            )
-        elif self.ctx.log is not None:
-            self.ctx.log(format_metric_line(entry))
-
-    @property
-    def metrics(self) -> list[dict[str, Any]]:
-        """The metrics history of the whole job (restored entries first)."""
-        return list(self._metrics.history)
-
     # ---- checkpoints -----------------------------------------------------------------------
 
     def _snapshot(self, *, emergency: bool, background: bool = False) -> tuple[Snapshot, float]:
@@ -368,11 +347,6 @@ class Session:
             return self._committer.save_final(snap, snap_seconds=snap_s)
         return self._save_async()
 
-    @property
-    def committed_step(self) -> int | None:
-        """The newest step committed to storage (restored or written by this session)."""
-        return self._committer.committed_step
-
     # ---- stopping --------------------------------------------------------------------------
 
     def _finish(self, reason: StopReason) -> None:
@@ -389,15 +363,6 @@ class Session:
             self._committer.save_final(snap, snap_seconds=snap_s)
         self._stop_reason = reason
         self._say(f"stopping at step {self._step}: {reason}")
-
-    @property
-    def stop_reason(self) -> StopReason | None:
-        return self._stop_reason
-
-    @property
-    def outcome(self) -> SegmentOutcome | None:
-        """Set by ``close()``."""
-        return self._outcome
 
     def close(self, error: BaseException | None = None) -> SegmentOutcome:
         """End the segment: wait for the background commit; if the loop ended without a stop
@@ -448,47 +413,3 @@ class Session:
 
     def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
         self.close(error=exc)
-
-    # ---- state for people and the heartbeat ------------------------------------------------
-
-    @property
-    def global_step(self) -> int:
-        """Optimizer steps done in the whole job."""
-        return self._step
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    @property
-    def counters(self) -> Counters:
-        return Counters(
-            step=self._step,
-            micro_step=self._micro,
-            epoch=self._epoch,
-            samples_seen=self._samples,
-            tokens_seen=self._tokens,
-        )
-
-    def status(self) -> dict[str, Any]:
-        return {
-            "step": self._step,
-            "epoch": self._epoch,
-            "samples_seen": self._samples,
-            "checkpoint_step": self.committed_step,
-            "uploading": self._committer.busy,
-        }
-
-    def _on_commit(self, step: int) -> None:
-        if self.ctx.on_status is not None:
-            self._push_status(self._mono())
-
-    def _push_status(self, now: float) -> None:
-        self._next_status = now + STATUS_EVERY
-        if self.ctx.on_status is not None:
-            self.ctx.on_status(self.status())
-
-    def _say(self, message: str) -> None:
-        log.info("%s", message)
-        if self.ctx.log is not None:
-            self.ctx.log(message)
