@@ -2,8 +2,10 @@
 
 ``block_plan`` adds an FSDP rule for the outermost block list a model class's own plan
 misses (GPT-2's ``transformer.h``) and none where the class covers it (Llama's
-``model.layers``); ``fsdp_config`` is None with one process. ``saves_shards`` (in a
-1-process gloo group, where ``fully_shard`` makes ``DTensor`` parameters): a sharded model
+``model.layers``); ``fsdp_config`` is None with one process, and with two carries that plan,
+or none (the class's own, with a warning) for a model that cannot be built on ``meta``.
+``saves_shards`` (in a 1-process gloo group, where ``fully_shard`` makes ``DTensor``
+parameters): a sharded model
 is saved as shards, a LoRA-style model whose trainable tensors are plain is saved whole.
 ``own_storage`` gives a shard that views a larger tensor a compact copy, keeping values,
 tied weights and ``requires_grad``.
@@ -45,6 +47,28 @@ def test_one_process_gets_no_distributed_config() -> None:
     from transformers import GPT2Config
 
     assert fsdp_config(GPT2Config(n_layer=1)) is None
+
+
+def test_two_processes_get_the_block_plan_or_the_class_plan_alone(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import transformers
+    from transformers import GPT2Config
+
+    from colabjob.jobs.distributed import World
+
+    two = World(rank=0, world_size=2)
+    monkeypatch.setattr(World, "current", classmethod(lambda cls: two))
+    dc = fsdp_config(GPT2Config(n_layer=2, n_embd=16, n_head=2))
+    assert dc.fsdp_size == 2 and dc.fsdp_plan == {"transformer.h.*": "free_full_weight"}
+
+    def cannot_build(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("custom init needs real memory")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", cannot_build)
+    dc = fsdp_config(GPT2Config(n_layer=2, n_embd=16, n_head=2))
+    assert dc.fsdp_size == 2 and dc.fsdp_plan is None
+    assert "no block plan for gpt2 (custom init needs real memory)" in caplog.text
 
 
 @pytest.fixture

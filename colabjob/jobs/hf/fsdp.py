@@ -18,6 +18,7 @@ config (``scratch``) sharded the same way (``shard_built``); shards that own the
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -26,6 +27,8 @@ from colabjob.jobs.distributed import World
 from colabjob.jobs.sharding import block_lists
 
 __all__ = ["block_plan", "fsdp_config", "own_storage", "shard_built"]
+
+log = logging.getLogger(__name__)
 
 _FREE = "free_full_weight"  # transformers' FSDP style: reshard after the block's forward
 
@@ -49,9 +52,17 @@ def fsdp_config(config: Any, *, trust_remote_code: bool = False) -> Any:
     from transformers import AutoModelForCausalLM
     from transformers.distributed import DistributedConfig
 
-    with torch.device("meta"):  # only the module tree: no memory, no init
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    return DistributedConfig(fsdp_size=world, fsdp_plan=block_plan(skeleton) or None)
+    try:
+        with torch.device("meta"):  # only the module tree: no memory, no init
+            skeleton = AutoModelForCausalLM.from_config(
+                config, trust_remote_code=trust_remote_code
+            )
+        plan = block_plan(skeleton)
+    except Exception as e:  # a model that cannot be built on meta: its class's plan only
+        log.warning("training.fsdp: no block plan for %s (%s); its own plan is used",
+                    getattr(config, "model_type", "this model"), e)
+        plan = {}
+    return DistributedConfig(fsdp_size=world, fsdp_plan=plan or None)
 
 
 def shard_built(model: Any) -> Any:
