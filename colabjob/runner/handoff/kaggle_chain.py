@@ -2,7 +2,7 @@
 
 ``push_kernel`` is ``colabjob kaggle push JOB --kernel USER/SLUG``: the job must be on
 ``gs://`` (exit 2 otherwise, before anything is opened), exist, not be finished, moved or
-held by a live runner (``to_vm.prepare_job``); the kernel settings go into ``job.json``'s
+held by a live runner (``prepare.prepare_job``); the kernel settings go into ``job.json``'s
 extras (no secrets), the kernel folder is written and ``kaggle kernels push -p DIR`` runs.
 
 ``continue_on_kaggle`` runs after a segment ends inside a kernel (``KAGGLE_KERNEL_RUN_TYPE``
@@ -38,7 +38,7 @@ from colabjob.runner.handoff.kaggle import (
     run_kaggle,
     write_kernel,
 )
-from colabjob.runner.handoff.to_vm import prepare_job
+from colabjob.runner.handoff.prepare import prepare_job
 from colabjob.runner.platforms import PRESETS
 from colabjob.runner.record import JobRecord, read_record, update_record
 

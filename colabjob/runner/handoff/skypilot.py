@@ -4,7 +4,7 @@
 ``task_yaml`` writes as YAML): ``setup`` installs colabjob pinned to this version, ``run``
 resumes the job from its ``gs://`` URL (with SkyPilot's node variables when ``num_nodes`` >
 1), ``resources`` asks for the GPUs, spot and cloud. ``handoff_skypilot`` shares the GCE
-path's checks and verified copy (``to_vm.prepare_job``, ``to_vm.move_job``), then runs
+path's checks and verified copy (``prepare.prepare_job``, ``prepare.move_job``), then runs
 ``sky jobs launch -n NAME -y TASK.yaml``.
 
 Preemption recovery is SkyPilot's: its controller relaunches the task on a new cluster when
@@ -35,8 +35,8 @@ import colabjob
 from colabjob.clock import SYSTEM_CLOCK, Clock
 from colabjob.errors import ConfigError, ExitCode, SkyNotFoundError
 from colabjob.runner.handoff.gcloud import Runner, instance_name_for, run_cli
+from colabjob.runner.handoff.prepare import move_job, prepare_job, write_plan_file
 from colabjob.runner.handoff.startup_script import TORCH_CPU_INDEX, checked_value
-from colabjob.runner.handoff.to_vm import move_job, prepare_job, write_plan_file
 from colabjob.runner.handoff.transfer import TransferReport
 
 __all__ = [
