@@ -84,7 +84,7 @@ def nproc_count(value: str, url: str) -> int:
             raise ConfigError(f"--nproc must be a positive number or 'auto', got {value!r}")
     if n > 1 and url.startswith("memory://"):
         raise ConfigError("--nproc needs storage every process can reach, not memory://")
-    from colabjob.runner.launch import check_nproc
+    from colabjob.runner.ranks import check_nproc
 
     check_nproc(n)  # before the job's storage is written or any process starts
     return n

@@ -8,13 +8,13 @@ previous checkpoint as the newest one and, at worst, an orphan prefix that
 ``sweep_staging()`` removes after a later commit. Nothing is overwritten in place. The lease
 epoch (fencing token) is checked just before the manifest is created, so a runner that lost
 its lease never commits. Retention runs only after a commit and deletes manifest first, then
-data. Reading, verification and quarantine live in ``catalog.py``; local staging and the
+data. Listing, selection and retention live in ``checkpoint_listing.py`` (the base class);
+reading, verification and quarantine in ``catalog.py``; local staging and the
 background upload thread in ``staging.py``; the manifest format in ``manifest.py``.
 """
 
 from __future__ import annotations
 
-import builtins
 import contextlib
 import json
 import logging
@@ -31,12 +31,12 @@ from colabjob.errors import (
     AlreadyExistsError,
     CheckpointError,
     ConfigError,
-    CorruptCheckpointError,
     StaleEpochError,
     StorageError,
 )
 
 from .catalog import Catalog, CorruptCheckpointWarning, Verify
+from .checkpoint_listing import CheckpointListing
 from .manifest import (
     CKPT_DIR,
     MANIFEST,
@@ -76,7 +76,7 @@ log = logging.getLogger(__name__)
 JOB_META = "job"  # manifest meta key of the job's id and spec (see CheckpointStore.job)
 
 
-class CheckpointStore:
+class CheckpointStore(CheckpointListing):
     """Checkpoints of one job under a ``Store``; see the module docstring for the protocol.
 
     ``keep`` >= 2 newest valid checkpoints survive retention. ``fence()`` returns the current
@@ -335,90 +335,6 @@ class CheckpointStore:
             self.sweep_staging()
         except StorageError as e:
             log.warning("checkpoint housekeeping after step %d failed: %s", info.step, e)
-
-    # ---- reading (see catalog.py) -------------------------------------------------------
-
-    def list(self) -> builtins.list[CheckpointInfo]:
-        """Committed checkpoints (manifest present and readable), oldest first."""
-        return self.catalog.list()
-
-    def latest(self, *, verify: Verify = "size") -> CheckpointInfo | None:
-        """The newest checkpoint that passes ``verify``; corrupt newer ones are quarantined
-        with a ``CorruptCheckpointWarning``.
-
-        ``"size"`` checks every file is present with its size (cheap); ``"full"`` also
-        hashes every byte; ``"none"`` only parses the manifest. ``read``/``fetch`` always
-        check sha256.
-        """
-        return self.catalog.latest(verify)
-
-    def read(self, info: CheckpointInfo, name: str) -> bytes:
-        """One file's bytes, verified (size + sha256); ``CorruptCheckpointError`` otherwise
-        (and the checkpoint is quarantined)."""
-        return self.catalog.read(info, name)
-
-    def fetch(self, info: CheckpointInfo, local_dir: str | os.PathLike[str]) -> Path:
-        """Download every file into ``local_dir``: each lands under a temp name, is verified
-        and only then renamed into place. ``CorruptCheckpointError`` (and quarantine) if any
-        file is bad, in which case no file of it is placed."""
-        return self.catalog.fetch(info, local_dir)
-
-    def fetch_latest(self, local_dir: str | os.PathLike[str]) -> CheckpointInfo | None:
-        """``fetch`` the newest checkpoint whose every byte verifies, falling back past (and
-        quarantining) bad ones; None if there is none."""
-        while (info := self.latest()) is not None:
-            try:
-                self.fetch(info, local_dir)
-            except CorruptCheckpointError:
-                continue
-            return info
-        return None
-
-    # ---- housekeeping -------------------------------------------------------------------
-
-    def apply_retention(self, *, protect: str | None = None) -> builtins.list[CheckpointInfo]:
-        """Keep the newest ``keep`` valid checkpoints; delete older ones, manifest first.
-
-        Nothing is deleted until ``keep`` newer ones verified (sizes), so a corrupt newest
-        checkpoint never costs an older good one. ``protect`` (a prefix) is never deleted.
-        Returns the deleted checkpoints.
-        """
-        kept = 0
-        deleted: builtins.list[CheckpointInfo] = []
-        for info in reversed(self.list()):
-            if kept < self.keep:
-                problem = self.catalog.verify(info, "size")
-                if problem is None:
-                    kept += 1
-                else:
-                    self.catalog.quarantine(info.dirname, problem)
-            elif info.prefix != protect:
-                self.store.delete(info.key(MANIFEST))
-                self.store.delete_prefix(info.prefix)
-                deleted.append(info)
-        return deleted
-
-    def sweep_staging(self, *, include_newer: bool = False) -> builtins.list[str]:
-        """Delete orphan prefixes (no manifest, not quarantined, not being written here).
-
-        An orphan at or below the newest committed step was abandoned (a crash, a fenced-out
-        writer, a failed save); one above it may still be in flight elsewhere and is swept
-        only with ``include_newer`` (when no runner is live). Returns the swept prefixes.
-        """
-        groups = self.catalog.groups()
-        steps = {d: parse_dir(d)[0] for d in groups}  # type: ignore[index]
-        newest = max((steps[d] for d, names in groups.items() if MANIFEST in names), default=None)
-        quarantined = self.catalog.quarantined()
-        swept: builtins.list[str] = []
-        for dirname, names in sorted(groups.items()):
-            prefix = f"{CKPT_DIR}/{dirname}"
-            if MANIFEST in names or dirname in quarantined or prefix in self._inflight:
-                continue
-            if include_newer or (newest is not None and steps[dirname] <= newest):
-                self.store.delete_prefix(prefix)
-                swept.append(prefix)
-        return swept
-
 
 def _checked_meta(step: int, meta: Mapping[str, Any] | None) -> dict[str, Any]:
     if step < 0:

@@ -26,7 +26,7 @@ from colabjob.cli import main
 from colabjob.config import DEFAULT_MARGIN, BudgetSpec, render_template
 from colabjob.errors import ConfigError
 from colabjob.jobs.policy import StopReason
-from colabjob.runner import budget, launch, watchdog
+from colabjob.runner import budget, launch, ranks, watchdog
 from colabjob.runner.platforms import parse_duration
 from colabjob.runner.record import load_record
 from colabjob.runner.states import JobState
@@ -97,14 +97,14 @@ def test_with_cuda_the_limit_is_the_visible_gpus(
     assert main(argv) == 2
     assert "1 visible GPU:" in _one_line_error(capsys)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
-    assert launch.nproc_limit() == (4, "4 visible GPUs")
-    launch.check_nproc(4)  # at the limit: allowed
+    assert ranks.nproc_limit() == (4, "4 visible GPUs")
+    ranks.check_nproc(4)  # at the limit: allowed
     with pytest.raises(ConfigError, match="5 is more than this machine's 4 visible GPUs"):
-        launch.check_nproc(5)
+        ranks.check_nproc(5)
 
 
 def test_the_library_entry_points_are_bounded_too(two_cores: None) -> None:
-    launch.check_nproc(2)  # one per core is allowed
+    ranks.check_nproc(2)  # one per core is allowed
     with pytest.raises(ConfigError, match="2 CPU cores"):
         launch.launch(["true"], nproc=3)
     launcher = launch.Launcher([["true"]] * 3)
@@ -116,7 +116,7 @@ def test_the_library_entry_points_are_bounded_too(two_cores: None) -> None:
 def test_cores_come_from_the_affinity_mask(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("os.sched_getaffinity", lambda _pid: {3}, raising=False)
     monkeypatch.setattr("os.cpu_count", lambda: 64)
-    assert launch.cpu_cores() == 1  # a container or SLURM share, not the host's 64
+    assert ranks.cpu_cores() == 1  # a container or SLURM share, not the host's 64
 
 
 @pytest.mark.slow

@@ -38,7 +38,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from colabjob.jobs.distributed import init_distributed
 from colabjob.jobs.session import Session
-from colabjob.runner.launch import free_port
+from colabjob.runner.ranks import free_port
 from colabjob.storage import open_store
 from colabjob.storage.checkpoints import CheckpointStore
 from colabjob.storage.retry import RetryPolicy

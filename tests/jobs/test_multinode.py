@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from colabjob.runner.launch import free_port
+from colabjob.runner.ranks import free_port
 from colabjob.runner.record import load_record
 from colabjob.runner.states import JobState
 from colabjob.storage import open_store

@@ -12,7 +12,7 @@ import pytest
 from colabjob.errors import ConfigError
 from colabjob.jobs.rendezvous import DEFAULT_RENDEZVOUS_TIMEOUT, rendezvous_timeout
 from colabjob.runner.child_protocol import RunRequest
-from colabjob.runner.launch import rank_env
+from colabjob.runner.ranks import rank_env
 from colabjob.runner.topology import DEFAULT_MASTER_PORT, NodeTopology, first_host, node_topology
 from tests.cli.builders import run_main
 
