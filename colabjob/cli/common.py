@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from colabjob.config.schema import DEFAULT_MARGIN
+from colabjob.config.run_sections import DEFAULT_MARGIN
 from colabjob.errors import ConfigError
 
 if TYPE_CHECKING:

@@ -15,7 +15,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from colabjob.config.schema import DEFAULT_MARGIN
+from colabjob.config.run_sections import DEFAULT_MARGIN
 from colabjob.errors import ColabJobError, CorruptCheckpointError, ObjectNotFoundError
 from colabjob.jobs.policy import StopReason
 from colabjob.runner.lease.info import LeaseObserver

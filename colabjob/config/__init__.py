@@ -17,14 +17,11 @@ from colabjob.config.loader import (
 )
 from colabjob.config.lora_targets import LORA_TARGET_MODULES, resolve_target_modules
 from colabjob.config.resume import SAFE_TO_CHANGE, config_hash, diff_for_resume, exactness_fields
+from colabjob.config.run_sections import DEFAULT_MARGIN, BudgetSpec, CheckpointSpec, LoggingSpec
 from colabjob.config.schema import (
-    DEFAULT_MARGIN,
     KINDS,
-    BudgetSpec,
-    CheckpointSpec,
     DataSpec,
     JobSection,
-    LoggingSpec,
     LoraSpec,
     ModelSpec,
     TokenizerSpec,

@@ -14,12 +14,10 @@ from typing import Any
 import yaml
 
 from colabjob.config._fields import Section, _Mismatch
+from colabjob.config.run_sections import BudgetSpec, CheckpointSpec, LoggingSpec
 from colabjob.config.schema import (
-    BudgetSpec,
-    CheckpointSpec,
     DataSpec,
     JobSection,
-    LoggingSpec,
     LoraSpec,
     ModelSpec,
     TokenizerSpec,

@@ -5,7 +5,8 @@ JobSpec (the tests check), and each states the defaults it leaves out.
 
 from __future__ import annotations
 
-from colabjob.config.schema import DEFAULT_MARGIN, KINDS
+from colabjob.config.run_sections import DEFAULT_MARGIN
+from colabjob.config.schema import KINDS
 from colabjob.errors import ConfigError
 
 _HEADER = """\

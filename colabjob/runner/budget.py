@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from colabjob.clock import SYSTEM_CLOCK, Clock
-from colabjob.config.schema import DEFAULT_MARGIN
+from colabjob.config.run_sections import DEFAULT_MARGIN
 from colabjob.errors import ConfigError
 from colabjob.jobs.policy import StopPolicy, StopReason
 from colabjob.runner.platforms import PlatformInfo, format_duration, parse_duration

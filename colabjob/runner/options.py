@@ -3,9 +3,9 @@ HF integration, the demo) asks for it, and the one place each option's default i
 ``colabjob.session()`` and ``colabjob.hf.resumable()`` take their keyword defaults from
 ``DEFAULTS`` and build the options from their arguments (``from_arguments``), and the
 defaults of what a job spec also sets (checkpoint cadence, retention, logging, ...) are the
-spec's (``colabjob.config.schema``). ``with_spec_defaults`` gives a job spec's
-``checkpoint``, ``budget``, ``training`` and ``logging`` sections every field a caller left
-at its default. Read by ``colabjob.runner.segment``.
+spec's (``colabjob.config.schema``, ``colabjob.config.run_sections``).
+``with_spec_defaults`` gives a job spec's ``checkpoint``, ``budget``, ``training`` and
+``logging`` sections every field a caller left at its default. Read by ``colabjob.runner.segment``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from colabjob.clock import SYSTEM_CLOCK, Clock
-from colabjob.config.schema import CheckpointSpec, LoggingSpec, TrainingSpec
+from colabjob.config.run_sections import CheckpointSpec, LoggingSpec
+from colabjob.config.schema import TrainingSpec
 from colabjob.runner.lease.claim import DEFAULT_TTL
 from colabjob.runner.watchdog import STOP_POLL_SECONDS
 
