@@ -24,14 +24,12 @@ from torch import nn
 
 from colabjob.jobs.checkpointing.committer import _Held
 from colabjob.jobs.state.dcp_writer import (
-    _KICK,
-    _SLICE,
     HostCopy,
-    _HashingStream,
     local_nbytes,
     shard_target,
     start_shard_write,
 )
+from colabjob.jobs.state.hashing_fs import _KICK, _SLICE, _HashingStream
 from colabjob.jobs.state.host_memory import MARGIN_FRACTION, MIN_MARGIN, SaveChooser
 from colabjob.jobs.state.pinned import StagingPool
 from colabjob.jobs.state.sharded import SHARDED_DIR, load_sharded, sharded_state

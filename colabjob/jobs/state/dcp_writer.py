@@ -44,13 +44,7 @@ from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.storage import WriteResult
 
 from colabjob.errors import CheckpointError
-from colabjob.jobs.state.hashing_fs import (  # noqa: F401 - _KICK, _SLICE, _HashingStream:
-    _KICK,  # tests/jobs/test_dcp_writer.py imports them from here
-    _SLICE,
-    Digests,
-    HashingFileSystem,
-    _HashingStream,
-)
+from colabjob.jobs.state.hashing_fs import Digests, HashingFileSystem
 from colabjob.storage.staging import Written
 
 __all__ = [
