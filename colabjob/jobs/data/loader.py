@@ -18,12 +18,15 @@ from their parent) and the main process would crash with "DataLoader worker ... 
 by signal" instead of stopping at the next step boundary with a checkpoint. SIGINT and
 SIGUSR1 are ignored; SIGTERM is blocked and taken by a thread that exits the worker only
 when the SIGTERM comes from its parent (torch and ``multiprocessing`` stop workers that
-way at shutdown; ignoring it would hang the main process's exit).
+way at shutdown; ignoring it would hang the main process's exit), or when that parent is
+gone: a worker whose main process was SIGKILLed exits within a second, even one killed
+before torch's own parent watch in the worker started (which would then watch pid 1).
 """
 
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import operator
 import os
 import signal
@@ -46,6 +49,15 @@ _LOADER_FORMAT = "colabjob.loader/1"
 
 
 _WORKER_IGNORES = ("SIGTERM", "SIGINT", "SIGUSR1")  # the main process's watchdog owns them
+_PARENT_POLL_S = 1.0  # how often a worker checks that the process it serves is alive
+
+
+def _parent_pid() -> int:
+    """The pid of the process that started this worker, even after it died: the one
+    ``multiprocessing`` recorded (``os.getppid()`` is already 1 then)."""
+    parent = multiprocessing.parent_process()
+    pid = parent.pid if parent is not None else None
+    return int(pid) if pid is not None else os.getppid()
 
 
 def _quiet_worker(user_init: Callable[[int], Any] | None, worker_id: int) -> None:
@@ -53,14 +65,18 @@ def _quiet_worker(user_init: Callable[[int], Any] | None, worker_id: int) -> Non
         signum = getattr(signal, name, None)  # SIGUSR1 does not exist on Windows
         if signum is not None:
             signal.signal(signum, signal.SIG_IGN)
-    if hasattr(signal, "sigwaitinfo"):  # Linux; elsewhere torch's own SIGTERM handling stays
-        parent = os.getppid()
+    if hasattr(signal, "sigtimedwait"):  # Linux; elsewhere torch's own SIGTERM handling stays
+        parent = _parent_pid()
+        if os.getppid() != parent:  # SIGKILLed before this worker got here: nobody to serve
+            os._exit(0)
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # threads made later too
 
         def parent_term_only() -> None:
+            # Also the worker's own parent watch: torch's records os.getppid() only after
+            # this runs, so a parent killed in between would leave the worker alive forever.
             while True:
-                info = signal.sigwaitinfo({signal.SIGTERM})
-                if info.si_pid == parent or os.getppid() != parent:
+                info = signal.sigtimedwait({signal.SIGTERM}, _PARENT_POLL_S)
+                if os.getppid() != parent or (info is not None and info.si_pid == parent):
                     os._exit(0)  # what torch's worker does on its parent's SIGTERM
 
         threading.Thread(target=parent_term_only, name="colabjob-worker-term", daemon=True).start()
