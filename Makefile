@@ -44,15 +44,22 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
+# pytest-xdist workers: one per core, at most 2 (CI's machines have 2, and the multi-rank tests
+# start 2 processes each); `make test JOBS=0` runs in one process. One torch thread per worker:
+# two workers of 2 threads each would oversubscribe 2 cores. worksteal: a worker that runs out
+# takes half of the other's queue, so no long test is left queued behind another at the end.
+JOBS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 2 ? n : 2 )))
+PYTEST = OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(BIN)/pytest -n $(JOBS) --dist worksteal
+
 pytest: test-env
-	$(BIN)/pytest -q
+	$(PYTEST) -q
 
 test: lint typecheck pytest
 
 # The quick tier for the edit-test loop (under 2 minutes): the unmarked tests only. `make test`
 # still runs everything, the slow, emulator and GPU-marked tests included.
 test-fast: test-env
-	$(BIN)/pytest -q -m "not slow and not gcs and not s3 and not gpu"
+	$(PYTEST) -q -m "not slow and not gcs and not s3 and not gpu"
 
 # The GPU suite (tests/gpu, a few minutes on one GPU). Without a CUDA device it fails, not
 # passes vacuously: on a GPU machine `make setup` gets the CUDA build of torch from PyPI.
