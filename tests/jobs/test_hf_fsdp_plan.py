@@ -8,7 +8,8 @@ or none (the class's own, with a warning) for a model that cannot be built on ``
 parameters): a sharded model
 is saved as shards, a LoRA-style model whose trainable tensors are plain is saved whole.
 ``own_storage`` gives a shard that views a larger tensor a compact copy, keeping values,
-tied weights and ``requires_grad``.
+tied weights and ``requires_grad``; the background save's host copy of such shards is
+compact and equal too.
 """
 
 from __future__ import annotations
@@ -134,3 +135,43 @@ def test_own_storage_compacts_views_and_keeps_ties_and_values() -> None:
     assert model.head.weight is model.emb.weight  # still tied
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k].full_tensor()) for k in before)
+
+
+@pytest.mark.usefixtures("one_rank_group")
+def test_the_host_copy_of_shards_that_view_a_larger_tensor_is_compact_and_equal() -> None:
+    """The background save's host copy (``HostCopy``) of shards left as views into whole
+    tensors (by transformers' loading, before ``own_storage``): no deep copy of the whole
+    storage (torch's own helper fails on those), one compact buffer per shard, same values,
+    and the same buffers refilled by the next save."""
+    from torch.distributed.tensor import DTensor
+
+    from colabjob.jobs.state.dcp_writer import HostCopy, local_nbytes
+    from colabjob.jobs.state.sharded import sharded_state
+
+    model = _shard(_Net())
+    layer = model.layers[0]
+    with torch.no_grad():
+        view = torch.zeros(20)[4:20].view(4, 4).copy_(layer.weight.to_local())
+        p = layer.weight
+        layer.weight = nn.Parameter(
+            DTensor.from_local(view, p.device_mesh, p.placements, run_check=False)
+        )
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    for param in model.parameters():
+        param.grad = torch.ones_like(param)  # an optimizer step: AdamW state to copy too
+    opt.step()
+    host = HostCopy()
+    copied = host.stage(sharded_state(model, opt))
+    live = sharded_state(model, opt)
+    weight = copied["model"]["layers.0.weight"]
+    assert isinstance(weight, DTensor)
+    assert weight.to_local().untyped_storage().nbytes() == 16 * 4  # compact, not the 20
+    assert torch.equal(weight.to_local(), live["model"]["layers.0.weight"].to_local())
+    assert host.nbytes == local_nbytes(live)
+    first = weight.to_local().data_ptr()
+    opt.step()
+    again = host.stage(sharded_state(model, opt))
+    assert again["model"]["layers.0.weight"].to_local().data_ptr() == first  # refilled
+    assert torch.equal(
+        again["model"]["layers.0.weight"].to_local(), model.layers[0].weight.to_local()
+    )

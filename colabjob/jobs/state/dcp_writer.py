@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
+from torch.distributed._state_dict_utils import _copy_state_dict
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecWriter
 from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
 from torch.distributed.checkpoint.planner import SavePlan, SavePlanner
@@ -210,7 +210,7 @@ class HostCopy(AsyncStager):
                 return _copy_state_dict(state_dict, self._cache, type_check=False)
             except (RuntimeError, ValueError, TypeError, KeyError):
                 self._cache = None  # another structure or shapes (a new optimizer state)
-        self._cache = _create_cpu_state_dict(state_dict)
+        self._cache = _host_buffers(state_dict)
         return _copy_state_dict(state_dict, self._cache, type_check=False)
 
     def synchronize_staging(self) -> None:
@@ -222,6 +222,35 @@ class HostCopy(AsyncStager):
 
     def close(self) -> None:
         self.clear()
+
+
+def _host_buffers(state: Any) -> Any:
+    """Empty CPU tensors shaped like ``state``'s, for ``_copy_state_dict`` to fill; a DTensor
+    gets one for its local shard, in a new wrapper (``detach()``: no copy) of the same
+    placement. torch's ``_create_cpu_state_dict`` deep-copies a CPU DTensor first: its whole
+    storage, a second copy while it runs, and one that fails ("invalid python storage") on
+    a shard that views a larger tensor, as transformers' loading leaves them on CPU."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(state, dict):
+        return {k: _host_buffers(v) for k, v in state.items()}
+    if isinstance(state, list | tuple):
+        return type(state)(_host_buffers(v) for v in state)
+    if isinstance(state, DTensor):
+        if state.ndim == 0:
+            return state
+        buf: Any = state.detach()
+        buf._local_tensor = _empty_cpu(state.to_local())
+        return buf
+    if isinstance(state, torch.Tensor):
+        return _empty_cpu(state)
+    return state
+
+
+def _empty_cpu(t: torch.Tensor) -> torch.Tensor:
+    if t.ndim == 0:
+        return torch.tensor(0, dtype=t.dtype)
+    return torch.empty(tuple(t.shape), dtype=t.dtype)
 
 
 class _Group:
