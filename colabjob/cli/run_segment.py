@@ -99,25 +99,12 @@ def _notify_failure(url: str, result: SupervisorResult) -> None:
 def _in_process(request: RunRequest) -> SupervisorResult:
     from colabjob.display import make_progress
     from colabjob.jobs.progress import close_progress
-    from colabjob.runner.supervisor import (
-        ChildResult,
-        SupervisorResult,
-        classify_error,
-        exit_code_for,
-        run_in_process,
-    )
+    from colabjob.runner.child_protocol import result_of
+    from colabjob.runner.supervisor import SupervisorResult, classify_error, run_in_process
 
     progress = make_progress(request.progress)
     try:
-        outcome = run_in_process(request, progress)
-        result = ChildResult(
-            exit_code=exit_code_for(outcome),
-            stop_reason=outcome.stop_reason,
-            last_step=outcome.last_step,
-            checkpoint_step=outcome.checkpoint_step,
-            completed=outcome.completed,
-            error=outcome.error,
-        )
+        result = result_of(run_in_process(request, progress))
     except Exception as e:
         result = classify_error(e)
     finally:

@@ -138,6 +138,20 @@ def exit_code_for(outcome: SegmentOutcome) -> int:
     return ExitCode.FAILED if outcome.stop_reason == StopReason.CRASH.value else ExitCode.PAUSED
 
 
+def result_of(outcome: SegmentOutcome) -> ChildResult:
+    """The result a segment that returned reports: a crash it caught may be retried."""
+    return ChildResult(
+        exit_code=exit_code_for(outcome),
+        stop_reason=outcome.stop_reason,
+        first_step=outcome.first_step,
+        last_step=outcome.last_step,
+        checkpoint_step=outcome.checkpoint_step,
+        completed=outcome.completed,
+        error=outcome.error,
+        retryable=outcome.stop_reason == StopReason.CRASH.value,
+    )
+
+
 def classify_error(exc: BaseException) -> ChildResult:
     """The result a child reports for an exception: user errors are not retried."""
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -226,17 +240,7 @@ def child_main(
     result_path = Path(argv[2])
     _watch_parent(os.getppid())
     try:
-        outcome = runner(request, None)
-        result = ChildResult(
-            exit_code=exit_code_for(outcome),
-            stop_reason=outcome.stop_reason,
-            first_step=outcome.first_step,
-            last_step=outcome.last_step,
-            checkpoint_step=outcome.checkpoint_step,
-            completed=outcome.completed,
-            error=outcome.error,
-            retryable=outcome.stop_reason == StopReason.CRASH.value,
-        )
+        result = result_of(runner(request, None))
     except BaseException as e:  # reported to the supervisor, which decides about retries
         if request.debug:
             import traceback

@@ -317,6 +317,7 @@ def load_model(spec: JobSpec, dtype: torch.dtype, *, shard: bool | None = None) 
         if spec.training.fsdp if shard is None else shard:
             config = AutoConfig.from_pretrained(name, **kw)
             dc = fsdp_config(config, trust_remote_code=m.trust_remote_code)
+            kw["config"] = config  # read once
             if dc is not None:
                 kw["distributed_config"] = dc
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **kw)
